@@ -1,0 +1,141 @@
+"""What the agent's parts share: the function being served, one call, the failure they report, limits.
+
+A runtime module (``python3``, ``nodejs``) provides a class built from a :class:`FunctionSpec` with three
+methods: ``load()`` (import the handler once per machine), ``invoke(event, call) -> bytes`` (run one
+call, return the result as JSON bytes) and ``close()``. Both raise :class:`InvocationError` for anything
+the host must hear about as an ``error`` frame.
+
+Stdlib only and cheap to import: no dataclasses or typing here (each costs milliseconds at start).
+"""
+
+import os
+import time
+
+RESULT_MAX = 6 * 1024 * 1024  # a result's JSON bytes, as Lambda's synchronous response limit
+ERROR_TYPE_MAX = 256  # characters of an error's type
+# Characters kept of an error's message and of its stack. With the 64 KiB log tail the error header stays
+# under protocol.HEADER_MAX even when every character needs a 12-byte JSON escape.
+ERROR_TEXT_MAX = 16 * 1024
+
+
+def clip(text: str, limit: int) -> str:
+    """Cut ``text`` to about ``limit`` characters, keeping its head and its tail (both carry meaning)."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    cut = len(text) - 2 * half
+    return f"{text[:half]}\n... [{cut} characters cut] ...\n{text[-half:]}"
+
+
+class InvocationError(Exception):
+    """A failure the host hears about as an ``error`` frame: ``{type, message, stack}`` plus ``fatal``.
+
+    ``fatal`` tells the host the machine must not be used again (the runtime died or its state is unknown).
+    """
+
+    def __init__(self, type_: str, message: str, stack: str = "", fatal: bool = False) -> None:
+        super().__init__(message)
+        self.type = clip(str(type_), ERROR_TYPE_MAX)
+        self.message = clip(str(message), ERROR_TEXT_MAX)
+        self.stack = clip(str(stack), ERROR_TEXT_MAX)
+        self.fatal = fatal
+
+    def to_dict(self) -> dict:
+        """The ``error`` object of the frame."""
+        return {"type": self.type, "message": self.message, "stack": self.stack}
+
+
+def result_too_large(size: int) -> InvocationError:
+    """The error for a result over :data:`RESULT_MAX` (the nodejs runner words it the same way)."""
+    return InvocationError("ResultTooLarge", f"result of {size} bytes is over the limit of {RESULT_MAX} bytes (6 MiB)")
+
+
+def check_result_size(output: bytes) -> bytes:
+    """Return ``output`` when it fits the result limit; raise ``ResultTooLarge`` otherwise."""
+    if len(output) > RESULT_MAX:
+        raise result_too_large(len(output))
+    return output
+
+
+def _text(header: dict, key: str, default: str | None = None) -> str:
+    value = header.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise InvocationError("InvalidInit", f"init field {key!r} must be a non-empty string")
+    return value
+
+
+def _number(header: dict, key: str, default: float) -> float:
+    value = header.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise InvocationError("InvalidInit", f"init field {key!r} must be a positive number")
+    return value
+
+
+def _env(header: dict) -> dict:
+    env = header.get("env") or {}
+    if not isinstance(env, dict):
+        raise InvocationError("InvalidInit", "init field 'env' must be an object of strings")
+    for key, value in env.items():
+        if not key or "=" in key or "\0" in key or not isinstance(value, str) or "\0" in value:
+            raise InvocationError("InvalidInit", f"environment variable {key!r} has an invalid name or value")
+    return env
+
+
+class FunctionSpec:
+    """The function version a machine serves, read (and checked) from the ``init`` header."""
+
+    __slots__ = ("runtime", "handler", "filename", "env", "memory_mb", "timeout_s", "name", "version", "task_dir")
+
+    def __init__(self, header: dict, task_dir: str) -> None:
+        self.runtime = _text(header, "runtime")
+        self.handler = _text(header, "handler")
+        self.filename = _text(header, "filename")
+        self.env = _env(header)
+        self.memory_mb = int(_number(header, "memory_mb", 128))
+        self.timeout_s = float(_number(header, "timeout_s", 30.0))
+        self.name = _text(header, "function_name", "function")
+        self.version = str(header.get("function_version", "$LATEST"))
+        self.task_dir = task_dir
+        if "." not in self.handler.strip("."):
+            raise InvocationError("InvalidInit", f"handler {self.handler!r} must look like 'module.function'")
+        if "/" in self.filename or "\0" in self.filename or self.filename in (".", ".."):
+            raise InvocationError("InvalidInit", f"filename {self.filename!r} must be a plain file name")
+
+    @property
+    def handler_parts(self) -> tuple[str, str]:
+        """``("module", "function")`` from ``"module.function"`` (the module part may be dotted)."""
+        module, _, function = self.handler.rpartition(".")
+        return module, function
+
+    def environment(self) -> dict:
+        """The process environment the function runs with: the sandbox's basics, its own, then ours."""
+        env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG") if key in os.environ}
+        env.update(self.env)
+        # Set last so a function cannot pretend to be another one.
+        env.update(
+            AWS_LAMBDA_FUNCTION_NAME=self.name,
+            AWS_LAMBDA_FUNCTION_VERSION=self.version,
+            AWS_LAMBDA_FUNCTION_MEMORY_SIZE=str(self.memory_mb),
+            NIMBUS_FUNCTION_NAME=self.name,
+            LAMBDA_TASK_ROOT=self.task_dir,
+        )
+        return env
+
+
+class Call:
+    """One ``exec`` request: its invocation id and the time it has left."""
+
+    __slots__ = ("invocation_id", "deadline_ms", "started")
+
+    def __init__(self, header: dict, spec: FunctionSpec) -> None:
+        self.invocation_id = str(header.get("invocation_id") or "")
+        deadline_ms = header.get("deadline_ms")
+        if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, int | float) or deadline_ms < 0:
+            deadline_ms = spec.timeout_s * 1000
+        self.deadline_ms = float(deadline_ms)
+        self.started = time.monotonic()
+
+    def remaining_ms(self) -> int:
+        """Milliseconds left before the host gives up on this call (never negative)."""
+        elapsed_ms = (time.monotonic() - self.started) * 1000
+        return max(0, int(self.deadline_ms - elapsed_ms))

@@ -1,0 +1,228 @@
+"""The guest agent: the process inside every machine that loads one function and runs its calls.
+
+Launched by the machine driver (bwrap now, Firecracker later) as::
+
+    python3 -I -S -c "import sys; sys.path.insert(0, '/opt/nimbus'); \\
+        from nimbus.agent.main import main; main(sys.argv[1:])" --fd 3 --task-dir /var/task
+
+It reads ``nimbus.protocol`` frames from the connected fd and answers each in turn (DESIGN §4):
+``ping`` → ``pong``; ``init`` (once) → ``init_ok`` | ``error``; ``exec`` → ``result`` | ``error``. The
+end of the stream exits 0; an unknown frame type or a malformed frame exits non-zero, since the host
+never sends one. Stdlib only, importing nothing of nimbus but the protocol, and only cheap modules at
+start: every cold start pays for them.
+"""
+
+import os
+import sys
+import time
+
+from nimbus import protocol
+from nimbus.agent.base import Call, FunctionSpec, InvocationError
+from nimbus.agent.channel import FdStream
+from nimbus.agent.logs import LogCapture
+
+DEFAULT_FD = 3
+DEFAULT_TASK_DIR = "/var/task"
+EXIT_OK = 0  # the host closed the channel
+EXIT_CHANNEL = 1  # the channel failed (reset, write error)
+EXIT_PROTOCOL = 2  # the host sent something it never should
+EXIT_USAGE = 64  # bad command line (sysexits' EX_USAGE)
+EXIT_CRASH = 70  # a bug in the agent itself (EX_SOFTWARE)
+USAGE = "usage: main [--fd N] [--task-dir PATH]"
+
+# Runtime id → the agent module that implements it (imported only when a machine is initialised with it).
+RUNTIMES = {"python3": "python3", "nodejs": "nodejs"}
+
+
+class Options:
+    """The command line, parsed by hand: argparse costs ~20 ms to import in every machine."""
+
+    __slots__ = ("fd", "task_dir")
+
+    def __init__(self, fd: int = DEFAULT_FD, task_dir: str = DEFAULT_TASK_DIR) -> None:
+        self.fd = fd
+        self.task_dir = task_dir
+
+
+def parse_args(argv: list[str]) -> Options:
+    """Read ``--fd N`` and ``--task-dir PATH`` (also as ``--fd=N``); ValueError on anything else."""
+    options = Options()
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        name, eq, value = arg.partition("=")
+        if name not in ("--fd", "--task-dir"):
+            raise ValueError(f"unknown argument {arg!r}")
+        if not eq:
+            if not args:
+                raise ValueError(f"{name} needs a value")
+            value = args.pop(0)
+        if name == "--fd":
+            options.fd = int(value)
+            if options.fd < 0:
+                raise ValueError("--fd must be a file descriptor number")
+        else:
+            options.task_dir = os.path.abspath(value)
+    return options
+
+
+def _write_code(spec: FunctionSpec, code: bytes) -> None:
+    """Put the function's code in the task directory: one source file, or a ``.zip`` package unpacked."""
+    if spec.filename.endswith(".zip"):
+        import io
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(io.BytesIO(code)) as package:
+                package.extractall(spec.task_dir)  # extractall drops absolute and ``..`` member paths
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise InvocationError("InvalidCode", f"cannot unpack {spec.filename}: {exc}", fatal=True) from None
+        return
+    try:
+        with open(os.path.join(spec.task_dir, spec.filename), "wb") as file:
+            file.write(code)
+    except OSError as exc:
+        raise InvocationError("InvalidCode", f"cannot write {spec.filename}: {exc}", fatal=True) from None
+
+
+def _apply_environment(spec: FunctionSpec) -> None:
+    """Give the process the function's environment and working directory before its code loads."""
+    env = spec.environment()
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(spec.task_dir)
+
+
+def _make_runtime(spec: FunctionSpec):
+    module = RUNTIMES.get(spec.runtime)
+    if module is None:
+        known = ", ".join(sorted(RUNTIMES))
+        raise InvocationError("UnknownRuntime", f"runtime {spec.runtime!r} is not one of {known}", fatal=True)
+    import importlib
+
+    return importlib.import_module(f"nimbus.agent.{module}").runtime(spec)
+
+
+def _elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+class Agent:
+    """Serves one channel: reads a frame, answers it, until the host hangs up."""
+
+    def __init__(self, channel: FdStream, task_dir: str, logs: LogCapture) -> None:
+        self.channel = channel
+        self.task_dir = task_dir
+        self.logs = logs
+        self.spec: FunctionSpec | None = None
+        self.runtime = None
+        self.init_seen = False
+        self.handlers = {protocol.PING: self.on_ping, protocol.INIT: self.on_init, protocol.EXEC: self.on_exec}
+
+    def serve(self) -> int:
+        """Answer frames until the channel ends; return the exit status."""
+        while True:
+            try:
+                header, blob = protocol.recv_frame(self.channel, protocol.HOST_TYPES)
+            except EOFError:
+                return EXIT_OK
+            except protocol.ProtocolError as exc:
+                self.logs.diag(f"closing the channel: {exc}")
+                return EXIT_PROTOCOL
+            except OSError as exc:
+                self.logs.diag(f"channel failed: {exc}")
+                return EXIT_CHANNEL
+            reply, reply_blob = self.handlers[header["type"]](header, blob)
+            reply["id"] = header.get("id")
+            try:
+                self.send(reply, reply_blob)
+            except OSError as exc:
+                self.logs.diag(f"channel failed: {exc}")
+                return EXIT_CHANNEL
+
+    def send(self, header: dict, blob: bytes) -> None:
+        """Send a reply; should it break the frame limits anyway, say so instead of going silent."""
+        try:
+            frame = protocol.encode(header, blob)
+        except protocol.ProtocolError as exc:
+            error = InvocationError("AgentError", f"the reply could not be encoded: {exc}", fatal=True)
+            frame = protocol.encode({"type": protocol.ERROR, "id": header.get("id"), "error": error.to_dict(),
+                                     "fatal": True})
+        self.channel.sendall(frame)
+
+    def close(self) -> None:
+        """Stop the runtime's helpers (the node child) and close the channel."""
+        if self.runtime is not None:
+            self.runtime.close()
+        self.channel.close()
+
+    # ------------------------------------------------------------------ one handler per frame type
+
+    def on_ping(self, header: dict, blob: bytes) -> tuple[dict, bytes]:
+        return {"type": protocol.PONG}, b""
+
+    def on_init(self, header: dict, blob: bytes) -> tuple[dict, bytes]:
+        """Load the function this machine will serve for the rest of its life."""
+        started = time.perf_counter()
+        runtime = None
+        try:
+            if self.init_seen:
+                raise InvocationError("AlreadyInitialized", "this machine was initialised already", fatal=True)
+            self.init_seen = True
+            spec = FunctionSpec(header, self.task_dir)
+            runtime = _make_runtime(spec)
+            _write_code(spec, blob)
+            _apply_environment(spec)
+            runtime.load()
+        except InvocationError as exc:
+            if runtime is not None:
+                runtime.close()  # no node child may outlive a failed init
+            exc.fatal = True  # code may be half-loaded: the machine can serve no one now
+            return self.error_reply(exc, started), b""
+        self.spec, self.runtime = spec, runtime
+        return {"type": protocol.INIT_OK, "duration_ms": _elapsed_ms(started)}, b""
+
+    def on_exec(self, header: dict, blob: bytes) -> tuple[dict, bytes]:
+        """Run one call; the reply carries the output (or the error) and the call's logs."""
+        started = time.perf_counter()
+        try:
+            if self.runtime is None:
+                raise InvocationError("NotInitialized", "exec before a successful init", fatal=True)
+            output = self.runtime.invoke(blob, Call(header, self.spec))
+        except InvocationError as exc:
+            return self.error_reply(exc, started), b""
+        duration_ms = _elapsed_ms(started)
+        logs, truncated = self.logs.collect()
+        reply = {"type": protocol.RESULT, "duration_ms": duration_ms, "logs": logs, "logs_truncated": truncated}
+        return reply, output
+
+    def error_reply(self, exc: InvocationError, started: float) -> dict:
+        """An ``error`` frame header, with the logs written so far (they explain most failures)."""
+        duration_ms = _elapsed_ms(started)
+        logs, truncated = self.logs.collect()
+        return {"type": protocol.ERROR, "error": exc.to_dict(), "duration_ms": duration_ms, "logs": logs,
+                "logs_truncated": truncated, "fatal": exc.fatal}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the agent until the host closes the channel, then exit the process."""
+    try:
+        options = parse_args(sys.argv[1:] if argv is None else argv)
+        channel = FdStream(options.fd)
+    except (ValueError, OSError) as exc:
+        print(f"nimbus-agent: {exc}\n{USAGE}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    logs = LogCapture()
+    logs.start()
+    agent = Agent(channel, options.task_dir, logs)
+    try:
+        status = agent.serve()
+    except BaseException:  # a bug of the agent's: report it to the host's diagnostics, not to the logs
+        import traceback
+
+        logs.diag(f"crashed:\n{traceback.format_exc()}")
+        status = EXIT_CRASH
+    agent.close()
+    # os._exit, not sys.exit: threads or atexit hooks left by user code must not keep a finished
+    # machine alive.
+    os._exit(status)

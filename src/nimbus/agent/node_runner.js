@@ -1,0 +1,252 @@
+'use strict';
+/**
+ * The node side of the Nimbus guest agent (the `nodejs` runtime).
+ *
+ * The Python agent starts this script once per machine, with requests arriving on fd 3 and replies
+ * leaving on fd 4, both in the frames of nimbus.protocol: u32 header_len | u32 blob_len (big-endian)
+ * | JSON header | blob. It loads one handler on `init`, then serves `exec` requests one at a time.
+ * stdout and stderr are the function's log stream (the agent captures them), so this script never
+ * writes there itself. The agent validates sizes and types; this side trusts it.
+ */
+const fs = require('fs');
+const net = require('net');
+const path = require('path');
+const { pathToFileURL } = require('url');
+
+const REQUEST_FD = 3;
+const REPLY_FD = 4;
+const PREFIX_SIZE = 8;
+const MODULE_EXTENSIONS = ['.js', '.mjs', '.cjs'];
+
+let handler = null;
+let fn = null; // the init request: function name, version, memory, result limit
+
+/** An Error carrying the error type the host should see. */
+function typedError(type, message) {
+  const err = new Error(message);
+  err.name = type;
+  return err;
+}
+
+/** A stack trace without this script's frames, which sit below the user's. */
+function userStack(stack) {
+  const lines = String(stack || '').split('\n');
+  const cut = lines.findIndex((line) => line.includes(__filename));
+  return (cut === -1 ? lines : lines.slice(0, cut)).join('\n');
+}
+
+/** `{type, message, stack}` from anything a handler throws or passes to its callback. */
+function describe(err) {
+  if (err !== null && typeof err === 'object' && 'message' in err) {
+    return { type: String(err.name || 'Error'), message: String(err.message), stack: userStack(err.stack) };
+  }
+  let message;
+  try {
+    message = typeof err === 'string' ? err : JSON.stringify(err);
+  } catch (_) {
+    message = String(err);
+  }
+  return { type: 'Error', message: String(message), stack: '' };
+}
+
+/** Write one frame synchronously: once the reply is out, nothing the function does later can lose it. */
+function send(header, blob = Buffer.alloc(0)) {
+  const head = Buffer.from(JSON.stringify(header), 'utf8');
+  const prefix = Buffer.alloc(PREFIX_SIZE);
+  prefix.writeUInt32BE(head.length, 0);
+  prefix.writeUInt32BE(blob.length, 4);
+  const frame = Buffer.concat([prefix, head, blob]);
+  let offset = 0;
+  while (offset < frame.length) {
+    try {
+      offset += fs.writeSync(REPLY_FD, frame, offset);
+    } catch (err) {
+      if (err.code !== 'EAGAIN') throw err;
+    }
+  }
+}
+
+function sendError(err) {
+  send({ type: 'error', error: describe(err) });
+}
+
+/** The first of `<module>.js`, `.mjs`, `.cjs` that exists in the task directory. */
+function findModuleFile(taskDir, moduleName) {
+  const base = path.resolve(taskDir, moduleName);
+  return MODULE_EXTENSIONS.map((ext) => base + ext).find((file) => fs.existsSync(file));
+}
+
+async function importModule(file) {
+  if (file.endsWith('.mjs')) return import(pathToFileURL(file).href);
+  try {
+    return require(file);
+  } catch (err) {
+    // A .js file in a package with "type": "module" is an ES module.
+    if (err && err.code === 'ERR_REQUIRE_ESM') return import(pathToFileURL(file).href);
+    throw err;
+  }
+}
+
+async function load(request) {
+  const dot = request.handler.lastIndexOf('.');
+  const moduleName = request.handler.slice(0, dot);
+  const functionName = request.handler.slice(dot + 1);
+  const file = findModuleFile(request.task_dir, moduleName);
+  if (!file) {
+    throw typedError('ImportModuleError', `Cannot find module '${moduleName}' in ${request.task_dir}`);
+  }
+  let mod;
+  try {
+    mod = await importModule(file);
+  } catch (err) {
+    if (err && err.code === 'MODULE_NOT_FOUND') {
+      const wrapped = typedError('ImportModuleError', err.message);
+      wrapped.stack = err.stack;
+      throw wrapped;
+    }
+    throw err;
+  }
+  let found = mod ? mod[functionName] : undefined;
+  if (found === undefined && mod && mod.default) found = mod.default[functionName];
+  if (found === undefined) {
+    throw typedError('HandlerNotFound', `module '${moduleName}' has no export '${functionName}'`);
+  }
+  if (typeof found !== 'function') {
+    throw typedError('HandlerNotFound', `'${request.handler}' is not a function`);
+  }
+  handler = found;
+  fn = request;
+}
+
+/** The `context` argument, with the names of Lambda's node runtime. */
+function makeContext(request) {
+  const started = performance.now();
+  return {
+    functionName: fn.function_name,
+    functionVersion: fn.function_version,
+    invocationId: request.invocation_id,
+    awsRequestId: request.invocation_id,
+    memoryLimitInMB: fn.memory_mb,
+    logGroupName: `/nimbus/functions/${fn.function_name}`,
+    logStreamName: '',
+    callbackWaitsForEmptyEventLoop: true,
+    getRemainingTimeInMillis() {
+      return Math.max(0, Math.floor(request.deadline_ms - (performance.now() - started)));
+    },
+  };
+}
+
+/**
+ * Call the handler and settle with its outcome, whichever way it reports it: a returned value, a
+ * returned Promise, `callback(err, result)`, or the legacy `context.done/succeed/fail`. The first wins.
+ */
+function callHandler(event, context) {
+  return new Promise((resolve, reject) => {
+    let settled = false;
+    const succeed = (value) => {
+      if (!settled) { settled = true; resolve(value); }
+    };
+    const fail = (err) => {
+      if (!settled) { settled = true; reject(err === undefined ? new Error('the handler failed') : err); }
+    };
+    const callback = (err, value) => (err === null || err === undefined ? succeed(value) : fail(err));
+    context.done = callback;
+    context.succeed = succeed;
+    context.fail = fail;
+    let returned;
+    try {
+      returned = handler(event, context, callback);
+    } catch (err) {
+      fail(err);
+      return;
+    }
+    if (returned !== null && typeof returned === 'object' && typeof returned.then === 'function') {
+      returned.then(succeed, fail);
+    } else if (handler.length < 3) {
+      succeed(returned); // a plain function: its return value is the result
+    } // else: callback style, wait for the callback
+  });
+}
+
+/** Serialise a result, mapping failures to the error types the host knows. */
+function encodeResult(value) {
+  let text;
+  try {
+    text = JSON.stringify(value);
+  } catch (err) {
+    throw typedError('ResultNotSerializable', `the result is not JSON-serialisable: ${err.message}`);
+  }
+  const output = Buffer.from(text === undefined ? 'null' : text, 'utf8');
+  if (output.length > fn.result_max) {
+    throw typedError('ResultTooLarge',
+      `result of ${output.length} bytes is over the limit of ${fn.result_max} bytes (6 MiB)`);
+  }
+  return output;
+}
+
+async function exec(request, blob) {
+  let event;
+  try {
+    event = JSON.parse(blob.toString('utf8'));
+  } catch (err) {
+    throw typedError('InvalidEvent', `the event is not valid JSON: ${err.message}`);
+  }
+  const value = await callHandler(event, makeContext(request));
+  return encodeResult(value);
+}
+
+async function dispatch(header, blob) {
+  try {
+    if (header.type === 'init') {
+      await load(header);
+      send({ type: 'init_ok' });
+    } else if (header.type === 'exec') {
+      send({ type: 'result' }, await exec(header, blob));
+    } else {
+      throw typedError('ProtocolError', `unexpected request type ${header.type}`);
+    }
+  } catch (err) {
+    sendError(err);
+  }
+}
+
+/** Splits the request stream into frames without copying it more than once per frame. */
+class FrameReader {
+  constructor(onFrame) {
+    this.chunks = [];
+    this.size = 0;
+    this.onFrame = onFrame;
+  }
+
+  push(chunk) {
+    this.chunks.push(chunk);
+    this.size += chunk.length;
+    while (this.size >= PREFIX_SIZE) {
+      if (this.chunks[0].length < PREFIX_SIZE) this.chunks = [Buffer.concat(this.chunks, this.size)];
+      const prefix = this.chunks[0];
+      const headLength = prefix.readUInt32BE(0);
+      const total = PREFIX_SIZE + headLength + prefix.readUInt32BE(4);
+      if (this.size < total) return;
+      const data = this.chunks.length === 1 ? this.chunks[0] : Buffer.concat(this.chunks, this.size);
+      const header = JSON.parse(data.toString('utf8', PREFIX_SIZE, PREFIX_SIZE + headLength));
+      const blob = data.subarray(PREFIX_SIZE + headLength, total);
+      this.chunks = data.length > total ? [data.subarray(total)] : [];
+      this.size -= total;
+      this.onFrame(header, blob);
+    }
+  }
+}
+
+function main() {
+  let queue = Promise.resolve(); // one request at a time, in order
+  const reader = new FrameReader((header, blob) => {
+    queue = queue.then(() => dispatch(header, blob));
+  });
+  const requests = new net.Socket({ fd: REQUEST_FD, readable: true, writable: false });
+  requests.on('data', (chunk) => reader.push(chunk));
+  // The agent closed the channel (or died): the machine is going away.
+  requests.on('end', () => process.exit(0));
+  requests.on('error', () => process.exit(1));
+}
+
+main();

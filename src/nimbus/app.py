@@ -1,0 +1,125 @@
+"""Composition root: builds store, machine driver, pool, scheduler and gateway from one Settings.
+
+Only the CLI and the tests import this module. Start-up order is store → driver → pool → scheduler
+(so the scheduler can re-queue its own orphaned async work before the pool takes calls); shutdown runs
+in reverse: stop taking work, drain, destroy machines, close the store.
+"""
+
+import logging
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from nimbus import machines
+from nimbus.config import Settings
+from nimbus.gateway import build_api
+from nimbus.machines.base import Driver
+from nimbus.metrics import Metrics
+from nimbus.pool import Pool
+from nimbus.scheduler import CodeCache, Scheduler
+from nimbus.store import Store
+
+log = logging.getLogger("nimbus")
+
+
+@dataclass
+class Node:
+    """The running parts of one node, as the gateway sees them on ``app.state.node``."""
+
+    settings: Settings
+    store: Store
+    driver: Driver
+    pool: Pool
+    scheduler: Scheduler
+    metrics: Metrics
+
+    @classmethod
+    async def start(cls, settings: Settings) -> "Node":
+        home = settings.home.resolve()
+        home.mkdir(parents=True, exist_ok=True)
+        store = await Store.open(settings.db_url)
+        driver = None
+        try:
+            driver = machines.load_driver(settings.driver, home)
+            metrics = Metrics()
+            pool = Pool(
+                driver,
+                CodeCache(store).load,
+                runtimes=settings.runtimes,
+                min_warm=settings.min_warm,
+                max_machines=settings.max_machines,
+                max_age_s=settings.max_age_s,
+                max_uses=settings.max_uses,
+                idle_ttl_s=settings.idle_ttl_s,
+                health_interval_s=settings.health_interval_s,
+            )
+            scheduler = Scheduler(
+                store, pool, metrics,
+                node_id=node_id(home),
+                queue_size=settings.queue_size,
+                workers=settings.workers,
+                async_poll_s=settings.async_poll_s,
+                async_lease_s=settings.async_lease_s,
+            )
+            metrics.watch(pool.stats, lambda: scheduler.queue_depth)
+            await pool.start()
+            await scheduler.start()
+        except BaseException:
+            if driver is not None:
+                await driver.close()
+            await store.close()
+            raise
+        return cls(settings, store, driver, pool, scheduler, metrics)
+
+    async def stop(self) -> None:
+        await self.scheduler.close()
+        await self.pool.close()
+        await self.driver.close()
+        await self.store.close()
+
+
+def node_id(home: Path) -> str:
+    """A stable id for this node's home: leases it held before a crash are recognised as its own."""
+    path = home / "node-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        value = uuid.uuid4().hex
+        path.write_text(value + "\n")
+        return value
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The ASGI app of a whole node; its lifespan starts and stops the node."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        node = await Node.start(settings)
+        app.state.node = node
+        log.info("nimbus node ready on http://%s:%s (driver %s, store %s)", settings.host, settings.port,
+                 settings.driver, node.store.dialect)
+        try:
+            yield
+        finally:
+            await node.stop()
+
+    return build_api(lifespan)
+
+
+def serve(settings: Settings) -> None:
+    """Run a node in the foreground until SIGINT/SIGTERM (uvicorn drains requests, then the lifespan stops)."""
+    import uvicorn
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )

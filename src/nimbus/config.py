@@ -1,0 +1,102 @@
+"""One Settings object: every field is ``NIMBUS_<FIELD>`` in the environment and a key in nimbus.toml.
+
+Precedence, highest first: constructor arguments, environment, ``nimbus.toml`` (``$NIMBUS_HOME/nimbus.toml``
+or the path in ``NIMBUS_CONFIG``), defaults.
+"""
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_HOME = Path(".nimbus")
+DEFAULT_PORT = 8080
+DEFAULT_QUEUE_SIZE = 1024
+DEFAULT_WORKERS = 64
+
+
+def _toml_path() -> Path:
+    explicit = os.environ.get("NIMBUS_CONFIG")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("NIMBUS_HOME", DEFAULT_HOME)) / "nimbus.toml"
+
+
+class Settings(BaseSettings):
+    """The node's configuration; see the README's Configuration table."""
+
+    model_config = SettingsConfigDict(env_prefix="NIMBUS_", extra="ignore", validate_default=True)
+
+    home: Path = Field(DEFAULT_HOME, description="database, artifacts, images, sockets")
+    host: str = "127.0.0.1"
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535)
+    database_url: str = Field("", description="default: SQLite at $NIMBUS_HOME/nimbus.db")
+    driver: Literal["bwrap", "firecracker"] = "bwrap"
+    min_warm: int = Field(1, ge=0, le=64, description="blank machines kept booted per runtime")
+    max_machines: int = Field(64, ge=1, description="all machines on this node")
+    max_age_s: float = Field(3600.0, gt=0, description="a machine older than this is recycled")
+    max_uses: int = Field(10_000, ge=1, description="a machine that served this many calls is recycled")
+    idle_ttl_s: float = Field(300.0, gt=0, description="how long an idle initialised machine is kept")
+    health_interval_s: float = Field(10.0, gt=0, description="how often idle machines are pinged")
+    queue_size: int = Field(DEFAULT_QUEUE_SIZE, ge=1, description="invocations waiting for a worker")
+    workers: int = Field(DEFAULT_WORKERS, ge=1, description="invocations run at once on this node")
+    async_poll_s: float = Field(1.0, gt=0, description="how often the store is polled for async work")
+    async_lease_s: float = Field(60.0, gt=0, description="lease on a claimed async invocation, past its timeout")
+    runtimes: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["python3", "nodejs"], description="runtimes pre-warmed")
+    auth: Literal["off", "on"] = "off"
+    log_level: str = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_toml_path()))
+
+    @field_validator("runtimes", mode="before")
+    @classmethod
+    def _split_runtimes(cls, value):
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_open_without_auth(self) -> "Settings":
+        if self.auth == "off" and not _is_loopback(self.host):
+            raise ValueError(
+                f"refusing to bind {self.host} with NIMBUS_AUTH=off: anyone who can reach it could run code; "
+                "bind 127.0.0.1 or set NIMBUS_AUTH=on"
+            )
+        return self
+
+    @property
+    def db_url(self) -> str:
+        """The database URL with its async driver (aiosqlite or asyncpg)."""
+        url = self.database_url or f"sqlite:///{(self.home / 'nimbus.db').resolve()}"
+        if url.startswith("sqlite://") and "+aiosqlite" not in url:
+            url = url.replace("sqlite://", "sqlite+aiosqlite://", 1)
+        elif url.startswith(("postgresql://", "postgres://")):
+            url = "postgresql+asyncpg://" + url.split("://", 1)[1]
+        return url
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

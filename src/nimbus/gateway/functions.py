@@ -1,0 +1,189 @@
+"""Functions: create, read, list, update, delete; and the two ways to invoke one."""
+
+import base64
+import binascii
+
+import orjson
+from fastapi import APIRouter, Query, Request
+from starlette.responses import Response
+
+from nimbus import runtimes
+from nimbus.errors import InvalidRequest, PayloadTooLarge
+from nimbus.gateway import schemas
+from nimbus.gateway.responses import JSON
+
+router = APIRouter(prefix="/api/v1", tags=["functions"])
+
+SOURCE_MAX = 512 << 10  # source text
+ARTIFACT_MAX = 50 << 20  # decoded code_base64
+EVENT_MAX = 6 << 20  # Lambda's synchronous payload limit
+
+EVENT_BODY = {
+    "requestBody": {
+        "description": "the event: any JSON value, at most 6 MiB (an empty body is {})",
+        "required": False,
+        "content": {"application/json": {"schema": {}}},
+    }
+}
+
+
+def _node(request: Request):
+    return request.app.state.node
+
+
+def _source(body: schemas._Code, runtime: str) -> bytes:
+    """The function's code as bytes, checked for size and (for interpreted runtimes) shape."""
+    if body.code is not None:
+        code = body.code.encode()
+        if len(code) > SOURCE_MAX:
+            raise PayloadTooLarge(f"the source is {len(code)} bytes; the limit is {SOURCE_MAX}")
+    else:
+        if len(body.code_base64) > ARTIFACT_MAX * 4 // 3 + 4:
+            raise PayloadTooLarge(f"code_base64 decodes to more than {ARTIFACT_MAX} bytes")
+        try:
+            code = base64.b64decode(body.code_base64, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequest("code_base64 is not valid base64") from None
+        if len(code) > ARTIFACT_MAX:
+            raise PayloadTooLarge(f"the artifact is {len(code)} bytes; the limit is {ARTIFACT_MAX}")
+        if code.startswith(b"PK\x03\x04"):
+            raise InvalidRequest(f"zip packages are not supported for {runtime} yet; send one source file")
+        try:
+            code.decode()
+        except UnicodeDecodeError:
+            raise InvalidRequest(f"{runtime} code must be UTF-8 source text") from None
+        if len(code) > SOURCE_MAX:
+            raise PayloadTooLarge(f"the source is {len(code)} bytes; the limit is {SOURCE_MAX}")
+    return code
+
+
+def _handler(handler: str | None, runtime: str) -> str:
+    handler = handler or runtimes.get(runtime).default_handler
+    if not runtimes.HANDLER_RE.match(handler):
+        raise InvalidRequest(f"handler {handler!r} must look like module.function (e.g. main.handler)")
+    return handler
+
+
+def _check_syntax(runtime: str, code: bytes, handler: str) -> None:
+    """Refuse Python that does not parse now, with the line, rather than on every call later."""
+    if runtime != "python3":
+        return
+    try:
+        compile(code, runtimes.get(runtime).source_filename(handler), "exec", dont_inherit=True)
+    except SyntaxError as exc:
+        raise InvalidRequest(f"the code does not compile: {exc.msg} (line {exc.lineno})") from None
+    except (ValueError, RecursionError, MemoryError) as exc:
+        raise InvalidRequest(f"the code does not compile: {exc}") from None
+
+
+@router.post("/functions", status_code=201, response_model=schemas.FunctionOut,
+             responses={409: {"description": "name taken"}, 413: {"description": "code too large"},
+                        422: {"description": "invalid"}})
+async def create_function(body: schemas.FunctionCreate, request: Request) -> Response:
+    runtime = runtimes.normalise(body.runtime)
+    handler = _handler(body.handler, runtime)
+    code = _source(body, runtime)
+    _check_syntax(runtime, code, handler)
+    fn = await _node(request).store.create_function(
+        name=body.name, runtime=runtime, handler=handler, env=body.env or {}, memory_mb=body.memory_mb,
+        timeout_s=body.timeout_s, concurrency=body.concurrency, code=code, code_kind="source",
+    )
+    return JSON(schemas.function_view(fn), status_code=201, headers={"Location": f"/api/v1/functions/{fn.name}"})
+
+
+@router.get("/functions", response_model=schemas.FunctionList)
+async def list_functions(
+    request: Request,
+    runtime: str | None = Query(None, max_length=64),
+    limit: int = Query(50, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+) -> Response:
+    runtime = runtimes.normalise(runtime) if runtime else None
+    fns, total = await _node(request).store.list_functions(runtime=runtime, limit=limit, offset=offset)
+    return JSON({"functions": [schemas.function_view(f) for f in fns], "total": total, "limit": limit,
+                 "offset": offset})
+
+
+@router.get("/functions/{name}", response_model=schemas.FunctionOut)
+async def get_function(name: str, request: Request) -> Response:
+    return JSON(schemas.function_view(await _node(request).store.get_function(name)))
+
+
+@router.put("/functions/{name}", response_model=schemas.FunctionOut)
+async def update_function(name: str, body: schemas.FunctionUpdate, request: Request) -> Response:
+    node = _node(request)
+    current = await node.store.get_function(name)
+    runtime = runtimes.normalise(body.runtime) if body.runtime else current.runtime
+    has_code = body.code is not None or body.code_base64 is not None
+    if runtime != current.runtime and not has_code:
+        raise InvalidRequest(f"changing the runtime from {current.runtime} to {runtime} needs new code")
+    handler = _handler(body.handler or current.handler, runtime) if (body.handler or body.runtime) else None
+    code = _source(body, runtime) if has_code else None
+    if code is not None or handler is not None:
+        _check_syntax(runtime, code if code is not None else await node.store.get_code(current.code_sha256),
+                      handler or current.handler)
+    fn = await node.store.update_function(
+        current.id, code=code, code_kind="source" if code is not None else None,
+        runtime=runtime if runtime != current.runtime else None, handler=handler, env=body.env,
+        memory_mb=body.memory_mb, timeout_s=body.timeout_s, concurrency=body.concurrency,
+    )
+    node.pool.retire_function(fn.id, keep_version_id=fn.version_id)
+    return JSON(schemas.function_view(fn))
+
+
+@router.delete("/functions/{name}", status_code=204, responses={404: {"description": "no such function"}})
+async def delete_function(name: str, request: Request) -> Response:
+    node = _node(request)
+    fn = await node.store.delete_function(name)
+    node.pool.retire_function(fn.id)
+    return Response(status_code=204)
+
+
+async def _event(request: Request) -> bytes:
+    """The raw event bytes, checked to be JSON and within the limit; passed to the machine untouched."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > EVENT_MAX:
+        raise PayloadTooLarge(f"the event is {declared} bytes; the limit is {EVENT_MAX}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > EVENT_MAX:
+            raise PayloadTooLarge(f"the event is over {EVENT_MAX} bytes")
+        chunks.append(chunk)
+    event = b"".join(chunks)
+    if not event.strip():
+        return b"{}"
+    try:
+        orjson.loads(event)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the event is not valid JSON: {exc}") from None
+    return event
+
+
+@router.post("/functions/{name}/invoke", response_model=schemas.InvokeOut, openapi_extra=EVENT_BODY,
+             responses={404: {}, 413: {}, 429: {"description": "queue full; see Retry-After"}, 503: {}})
+async def invoke(name: str, request: Request) -> Response:
+    node = _node(request)
+    fn = await node.store.get_function(name)
+    event = await _event(request)
+    inv = await node.scheduler.invoke(fn, event)
+    return JSON(schemas.invoke_view(inv))
+
+
+@router.post("/functions/{name}/async", status_code=202, response_model=schemas.AsyncOut,
+             openapi_extra=EVENT_BODY, responses={404: {}, 413: {}, 503: {}})
+async def invoke_async(name: str, request: Request) -> Response:
+    node = _node(request)
+    fn = await node.store.get_function(name)
+    event = await _event(request)
+    inv = await node.scheduler.submit_async(fn, event)
+    return JSON({"invocation_id": inv.id, "status": inv.status}, status_code=202,
+                headers={"Location": f"/api/v1/invocations/{inv.id}"})
+
+
+@router.get("/functions/{name}/invocations", response_model=schemas.InvocationList)
+async def list_invocations(name: str, request: Request, limit: int = Query(50, ge=1, le=1000)) -> Response:
+    node = _node(request)
+    fn = await node.store.get_function(name)
+    invs = await node.store.list_invocations(fn.id, limit=limit)
+    return JSON({"invocations": [schemas.invocation_view(i) for i in invs]})

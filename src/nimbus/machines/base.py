@@ -1,0 +1,74 @@
+"""The one seam between the pool and whatever runs code: a ``Machine`` and the ``Driver`` that makes it.
+
+A machine is one isolated sandbox (a bwrap process tree here, a Firecracker microVM on KVM hosts) with
+the guest agent inside, spoken to in the frames of ``nimbus.protocol``. The pool never knows which
+driver it has. Errors are raised as ``nimbus.errors.MachineError`` subclasses; after any of them the
+machine is dead and must not be reused.
+"""
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+DEFAULT_MEMORY_MB = 128
+DEFAULT_VCPUS = 1
+DEFAULT_PIDS_MAX = 256
+DEFAULT_START_TIMEOUT_S = 10.0
+DEFAULT_PING_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class MachineSpec:
+    """What a machine must be: which runtime it boots and the limits it runs under."""
+
+    runtime: str
+    memory_mb: int = DEFAULT_MEMORY_MB
+    vcpus: int = DEFAULT_VCPUS
+    pids_max: int = DEFAULT_PIDS_MAX
+    network: bool = False
+
+
+@runtime_checkable
+class Machine(Protocol):
+    """One sandbox with a guest agent in it.
+
+    ``request`` sends one frame and returns the agent's reply; the machine stamps the frame's ``id``
+    and checks that the reply carries the same one. On ``timeout`` the machine is killed and
+    ``MachineTimeout`` raised; on a closed channel or dead process ``MachineDied``; on a frame that
+    breaks the protocol the machine is killed and ``ProtocolError`` raised.
+    """
+
+    id: str
+    runtime: str
+    spec: MachineSpec
+    created_at: float  # time.monotonic() when started
+    uses: int  # exec requests served
+
+    @property
+    def alive(self) -> bool: ...
+
+    async def start(self) -> None:
+        """Boot the sandbox and wait until its agent answers a ping (``MachineStartError`` if not)."""
+
+    async def request(self, header: dict, blob: bytes = b"", timeout: float | None = None) -> tuple[dict, bytes]:
+        """Send one frame, return the reply (header, blob)."""
+
+    async def ping(self, timeout: float = DEFAULT_PING_TIMEOUT_S) -> bool:
+        """True when the agent answers ``pong`` in time; never raises."""
+
+    async def stop(self) -> None:
+        """Close the channel, give the agent a moment to exit, then kill what is left; release resources."""
+
+    async def kill(self) -> None:
+        """Kill the sandbox at once and release its resources; idempotent."""
+
+
+@runtime_checkable
+class Driver(Protocol):
+    """Makes machines of one kind. ``create`` returns a started machine."""
+
+    name: str
+
+    async def create(self, spec: MachineSpec) -> Machine: ...
+
+    async def close(self) -> None:
+        """Kill every machine this driver still owns and release shared resources."""

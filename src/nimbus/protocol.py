@@ -1,0 +1,109 @@
+"""The frame codec spoken between the host and the guest agent (DESIGN §4).
+
+One frame is ``u32 header_len | u32 blob_len | header | blob``: big-endian lengths, the header a UTF-8
+JSON object with ``type`` and ``id``, the blob raw bytes (code, event or output). Anything oversized or
+malformed raises :class:`ProtocolError` and the caller closes the channel: neither side trusts the other.
+
+Stdlib only, and cheap to import: the agent imports this module in every machine.
+"""
+
+import json
+import struct
+
+HEADER_MAX = 1 << 20  # 1 MiB
+BLOB_MAX = 64 << 20  # 64 MiB
+PREFIX = struct.Struct(">II")
+
+# Message types.
+INIT = "init"
+INIT_OK = "init_ok"
+EXEC = "exec"
+RESULT = "result"
+ERROR = "error"
+PING = "ping"
+PONG = "pong"
+
+HOST_TYPES = frozenset({INIT, EXEC, PING})
+GUEST_TYPES = frozenset({INIT_OK, RESULT, ERROR, PONG})
+
+
+class ProtocolError(Exception):
+    """A frame broke the protocol; the channel must be closed."""
+
+
+def encode(header: dict, blob: bytes = b"") -> bytes:
+    """Return one frame as bytes."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    if len(head) > HEADER_MAX:
+        raise ProtocolError(f"header of {len(head)} bytes is over {HEADER_MAX}")
+    if len(blob) > BLOB_MAX:
+        raise ProtocolError(f"blob of {len(blob)} bytes is over {BLOB_MAX}")
+    return PREFIX.pack(len(head), len(blob)) + head + blob
+
+
+def parse_prefix(prefix: bytes) -> tuple[int, int]:
+    """Return (header_len, blob_len) from the 8-byte prefix, refusing oversized frames."""
+    if len(prefix) != PREFIX.size:
+        raise ProtocolError("channel closed mid-frame")
+    head_len, blob_len = PREFIX.unpack(prefix)
+    if head_len == 0 or head_len > HEADER_MAX:
+        raise ProtocolError(f"header length {head_len} out of range")
+    if blob_len > BLOB_MAX:
+        raise ProtocolError(f"blob length {blob_len} over {BLOB_MAX}")
+    return head_len, blob_len
+
+
+def parse_header(raw: bytes, allowed: frozenset | None = None) -> dict:
+    """Decode a header; it must be a JSON object with a string ``type`` (one of ``allowed``)."""
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("type"), str):
+        raise ProtocolError("header must be an object with a string 'type'")
+    if allowed is not None and header["type"] not in allowed:
+        raise ProtocolError(f"unexpected frame type {header['type']!r}")
+    return header
+
+
+def _recv_exact(sock, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            if not buf:
+                raise EOFError("channel closed")
+            raise ProtocolError("channel closed mid-frame")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_frame(sock, allowed: frozenset | None = None) -> tuple[dict, bytes]:
+    """Read one frame from a blocking socket (the agent's side). EOFError on a clean close."""
+    head_len, blob_len = parse_prefix(_recv_exact(sock, PREFIX.size))
+    header = parse_header(_recv_exact(sock, head_len), allowed)
+    blob = _recv_exact(sock, blob_len) if blob_len else b""
+    return header, blob
+
+
+def send_frame(sock, header: dict, blob: bytes = b"") -> None:
+    """Write one frame to a blocking socket."""
+    sock.sendall(encode(header, blob))
+
+
+async def read_frame(reader, allowed: frozenset | None = None) -> tuple[dict, bytes]:
+    """Read one frame from an ``asyncio.StreamReader`` (the host's side). EOFError on a clean close."""
+    try:
+        prefix = await reader.readexactly(PREFIX.size)
+    except Exception as exc:  # IncompleteReadError, ConnectionResetError
+        partial = getattr(exc, "partial", b"")
+        if partial:
+            raise ProtocolError("channel closed mid-frame") from None
+        raise EOFError("channel closed") from None
+    head_len, blob_len = parse_prefix(prefix)
+    try:
+        raw = await reader.readexactly(head_len)
+        blob = await reader.readexactly(blob_len) if blob_len else b""
+    except Exception:
+        raise ProtocolError("channel closed mid-frame") from None
+    return parse_header(raw, allowed), blob

@@ -1,0 +1,43 @@
+"""What the host knows about each runtime: its canonical id, aliases, default handler, code file name.
+
+How the agent loads and calls a handler lives in ``nimbus.agent`` (it may import nothing from here).
+"""
+
+import re
+from dataclasses import dataclass
+
+from nimbus.errors import InvalidRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    id: str
+    alias: re.Pattern
+    default_handler: str
+    suffix: str  # source file suffix; the handler's module part names the file
+
+    def source_filename(self, handler: str) -> str:
+        """The file a single-source function is written to, from ``module.function``."""
+        return handler.rsplit(".", 1)[0] + self.suffix
+
+
+RUNTIMES: dict[str, Runtime] = {
+    "python3": Runtime("python3", re.compile(r"^python(3(\.\d+)?)?$"), "main.handler", ".py"),
+    "nodejs": Runtime("nodejs", re.compile(r"^node(js)?(\d+(\.x)?)?$"), "index.handler", ".js"),
+}
+
+HANDLER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_.-]*)*\.[A-Za-z_$][A-Za-z0-9_$]*$")
+
+
+def normalise(name: str) -> str:
+    """Map a runtime name or versioned alias (``python3.11``, ``nodejs20.x``) to its canonical id."""
+    key = name.strip().lower()
+    for runtime in RUNTIMES.values():
+        if runtime.alias.match(key):
+            return runtime.id
+    known = ", ".join(sorted(RUNTIMES))
+    raise InvalidRequest(f"unknown runtime {name!r}; known runtimes: {known} (versioned aliases such as python3.11 work)")
+
+
+def get(runtime_id: str) -> Runtime:
+    return RUNTIMES[runtime_id]

@@ -1,0 +1,120 @@
+"""The plain values the store hands out and takes in: no SQLAlchemy, no behaviour.
+
+Every datetime is timezone-aware UTC. Records read from the store are snapshots; changing one changes
+nothing in the database.
+"""
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+DEFAULT_TENANT = "default"
+
+MODES = ("sync", "async")
+STATUSES = ("queued", "running", "succeeded", "failed", "timed_out")
+FINISHED_STATUSES = frozenset({"succeeded", "failed", "timed_out"})
+STARTS = ("cold", "warm", "hot")
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware UTC: the only clock the store uses."""
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True, kw_only=True)
+class FunctionRecord:
+    """A function as it runs now: its identity plus the settings and code of its latest version."""
+
+    id: str
+    name: str
+    tenant: str
+    runtime: str
+    handler: str
+    env: dict[str, str]
+    memory_mb: int
+    timeout_s: float
+    concurrency: int
+    version: int
+    """The latest version's number (1, 2, …)."""
+    version_id: str
+    """The latest version's id: what an invocation records, so a later update does not change what it ran."""
+    code_sha256: str
+    code_size: int
+    code_kind: str
+    """How the code bytes are meant: ``source`` (one file), ``zip``, ``artifact`` (built)…"""
+    created_at: datetime
+    updated_at: datetime
+    """When the latest version was made."""
+
+
+@dataclass(slots=True, kw_only=True)
+class VersionRecord:
+    """One immutable version of a function.
+
+    It has no ``version_id`` attribute on purpose: its own ``id`` is the version id, and callers tell the
+    two records apart by that attribute.
+    """
+
+    id: str
+    function_id: str
+    function_name: str
+    tenant: str
+    version: int
+    runtime: str
+    handler: str
+    env: dict[str, str]
+    memory_mb: int
+    timeout_s: float
+    concurrency: int
+    code_sha256: str
+    code_size: int
+    code_kind: str
+    created_at: datetime
+
+
+@dataclass(slots=True, kw_only=True)
+class InvocationRecord:
+    """One call of a function, sync or async, from queued (async only) to finished.
+
+    Only the identity fields are required; the rest default to a call that has not run yet.
+    """
+
+    id: str
+    function_id: str
+    function_name: str
+    version: int
+    version_id: str
+    tenant: str = DEFAULT_TENANT
+    mode: str = "sync"
+    """``sync`` or ``async``."""
+    status: str = "queued"
+    """``queued``, ``running``, ``succeeded``, ``failed`` or ``timed_out``."""
+    start: str | None = None
+    """``cold``, ``warm`` or ``hot``: what kind of machine served the call."""
+    event: bytes | None = None
+    """The raw JSON event; kept for async calls, which run later."""
+    output: bytes | None = None
+    """The raw JSON the function returned."""
+    error: dict | None = None
+    """``{type, message, stack}`` when the call failed."""
+    logs: str = ""
+    logs_truncated: bool = False
+    duration_ms: float | None = None
+    created_at: datetime = field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int = 0
+    lease_owner: str | None = None
+    """The node running an async call; with ``lease_expires_at``, how a crashed node's work is found again."""
+    lease_expires_at: datetime | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class ApiKeyRecord:
+    """An API key, known only by its hash."""
+
+    id: str
+    tenant: str
+    name: str
+    key_hash: str
+    created_at: datetime
+    revoked_at: datetime | None = None

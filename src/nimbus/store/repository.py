@@ -1,0 +1,851 @@
+"""``Store``: the one place that knows the queries, on SQLite (aiosqlite) or PostgreSQL (asyncpg).
+
+How the two backends are kept honest:
+
+- **Writes on SQLite** are serialised in-process by an ``asyncio.Lock``. A transaction of several
+  statements starts with ``BEGIN IMMEDIATE``, so it never has to upgrade a read lock to a write lock
+  halfway (which SQLite refuses with "database is locked" no matter the busy timeout); a lone statement
+  runs in autocommit mode, atomic by itself. Another process, or another ``Store`` on the same file,
+  waits out ``busy_timeout``. WAL mode lets readers run beside the one writer.
+- **Round trips** are what a call costs (each one a hop to aiosqlite's thread, or a packet to
+  PostgreSQL), so reads and lone write statements open no transaction, statements are built once, and
+  invocation inserts arriving together are committed together.
+- **Writes on PostgreSQL** run concurrently from a pool; rows that must not change under a transaction
+  are locked explicitly (``FOR UPDATE``, ``FOR KEY SHARE``), and async work is claimed with
+  ``FOR UPDATE SKIP LOCKED`` so claimers on any number of nodes never take the same row.
+- **Errors** from SQLAlchemy and the drivers never leave this module raw: a name taken becomes
+  ``Conflict``, a missing row ``NotFound``, anything else ``StoreError`` with what was being done.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import fields
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from nimbus.errors import Conflict, NimbusError, NotFound, StoreError
+from nimbus.store import tables
+from nimbus.store.records import (
+    DEFAULT_TENANT,
+    FINISHED_STATUSES,
+    ApiKeyRecord,
+    FunctionRecord,
+    InvocationRecord,
+    VersionRecord,
+    utcnow,
+)
+
+log = logging.getLogger("nimbus.store")
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+SQLITE_BUSY_TIMEOUT_MS = 30_000  # how long a writer waits for another process's transaction
+PG_POOL_SIZE = 10
+PG_MAX_OVERFLOW = 10
+# pg_advisory_xact_lock key held while migrating, so nodes starting together migrate one at a time.
+PG_MIGRATION_LOCK = 0x4E494D42  # "NIMB"
+HASH_IN_THREAD_BYTES = 1 << 20  # hash larger code off the event loop
+ARTIFACT_PUT_TRIES = 3
+ERROR_DETAIL_MAX = 500
+DEFAULT_LIST_LIMIT = 50
+INSERT_BATCH_MAX = 256  # invocation rows per group-committed transaction
+
+# Execution option that makes the SQLite "begin" hook emit BEGIN IMMEDIATE (readers emit no BEGIN).
+_WRITE_OPTION = "nimbus_write"
+
+_f = tables.functions
+_v = tables.function_versions
+_a = tables.artifacts
+_i = tables.invocations
+_k = tables.api_keys
+
+# Statements are built once, with named parameters: building and cache-keying a statement per call
+# costs more than the query on the hot path (every invoke reads its function and writes its invocation).
+_key = sa.bindparam("key", type_=sa.String)
+_tenant = sa.bindparam("tenant", type_=sa.String)
+
+# A function as it runs now: the functions row joined with its latest version.
+_FUNCTION_COLUMNS = (
+    _f.c.id, _f.c.name, _f.c.tenant, _v.c.runtime, _v.c.handler, _v.c.env, _v.c.memory_mb, _v.c.timeout_s,
+    _v.c.concurrency, _f.c.version, _v.c.id.label("version_id"), _v.c.code_sha256, _v.c.code_size,
+    _v.c.code_kind, _f.c.created_at, _f.c.updated_at,
+)
+_LATEST = _f.join(_v, sa.and_(_v.c.function_id == _f.c.id, _v.c.version == _f.c.version))
+_SELECT_LATEST = sa.select(*_FUNCTION_COLUMNS).select_from(_LATEST)
+# A name or an id; a name that happens to look like an id wins over the id.
+_BY_KEY = (_f.c.tenant == _tenant, sa.or_(_f.c.name == _key, _f.c.id == _key))
+_KEY_ORDER = sa.case((_f.c.name == _key, 0), else_=1)
+_GET_FUNCTION = _SELECT_LATEST.where(*_BY_KEY).order_by(_KEY_ORDER).limit(1)
+_FUNCTION_BY_ID = _SELECT_LATEST.where(_f.c.id == _key)
+_LOCK_FUNCTION = sa.select(_f.c.id).where(*_BY_KEY).order_by(_KEY_ORDER).limit(1).with_for_update()
+_NAME_TAKEN = sa.select(_f.c.id).where(_f.c.tenant == _tenant, _f.c.name == _key)
+
+_GET_VERSION = sa.select(
+    _v.c.id, _v.c.function_id, _f.c.name.label("function_name"), _f.c.tenant, _v.c.version, _v.c.runtime,
+    _v.c.handler, _v.c.env, _v.c.memory_mb, _v.c.timeout_s, _v.c.concurrency, _v.c.code_sha256, _v.c.code_size,
+    _v.c.code_kind, _v.c.created_at,
+).select_from(_v.join(_f, _f.c.id == _v.c.function_id)).where(_v.c.id == _key)
+
+_GET_CODE = sa.select(_a.c.content).where(_a.c.sha256 == _key)
+# FOR KEY SHARE: a concurrent delete cannot collect the artifact before our version references it.
+_ARTIFACT_PRESENT = sa.select(_a.c.sha256).where(_a.c.sha256 == _key).with_for_update(read=True, key_share=True)
+
+_INSERT_INVOCATION = _i.insert()
+_GET_INVOCATION = sa.select(_i).where(_i.c.id == _key, _i.c.tenant == _tenant)
+# Given a parameter dict, an UPDATE sets the columns its keys name; "key" picks the row.
+_UPDATE_INVOCATION = _i.update().where(_i.c.id == _key)
+# Lists leave out the event: up to 6 MiB each, and shown by no list view.
+_LIST_INVOCATIONS = (
+    sa.select(*(c for c in _i.c if c.name != "event")).where(_i.c.function_id == _key)
+    .order_by(_i.c.created_at.desc(), _i.c.id.desc()).limit(sa.bindparam("limit", type_=sa.Integer))
+)
+_CLAIM_ASYNC = (
+    _i.update()
+    .where(_i.c.id.in_(
+        sa.select(_i.c.id)
+        .where(
+            _i.c.mode == "async",
+            sa.or_(
+                _i.c.status == "queued",
+                # Its node died: the lease ran out without the call finishing or the lease being renewed.
+                sa.and_(_i.c.status == "running", _i.c.lease_expires_at < sa.bindparam("now")),
+            ),
+        )
+        .order_by(_i.c.created_at, _i.c.id)
+        .limit(sa.bindparam("limit", type_=sa.Integer))
+        .with_for_update(skip_locked=True)
+    ))
+    .values(
+        status="running", lease_owner=sa.bindparam("owner"), lease_expires_at=sa.bindparam("expires"),
+        attempts=_i.c.attempts + 1, started_at=sa.bindparam("started"),
+    )
+    .returning(*_i.c)
+)
+_RELEASE_OWNED = (
+    _i.update()
+    .where(_i.c.mode == "async", _i.c.status == "running", _i.c.lease_owner == sa.bindparam("owner"))
+    .values(status="queued", lease_owner=None, lease_expires_at=None, started_at=None)
+)
+_RENEW_LEASE = (
+    _i.update()
+    .where(_i.c.id == _key, _i.c.lease_owner == sa.bindparam("owner"), _i.c.status == "running")
+    .values(lease_expires_at=sa.bindparam("expires"))
+)
+_INVOCATION_FIELDS = tuple(f.name for f in fields(InvocationRecord))
+
+
+# ---------------------------------------------------------------- URLs and engines
+
+
+def normalise_url(url: str | URL) -> URL:
+    """The async-driver form of a database URL: ``sqlite+aiosqlite`` or ``postgresql+asyncpg``.
+
+    Accepts ``sqlite:///path``, ``postgresql://…``, ``postgres://…`` and URLs already naming a driver.
+    """
+    try:
+        parsed = make_url(url)
+    except sa_exc.ArgumentError:
+        raise StoreError(f"not a database URL: {url!r}") from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return parsed.set(drivername="sqlite+aiosqlite")
+    if backend in ("postgresql", "postgres"):
+        return parsed.set(drivername="postgresql+asyncpg")
+    raise StoreError(
+        f"unsupported database {parsed.render_as_string(hide_password=True)!r}: use sqlite:/// or postgresql://"
+    )
+
+
+def _create_engine(url: URL) -> AsyncEngine:
+    if url.get_backend_name() == "sqlite":
+        database = url.database or ""
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url)
+        _configure_sqlite(engine.sync_engine)
+        return engine
+    # No pre-ping: it would cost a round trip on every checkout of the hot path. A connection that died
+    # with the server fails one call (StoreError), and SQLAlchemy then discards the whole stale pool.
+    return create_async_engine(url, pool_size=PG_POOL_SIZE, max_overflow=PG_MAX_OVERFLOW)
+
+
+def _configure_sqlite(engine: sa.Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # The driver would otherwise open its own deferred transactions; "begin" below decides instead.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            # WAL is a property of the file, switched on once by Store.open; these are per connection.
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints; safe with WAL
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        # A writer takes the write lock up front: upgrading a read transaction later can fail outright.
+        # Readers open no transaction at all: each SELECT is atomic on its own, and BEGIN/ROLLBACK would
+        # cost two more trips to the driver's thread on every read.
+        if conn.get_execution_options().get(_WRITE_OPTION):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+# ---------------------------------------------------------------- errors at the boundary
+
+
+@contextlib.contextmanager
+def _boundary(action: str) -> Iterator[None]:
+    """Let Nimbus's own errors through; turn database and connection errors into ``StoreError``."""
+    try:
+        yield
+    except NimbusError:
+        raise
+    except (sa_exc.SQLAlchemyError, OSError) as exc:
+        raise StoreError(f"could not {action}: {_describe(exc)}") from exc
+
+
+def _describe(exc: BaseException) -> str:
+    # The driver's own message, without the SQL and parameters SQLAlchemy adds (they may hold code or events).
+    orig = getattr(exc, "orig", None)
+    cause = orig if orig is not None else exc
+    text = f"{type(cause).__name__}: {cause}".strip()
+    text = " ".join(text.split())
+    return text if len(text) <= ERROR_DETAIL_MAX else text[: ERROR_DETAIL_MAX - 1] + "…"
+
+
+def _integrity_kind(exc: sa_exc.IntegrityError) -> str:
+    """``unique``, ``foreign_key`` or ``other``, whichever backend raised it."""
+    orig = exc.orig
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if state == "23505":
+        return "unique"
+    if state == "23503":
+        return "foreign_key"
+    name = getattr(orig, "sqlite_errorname", "")
+    if name in ("SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"):
+        return "unique"
+    if name == "SQLITE_CONSTRAINT_FOREIGNKEY":
+        return "foreign_key"
+    text = str(orig)
+    if "UNIQUE constraint failed" in text:
+        return "unique"
+    if "FOREIGN KEY constraint failed" in text:
+        return "foreign_key"
+    return "other"
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+async def _sha256(data: bytes) -> str:
+    if len(data) > HASH_IN_THREAD_BYTES:
+        return await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+    return hashlib.sha256(data).hexdigest()
+
+
+def _function(row: sa.Row) -> FunctionRecord:
+    values = dict(row._mapping)
+    values["env"] = dict(values["env"] or {})
+    return FunctionRecord(**values)
+
+
+def _version(row: sa.Row) -> VersionRecord:
+    values = dict(row._mapping)
+    values["env"] = dict(values["env"] or {})
+    return VersionRecord(**values)
+
+
+def _invocation(row: sa.Row) -> InvocationRecord:
+    return InvocationRecord(**row._mapping)
+
+
+def _api_key(row: sa.Row) -> ApiKeyRecord:
+    return ApiKeyRecord(**row._mapping)
+
+
+def _not_found(key: str) -> NotFound:
+    return NotFound(f"function {key!r} not found")
+
+
+def _insert_error(exc: BaseException, values: dict[str, Any]) -> BaseException:
+    """What ``insert_invocation`` raises for ``exc``."""
+    if isinstance(exc, sa_exc.IntegrityError):
+        kind = _integrity_kind(exc)
+        if kind == "foreign_key":
+            return NotFound(f"function {values['function_name'] or values['function_id']!r} not found")
+        if kind == "unique":
+            return Conflict(f"invocation {values['id']!r} already exists")
+    if isinstance(exc, (sa_exc.SQLAlchemyError, OSError)):
+        return StoreError(f"could not record invocation {values['id']!r}: {_describe(exc)}")
+    return exc
+
+
+class _InsertBatcher:
+    """Group commit for ``insert_invocation``: calls that arrive while a write is in flight go together
+    in the next transaction, one multi-row INSERT, so recording every call does not cap the node at one
+    transaction per call. Each caller still returns only once its own row is committed, and still gets
+    its own error: a batch that fails is retried row by row to find out whose row it was.
+    """
+
+    def __init__(self, store: "Store") -> None:
+        self._store = store
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def insert(self, values: dict[str, Any]) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((values, future))
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="nimbus-store-inserts")
+        # A caller cancelled while waiting leaves its row queued: like a statement already sent, it may
+        # still be committed.
+        await future
+
+    async def drain(self) -> None:
+        """Wait for every insert already asked for."""
+        while self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def _run(self) -> None:
+        batch: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[:INSERT_BATCH_MAX], self._pending[INSERT_BATCH_MAX:]
+                await self._write(batch)
+                batch = []
+        except BaseException as exc:  # cancelled with the loop: nobody may be left waiting forever
+            for _, future in batch + self._pending:
+                if not future.done():
+                    future.set_exception(StoreError(f"the store stopped before recording the invocation: {exc!r}"))
+            self._pending = []
+            raise
+        finally:
+            self._task = None
+
+    async def _write(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
+        try:
+            if len(batch) == 1:
+                async with self._store._write_one() as conn:
+                    await conn.execute(_INSERT_INVOCATION, batch[0][0])
+            else:
+                async with self._store._write() as conn:
+                    await conn.execute(_INSERT_INVOCATION, [values for values, _ in batch])
+        except Exception as exc:
+            if len(batch) > 1:
+                for item in batch:
+                    await self._write([item])
+                return
+            values, future = batch[0]
+            if not future.done():
+                future.set_exception(_insert_error(exc, values))
+            return
+        for _, future in batch:
+            if not future.done():
+                future.set_result(None)
+
+
+# ---------------------------------------------------------------- the store
+
+
+class Store:
+    """Functions, their versions and code, invocations and API keys, in SQLite or PostgreSQL.
+
+    Open one with ``await Store.open(url)``, which also brings the schema up to date; ``await store.close()``
+    when done. Every method is a coroutine and safe to call from many tasks of one event loop at once.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        """Wrap an engine made by ``Store.open``; use that instead, it migrates and configures SQLite."""
+        self._engine = engine
+        self.dialect: str = engine.dialect.name
+        """``sqlite`` or ``postgresql``."""
+        if self.dialect == "sqlite":
+            self._autocommit = engine  # emits no BEGIN: see _configure_sqlite
+            self._writer = engine.execution_options(**{_WRITE_OPTION: True})
+            self._write_lock: asyncio.Lock | None = asyncio.Lock()
+            self._upsert = sqlite.insert
+        else:
+            self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+            self._writer = engine
+            self._write_lock = None
+            self._upsert = postgresql.insert
+        self._inserts = _InsertBatcher(self)
+
+    # ------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def open(cls, url: str | URL) -> "Store":
+        """Connect to ``url`` and apply any migrations it lacks (creating the SQLite file and its folder)."""
+        target = normalise_url(url)
+        shown = target.render_as_string(hide_password=True)
+        with _boundary(f"open the database {shown}"):
+            engine = _create_engine(target)
+        store = cls(engine)
+        try:
+            if store.dialect == "sqlite":
+                await store._use_wal(shown)
+            await store._migrate(shown)
+        except BaseException:
+            await engine.dispose()
+            raise
+        return store
+
+    async def close(self) -> None:
+        """Finish pending writes and close every pooled connection. Safe to call twice."""
+        try:
+            await self._inserts.drain()
+        finally:
+            await self._engine.dispose()
+
+    async def __aenter__(self) -> "Store":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<Store {self._engine.url.render_as_string(hide_password=True)}>"
+
+    async def ping(self) -> bool:
+        """Whether the database answers a trivial query."""
+        try:
+            async with self._read() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+        except (sa_exc.SQLAlchemyError, OSError) as exc:
+            log.warning("store ping failed: %s", _describe(exc))
+            return False
+        return True
+
+    async def _use_wal(self, shown: str) -> None:
+        """Put the SQLite file in WAL mode (readers beside the writer), once: the mode stays with the file.
+
+        Switching needs the file to itself and, unlike other statements, does not wait out busy_timeout
+        when another connection holds it (several nodes opening a new file together), so retry here.
+        """
+        deadline = asyncio.get_running_loop().time() + SQLITE_BUSY_TIMEOUT_MS / 1000
+        delay = 0.005
+        with _boundary(f"open the database {shown}"):
+            while True:
+                try:
+                    async with self._autocommit.connect() as conn:
+                        mode = (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar()
+                        if str(mode).lower() == "wal":
+                            return
+                        mode = (await conn.exec_driver_sql("PRAGMA journal_mode = WAL")).scalar()
+                    if str(mode).lower() in ("wal", "memory"):  # an in-memory database has no WAL
+                        return
+                    raise StoreError(f"cannot put {shown} in WAL mode (it stays in {mode!r} mode)")
+                except sa_exc.OperationalError as exc:
+                    if "locked" not in str(exc.orig) or asyncio.get_running_loop().time() > deadline:
+                        raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.1)
+
+    async def _migrate(self, shown: str) -> None:
+        from alembic import command
+        from alembic.config import Config
+        from alembic.util import CommandError
+
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+
+        def upgrade(connection: sa.Connection) -> None:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+        with _boundary(f"open the database {shown}"):
+            try:
+                async with self._write() as conn:
+                    if self.dialect == "postgresql":
+                        await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(PG_MIGRATION_LOCK)))
+                    await conn.run_sync(upgrade)
+            except CommandError as exc:
+                # Most likely a newer Nimbus migrated this database to a revision this one does not know.
+                raise StoreError(f"cannot bring the schema of {shown} up to date: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction of several statements: committed when the block ends, rolled back if it raises."""
+        if self._write_lock is None:
+            async with self._writer.begin() as conn:
+                yield conn
+        else:
+            async with self._write_lock, self._writer.begin() as conn:
+                yield conn
+
+    @contextlib.asynccontextmanager
+    async def _write_one(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for exactly one write statement, committed by itself (no BEGIN, no COMMIT trips)."""
+        if self._write_lock is None:
+            async with self._autocommit.connect() as conn:
+                yield conn
+        else:
+            async with self._write_lock, self._autocommit.connect() as conn:
+                yield conn
+
+    def _read(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
+        """A connection for reading; each statement sees the latest committed data."""
+        return self._autocommit.connect()
+
+    # ------------------------------------------------------------ functions
+
+    async def create_function(
+        self,
+        *,
+        name: str,
+        runtime: str,
+        handler: str,
+        env: dict[str, str],
+        memory_mb: int,
+        timeout_s: float,
+        concurrency: int,
+        code: bytes,
+        code_kind: str,
+        tenant: str = DEFAULT_TENANT,
+    ) -> FunctionRecord:
+        """Create a function at version 1. ``Conflict`` if the tenant already has one with this name.
+
+        The code is stored once per sha256: functions with identical bytes share one artifact.
+        """
+        now = utcnow()
+        sha = await _sha256(code)
+        record = FunctionRecord(
+            id=_new_id(), name=name, tenant=tenant, runtime=runtime, handler=handler, env=dict(env),
+            memory_mb=memory_mb, timeout_s=float(timeout_s), concurrency=concurrency, version=1,
+            version_id=_new_id(), code_sha256=sha, code_size=len(code), code_kind=code_kind, created_at=now,
+            updated_at=now,
+        )
+        with _boundary(f"create function {name!r}"):
+            async with self._write() as conn:
+                # Checked first so a taken name does not cost an upload of the code.
+                if await conn.scalar(_NAME_TAKEN, {"tenant": tenant, "key": name}) is not None:
+                    raise Conflict(f"function {name!r} already exists")
+                await self._put_artifact(conn, sha, runtime, code, now)
+                try:
+                    await conn.execute(
+                        _f.insert(),
+                        {"id": record.id, "tenant": tenant, "name": name, "version": 1, "created_at": now,
+                         "updated_at": now},
+                    )
+                except sa_exc.IntegrityError as exc:
+                    if _integrity_kind(exc) == "unique":  # created by someone else since the check
+                        raise Conflict(f"function {name!r} already exists") from None
+                    raise
+                await conn.execute(_v.insert(), _version_row(record))
+        return record
+
+    async def update_function(
+        self,
+        name_or_id: str,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        code: bytes | None = None,
+        code_kind: str | None = None,
+        runtime: str | None = None,
+        handler: str | None = None,
+        env: dict[str, str] | None = None,
+        memory_mb: int | None = None,
+        timeout_s: float | None = None,
+        concurrency: int | None = None,
+    ) -> FunctionRecord:
+        """Make version N+1 from the latest, with the given code and settings changed. ``NotFound``."""
+        now = utcnow()
+        sha = await _sha256(code) if code is not None else None
+        with _boundary(f"update function {name_or_id!r}"):
+            async with self._write() as conn:
+                function_id = await self._lock_function(conn, name_or_id, tenant)
+                current = _function((await conn.execute(_FUNCTION_BY_ID, {"key": function_id})).one())
+                record = FunctionRecord(
+                    id=current.id, name=current.name, tenant=current.tenant,
+                    runtime=runtime if runtime is not None else current.runtime,
+                    handler=handler if handler is not None else current.handler,
+                    env=dict(env) if env is not None else current.env,
+                    memory_mb=memory_mb if memory_mb is not None else current.memory_mb,
+                    timeout_s=float(timeout_s) if timeout_s is not None else current.timeout_s,
+                    concurrency=concurrency if concurrency is not None else current.concurrency,
+                    version=current.version + 1, version_id=_new_id(),
+                    code_sha256=sha if sha is not None else current.code_sha256,
+                    code_size=len(code) if code is not None else current.code_size,
+                    code_kind=code_kind if code_kind is not None else current.code_kind,
+                    created_at=current.created_at, updated_at=now,
+                )
+                if code is not None:
+                    await self._put_artifact(conn, record.code_sha256, record.runtime, code, now)
+                await conn.execute(_v.insert(), _version_row(record))
+                await conn.execute(
+                    _f.update().where(_f.c.id == record.id).values(version=record.version, updated_at=now)
+                )
+        return record
+
+    async def get_function(self, name_or_id: str, tenant: str = DEFAULT_TENANT) -> FunctionRecord:
+        """The function (at its latest version) by name or id. ``NotFound``."""
+        with _boundary(f"read function {name_or_id!r}"):
+            async with self._read() as conn:
+                row = (await conn.execute(_GET_FUNCTION, {"key": name_or_id, "tenant": tenant})).first()
+        if row is None:
+            raise _not_found(name_or_id)
+        return _function(row)
+
+    async def list_functions(
+        self,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        runtime: str | None = None,
+        limit: int = DEFAULT_LIST_LIMIT,
+        offset: int = 0,
+    ) -> tuple[list[FunctionRecord], int]:
+        """One page of the tenant's functions ordered by name, and how many there are in all."""
+        where = [_f.c.tenant == tenant]
+        if runtime is not None:
+            where.append(_v.c.runtime == runtime)
+        with _boundary("list functions"):
+            async with self._read() as conn:
+                rows = (await conn.execute(
+                    _SELECT_LATEST.where(*where).order_by(_f.c.name).limit(max(limit, 0)).offset(max(offset, 0))
+                )).all()
+                total = await conn.scalar(sa.select(sa.func.count()).select_from(_LATEST).where(*where))
+        return [_function(row) for row in rows], int(total or 0)
+
+    async def delete_function(self, name_or_id: str, tenant: str = DEFAULT_TENANT) -> FunctionRecord:
+        """Delete a function, its versions and invocations, and any artifact nothing else uses.
+
+        Returns the function as it was. ``NotFound``.
+        """
+        with _boundary(f"delete function {name_or_id!r}"):
+            async with self._write() as conn:
+                function_id = await self._lock_function(conn, name_or_id, tenant)
+                record = _function((await conn.execute(_FUNCTION_BY_ID, {"key": function_id})).one())
+                shas = sorted(set(await conn.scalars(
+                    sa.select(_v.c.code_sha256).where(_v.c.function_id == function_id)
+                )))
+                await conn.execute(_i.delete().where(_i.c.function_id == function_id))
+                await conn.execute(_v.delete().where(_v.c.function_id == function_id))
+                await conn.execute(_f.delete().where(_f.c.id == function_id))
+                # Lock the candidates first, in a statement of its own: a concurrent create that is about
+                # to reference one holds FOR KEY SHARE on it, so this waits for it to commit, and the
+                # DELETE below (a new snapshot) then sees its version and keeps the artifact.
+                await conn.execute(sa.select(_a.c.sha256).where(_a.c.sha256.in_(shas)).with_for_update())
+                still_used = sa.select(_v.c.id).where(_v.c.code_sha256 == _a.c.sha256).exists()
+                await conn.execute(_a.delete().where(_a.c.sha256.in_(shas), ~still_used))
+        return record
+
+    async def get_version(self, version_id: str) -> VersionRecord:
+        """One version by its id (what an invocation records). ``NotFound``."""
+        with _boundary(f"read version {version_id!r}"):
+            async with self._read() as conn:
+                row = (await conn.execute(_GET_VERSION, {"key": version_id})).first()
+        if row is None:
+            raise NotFound(f"version {version_id!r} not found")
+        return _version(row)
+
+    async def get_code(self, sha256: str) -> bytes:
+        """The code bytes stored under this hash. ``NotFound``."""
+        with _boundary(f"read artifact {sha256!r}"):
+            async with self._read() as conn:
+                content = await conn.scalar(_GET_CODE, {"key": sha256})
+        if content is None:
+            raise NotFound(f"artifact {sha256!r} not found")
+        return bytes(content)
+
+    async def _lock_function(self, conn: AsyncConnection, key: str, tenant: str) -> str:
+        """The id of the function ``key`` names, locked for this transaction (PostgreSQL). ``NotFound``."""
+        function_id = await conn.scalar(_LOCK_FUNCTION, {"key": key, "tenant": tenant})
+        if function_id is None:
+            raise _not_found(key)
+        return function_id
+
+    async def _put_artifact(self, conn: AsyncConnection, sha: str, runtime: str, code: bytes, now: datetime) -> None:
+        """Make sure the artifact exists and stays until this transaction commits.
+
+        If a concurrent delete collected it between our look and our insert, we look again.
+        """
+        insert = self._upsert(_a).values(
+            sha256=sha, runtime=runtime, size=len(code), content=code, created_at=now
+        ).on_conflict_do_nothing(index_elements=[_a.c.sha256])
+        for _ in range(ARTIFACT_PUT_TRIES):
+            if await conn.scalar(_ARTIFACT_PRESENT, {"key": sha}) is not None:
+                return
+            if (await conn.execute(insert)).rowcount == 1:
+                return
+        raise StoreError(f"artifact {sha} kept disappearing while being stored; try again")
+
+    # ------------------------------------------------------------ invocations
+
+    async def insert_invocation(self, inv: InvocationRecord) -> None:
+        """Record an invocation as it stands (a finished sync call, or a queued async one).
+
+        Returns once the row is committed. ``NotFound`` if its function no longer exists; ``Conflict``
+        if the id is taken.
+        """
+        await self._inserts.insert({name: getattr(inv, name) for name in _INVOCATION_FIELDS})
+
+    async def finish_invocation(
+        self,
+        id: str,  # noqa: A002 - the record's own field name
+        *,
+        status: str,
+        start: str | None,
+        output: bytes | None,
+        error: dict | None,
+        logs: str,
+        logs_truncated: bool,
+        duration_ms: float | None,
+        finished_at: datetime,
+    ) -> None:
+        """Record the outcome of a call and drop its lease. ``NotFound`` if the invocation is gone."""
+        if status not in FINISHED_STATUSES:
+            raise ValueError(f"{status!r} is not a finished status ({', '.join(sorted(FINISHED_STATUSES))})")
+        values = {
+            "key": id, "status": status, "start": start, "output": output, "error": error, "logs": logs,
+            "logs_truncated": logs_truncated, "duration_ms": duration_ms, "finished_at": finished_at,
+            "lease_owner": None, "lease_expires_at": None,
+        }
+        with _boundary(f"finish invocation {id!r}"):
+            async with self._write_one() as conn:
+                result = await conn.execute(_UPDATE_INVOCATION, values)
+        if result.rowcount == 0:
+            raise NotFound(f"invocation {id!r} not found")
+
+    async def get_invocation(self, id: str, tenant: str = DEFAULT_TENANT) -> InvocationRecord:  # noqa: A002
+        """One invocation, with its event, output and logs. ``NotFound``."""
+        with _boundary(f"read invocation {id!r}"):
+            async with self._read() as conn:
+                row = (await conn.execute(_GET_INVOCATION, {"key": id, "tenant": tenant})).first()
+        if row is None:
+            raise NotFound(f"invocation {id!r} not found")
+        return _invocation(row)
+
+    async def list_invocations(self, function_id: str, *, limit: int = DEFAULT_LIST_LIMIT) -> list[InvocationRecord]:
+        """A function's most recent invocations, newest first. Their ``event`` is not loaded (None)."""
+        with _boundary("list invocations"):
+            async with self._read() as conn:
+                rows = (await conn.execute(_LIST_INVOCATIONS, {"key": function_id, "limit": max(limit, 0)})).all()
+        return [_invocation(row) for row in rows]
+
+    async def claim_async(self, owner: str, *, limit: int, lease_s: float) -> list[InvocationRecord]:
+        """Take up to ``limit`` async invocations to run, oldest first, leased to ``owner`` for ``lease_s``.
+
+        Claimable: ``queued``, or ``running`` under a lease that has run out (its node died). Each claimed
+        row becomes ``running`` with ``attempts`` one higher. No two claimers ever get the same row: on
+        PostgreSQL the candidates are picked ``FOR UPDATE SKIP LOCKED``; on SQLite the pick and the update
+        are one statement inside a ``BEGIN IMMEDIATE`` transaction.
+        """
+        if limit <= 0:
+            return []
+        now = utcnow()
+        params = {"now": now, "limit": limit, "owner": owner, "expires": now + timedelta(seconds=lease_s),
+                  "started": now}
+        with _boundary("claim async invocations"):
+            async with self._write_one() as conn:
+                rows = (await conn.execute(_CLAIM_ASYNC, params)).all()
+        # RETURNING promises no order.
+        return sorted((_invocation(row) for row in rows), key=lambda inv: (inv.created_at, inv.id))
+
+    async def release_owned(self, owner: str) -> int:
+        """Put back in the queue the async invocations ``owner`` was running; how many.
+
+        A node restarting after a crash hands back its own work at once instead of waiting for its
+        leases to run out.
+        """
+        with _boundary(f"release the leases of {owner!r}"):
+            async with self._write_one() as conn:
+                result = await conn.execute(_RELEASE_OWNED, {"owner": owner})
+        return result.rowcount
+
+    async def renew_lease(self, id: str, owner: str, lease_s: float) -> bool:  # noqa: A002
+        """Extend ``owner``'s lease on a running invocation; False if the lease is no longer its own."""
+        params = {"key": id, "owner": owner, "expires": utcnow() + timedelta(seconds=lease_s)}
+        with _boundary(f"renew the lease on {id!r}"):
+            async with self._write_one() as conn:
+                result = await conn.execute(_RENEW_LEASE, params)
+        return result.rowcount == 1
+
+    async def count_invocations(self, function_id: str | None = None, status: str | None = None) -> int:
+        """How many invocations there are, of one function and/or in one status."""
+        query = sa.select(sa.func.count()).select_from(_i)
+        if function_id is not None:
+            query = query.where(_i.c.function_id == function_id)
+        if status is not None:
+            query = query.where(_i.c.status == status)
+        with _boundary("count invocations"):
+            async with self._read() as conn:
+                return int(await conn.scalar(query) or 0)
+
+    # ------------------------------------------------------------ API keys
+
+    async def create_api_key(self, *, tenant: str, name: str, key_hash: str) -> ApiKeyRecord:
+        """Store a new key by its hash (the key itself is never stored). ``Conflict`` if the hash exists."""
+        record = ApiKeyRecord(id=_new_id(), tenant=tenant, name=name, key_hash=key_hash, created_at=utcnow())
+        with _boundary(f"create API key {name!r}"):
+            async with self._write() as conn:
+                try:
+                    await conn.execute(
+                        _k.insert(),
+                        {"id": record.id, "tenant": tenant, "name": name, "key_hash": key_hash,
+                         "created_at": record.created_at, "revoked_at": None},
+                    )
+                except sa_exc.IntegrityError as exc:
+                    if _integrity_kind(exc) == "unique":
+                        raise Conflict("an API key with this hash already exists") from None
+                    raise
+        return record
+
+    async def get_api_key_by_hash(self, key_hash: str) -> ApiKeyRecord:
+        """The live key with this hash. ``NotFound`` if there is none or it was revoked."""
+        with _boundary("look up an API key"):
+            async with self._read() as conn:
+                row = (await conn.execute(
+                    sa.select(_k).where(_k.c.key_hash == key_hash, _k.c.revoked_at.is_(None))
+                )).first()
+        if row is None:
+            raise NotFound("no such API key")
+        return _api_key(row)
+
+    async def list_api_keys(self, *, tenant: str | None = None) -> list[ApiKeyRecord]:
+        """Every key (revoked ones too), oldest first, of one tenant or all."""
+        query = sa.select(_k).order_by(_k.c.created_at, _k.c.id)
+        if tenant is not None:
+            query = query.where(_k.c.tenant == tenant)
+        with _boundary("list API keys"):
+            async with self._read() as conn:
+                rows = (await conn.execute(query)).all()
+        return [_api_key(row) for row in rows]
+
+    async def revoke_api_key(self, id: str) -> ApiKeyRecord:  # noqa: A002
+        """Revoke a key (revoking twice keeps the first time). Returns it. ``NotFound``."""
+        with _boundary(f"revoke API key {id!r}"):
+            async with self._write() as conn:
+                await conn.execute(
+                    _k.update().where(_k.c.id == id, _k.c.revoked_at.is_(None)).values(revoked_at=utcnow())
+                )
+                row = (await conn.execute(sa.select(_k).where(_k.c.id == id))).first()
+        if row is None:
+            raise NotFound(f"API key {id!r} not found")
+        return _api_key(row)
+
+
+def _version_row(record: FunctionRecord) -> dict[str, Any]:
+    """The function_versions row of a record's latest version."""
+    return {
+        "id": record.version_id, "function_id": record.id, "version": record.version, "runtime": record.runtime,
+        "handler": record.handler, "env": record.env, "memory_mb": record.memory_mb,
+        "timeout_s": record.timeout_s, "concurrency": record.concurrency, "code_sha256": record.code_sha256,
+        "code_size": record.code_size, "code_kind": record.code_kind, "created_at": record.updated_at,
+    }

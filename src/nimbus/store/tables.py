@@ -1,0 +1,150 @@
+"""The schema as SQLAlchemy Core tables: what the repository queries, and what the migrations must produce.
+
+The migrations under ``migrations/versions`` are written out by hand and frozen; a test compares the
+database they build with this module, so the two cannot drift apart unnoticed.
+
+Layout (DESIGN §7):
+
+- ``functions``: identity (tenant, name) and the number of the latest version.
+- ``function_versions``: immutable settings and a code reference, one row per version.
+- ``artifacts``: code bytes by sha256, shared by every version with the same bytes.
+- ``invocations``: one row per call; async calls carry their event and a lease.
+- ``api_keys``: hashed keys per tenant.
+"""
+
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+
+# Deterministic constraint names, so migrations can name what they alter later.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+ID = 32  # uuid4().hex
+NAME = 64  # function names are at most 63 characters (gateway.schemas.NAME_PATTERN)
+TENANT = 64
+RUNTIME = 64
+HANDLER = 256
+SHA256 = 64
+
+
+class UTCDateTime(sa.TypeDecorator):
+    """A timezone-aware UTC datetime on every backend.
+
+    PostgreSQL keeps ``timestamptz``; SQLite has no time zones, so the value is stored as naive UTC text
+    (fixed-width, so it sorts and compares correctly) and marked UTC again when read.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the store only takes timezone-aware datetimes")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def JSONColumn() -> sa.JSON:  # noqa: N802 - reads as a type in the table definitions
+    # A Python None is SQL NULL, not the JSON text 'null'.
+    return sa.JSON(none_as_null=True)
+
+
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+artifacts = sa.Table(
+    "artifacts",
+    metadata,
+    sa.Column("sha256", sa.String(SHA256), primary_key=True),
+    sa.Column("runtime", sa.String(RUNTIME), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("content", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+functions = sa.Table(
+    "functions",
+    metadata,
+    sa.Column("id", sa.String(ID), primary_key=True),
+    sa.Column("tenant", sa.String(TENANT), nullable=False, server_default="default"),
+    sa.Column("name", sa.String(NAME), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.UniqueConstraint("tenant", "name"),
+)
+
+function_versions = sa.Table(
+    "function_versions",
+    metadata,
+    sa.Column("id", sa.String(ID), primary_key=True),
+    sa.Column("function_id", sa.String(ID), sa.ForeignKey("functions.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("runtime", sa.String(RUNTIME), nullable=False),
+    sa.Column("handler", sa.String(HANDLER), nullable=False),
+    sa.Column("env", JSONColumn(), nullable=False),
+    sa.Column("memory_mb", sa.Integer, nullable=False),
+    sa.Column("timeout_s", sa.Float, nullable=False),
+    sa.Column("concurrency", sa.Integer, nullable=False),
+    # No ON DELETE: an artifact still referenced by a version cannot be deleted.
+    sa.Column("code_sha256", sa.String(SHA256), sa.ForeignKey("artifacts.sha256"), nullable=False),
+    sa.Column("code_size", sa.BigInteger, nullable=False),  # the artifact's, kept here to spare a join
+    sa.Column("code_kind", sa.String(16), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.UniqueConstraint("function_id", "version"),
+    # Deleting a function asks whether anyone else still uses each of its artifacts.
+    sa.Index(None, "code_sha256"),
+)
+
+invocations = sa.Table(
+    "invocations",
+    metadata,
+    sa.Column("id", sa.String(ID), primary_key=True),
+    sa.Column("function_id", sa.String(ID), sa.ForeignKey("functions.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("function_name", sa.String(NAME), nullable=False),
+    sa.Column("tenant", sa.String(TENANT), nullable=False, server_default="default"),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("version_id", sa.String(ID), nullable=False),
+    sa.Column("mode", sa.String(8), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("start", sa.String(8)),
+    sa.Column("event", sa.LargeBinary),
+    sa.Column("output", sa.LargeBinary),
+    sa.Column("error", JSONColumn()),
+    sa.Column("logs", sa.Text, nullable=False, server_default=""),
+    sa.Column("logs_truncated", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("duration_ms", sa.Float),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("started_at", UTCDateTime),
+    sa.Column("finished_at", UTCDateTime),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("lease_owner", sa.String(64)),
+    sa.Column("lease_expires_at", UTCDateTime),
+    # A function's recent invocations, newest first.
+    sa.Index(None, "function_id", "created_at"),
+    # Claiming async work: queued rows, and running rows whose lease ran out.
+    sa.Index(None, "mode", "status", "lease_expires_at"),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.String(ID), primary_key=True),
+    sa.Column("tenant", sa.String(TENANT), nullable=False),
+    sa.Column("name", sa.String(NAME), nullable=False),
+    sa.Column("key_hash", sa.String(128), nullable=False, unique=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("revoked_at", UTCDateTime),
+    sa.Index(None, "tenant"),
+)

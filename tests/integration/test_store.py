@@ -1,0 +1,526 @@
+"""The store against real databases: each test runs on SQLite (a new file) and on PostgreSQL.
+
+PostgreSQL tests share one database per pytest run, so every test uses its own function names and
+tenant, and asserts only about rows it made. Claiming is global by nature (any queued async call is
+work), so the claiming tests delete what they made before they finish.
+"""
+
+import asyncio
+import sqlite3
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from nimbus.errors import Conflict, NotFound, StoreError
+from nimbus.store import FunctionRecord, InvocationRecord, Store, VersionRecord
+from nimbus.store import tables
+from nimbus.store.repository import MIGRATIONS_DIR, normalise_url
+
+CODE = b"def handler(event, context):\n    return event\n"
+
+
+def unique(prefix: str = "f") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def store(database_url):
+    opened = await Store.open(database_url)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
+async def empty_database_url(database_url):
+    """A database with nothing in it: the test's own SQLite file, or a new PostgreSQL database."""
+    if database_url.startswith("sqlite"):
+        yield database_url
+        return
+    import asyncpg
+
+    name = f"nimbus_store_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(database_url, timeout=10)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield f"{database_url.rsplit('/', 1)[0]}/{name}"
+    finally:
+        admin = await asyncpg.connect(database_url, timeout=10)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+async def query(url: str, statement, **params):
+    """Look at the database behind the store's back: all rows of one statement."""
+    engine = create_async_engine(normalise_url(url))
+    try:
+        async with engine.connect() as conn:
+            if isinstance(statement, str):
+                statement = sa.text(statement)
+            return (await conn.execute(statement, params)).all()
+    finally:
+        await engine.dispose()
+
+
+async def create(store: Store, name: str | None = None, **overrides) -> FunctionRecord:
+    values = dict(
+        name=name or unique(), runtime="python3", handler="main.handler", env={"GREETING": "hi"}, memory_mb=128,
+        timeout_s=30.0, concurrency=10, code=CODE, code_kind="source",
+    )
+    values.update(overrides)
+    return await store.create_function(**values)
+
+
+def invocation(fn: FunctionRecord, **overrides) -> InvocationRecord:
+    values = dict(
+        id=uuid.uuid4().hex, function_id=fn.id, function_name=fn.name, tenant=fn.tenant, version=fn.version,
+        version_id=fn.version_id,
+    )
+    values.update(overrides)
+    return InvocationRecord(**values)
+
+
+def queued(fn: FunctionRecord, n: int) -> list[InvocationRecord]:
+    # Distinct created_at values, so "oldest first" has one right answer.
+    base = datetime.now(UTC)
+    return [
+        invocation(fn, mode="async", status="queued", event=f'{{"n": {i}}}'.encode(),
+                   created_at=base + timedelta(microseconds=i))
+        for i in range(n)
+    ]
+
+
+# ---------------------------------------------------------------- opening and migrations
+
+
+async def test_migrations_apply_to_an_empty_database_and_reopening_is_a_no_op(empty_database_url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    # Several nodes starting at once: each migration still runs exactly once.
+    stores = await asyncio.gather(*(Store.open(empty_database_url) for _ in range(3)))
+    fn = await create(stores[0])
+    for opened in stores:
+        await opened.close()
+
+    reopened = await Store.open(empty_database_url)
+    try:
+        assert (await reopened.get_function(fn.name)).id == fn.id
+    finally:
+        await reopened.close()
+
+    head = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+    assert await query(empty_database_url, "SELECT version_num FROM alembic_version") == [(head,)]
+
+    # What the hand-written migrations built is exactly what tables.py describes.
+    def differences(connection):
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        return compare_metadata(context, tables.metadata)
+
+    engine = create_async_engine(normalise_url(empty_database_url))
+    try:
+        async with engine.connect() as conn:
+            assert await conn.run_sync(differences) == []
+    finally:
+        await engine.dispose()
+
+
+async def test_open_accepts_every_url_spelling(database_url, tmp_path):
+    if database_url.startswith("sqlite"):
+        nested = tmp_path / "not" / "yet" / "there.db"
+        spellings = [f"sqlite:///{nested}", f"sqlite+aiosqlite:///{nested}"]
+    else:
+        rest = database_url.split("://", 1)[1]
+        spellings = [f"postgresql://{rest}", f"postgres://{rest}", f"postgresql+asyncpg://{rest}"]
+    for url in spellings:
+        opened = await Store.open(url)
+        try:
+            assert await opened.ping()
+            assert opened.dialect == ("sqlite" if url.startswith("sqlite") else "postgresql")
+        finally:
+            await opened.close()
+    if database_url.startswith("sqlite"):
+        # WAL is a property of the file: a plain sqlite3 connection sees it too.
+        conn = sqlite3.connect(nested)
+        try:
+            assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        finally:
+            conn.close()
+
+
+async def test_open_reports_a_bad_url_or_an_unreachable_server_as_store_error(database_url):
+    with pytest.raises(StoreError, match="unsupported database"):
+        await Store.open("mysql://root@localhost/nimbus")
+    if not database_url.startswith("sqlite"):
+        with pytest.raises(StoreError, match="could not open the database"):
+            await Store.open("postgresql://postgres:secret@127.0.0.1:1/nimbus")
+
+
+# ---------------------------------------------------------------- functions
+
+
+async def test_create_then_get_by_name_and_by_id(store):
+    fn = await create(store, env={"A": "1"}, memory_mb=256, timeout_s=2.5, concurrency=3)
+    assert fn.version == 1 and fn.code_size == len(CODE) and fn.code_kind == "source"
+    assert fn.created_at.tzinfo is not None and fn.created_at == fn.updated_at
+    by_name = await store.get_function(fn.name)
+    by_id = await store.get_function(fn.id)
+    assert by_name == by_id
+    assert (by_name.name, by_name.env, by_name.memory_mb, by_name.timeout_s, by_name.concurrency) == (
+        fn.name, {"A": "1"}, 256, 2.5, 3)
+    assert by_name.version_id == fn.version_id and by_name.code_sha256 == fn.code_sha256
+    assert by_name.created_at == fn.created_at and by_name.created_at.utcoffset() == timedelta(0)
+    assert await store.get_code(fn.code_sha256) == CODE
+
+
+async def test_list_is_paged_by_name_counts_all_and_filters_by_runtime(store):
+    tenant = unique("tenant")
+    names = sorted(unique() for _ in range(5))
+    for i, name in enumerate(reversed(names)):
+        await create(store, name, tenant=tenant, runtime="nodejs" if i % 2 else "python3")
+
+    page, total = await store.list_functions(tenant=tenant, limit=2, offset=0)
+    assert total == 5 and [f.name for f in page] == names[:2]
+    page, total = await store.list_functions(tenant=tenant, limit=2, offset=4)
+    assert total == 5 and [f.name for f in page] == names[4:]
+    everything, _ = await store.list_functions(tenant=tenant, limit=50)
+    assert [f.name for f in everything] == names
+
+    node, total = await store.list_functions(tenant=tenant, runtime="nodejs")
+    assert total == 2 and {f.runtime for f in node} == {"nodejs"}
+    python, total = await store.list_functions(tenant=tenant, runtime="python3")
+    assert total == 3 and [f.name for f in python] == sorted(f.name for f in python)
+
+    # The runtime that counts is the latest version's.
+    await store.update_function(python[0].name, tenant=tenant, runtime="nodejs", code=b"exports.handler = 1")
+    assert (await store.list_functions(tenant=tenant, runtime="nodejs"))[1] == 3
+    assert (await store.list_functions(tenant=unique("tenant")))[1] == 0
+
+
+async def test_update_makes_a_new_version_and_keeps_what_was_not_given(store):
+    fn = await create(store, env={"A": "1"}, memory_mb=256, concurrency=4)
+    v2 = await store.update_function(fn.name, memory_mb=512)
+    assert (v2.id, v2.version) == (fn.id, 2) and v2.version_id != fn.version_id
+    assert (v2.env, v2.memory_mb, v2.timeout_s, v2.concurrency, v2.handler) == ({"A": "1"}, 512, 30.0, 4,
+                                                                                  "main.handler")
+    assert v2.code_sha256 == fn.code_sha256 and v2.created_at == fn.created_at and v2.updated_at >= fn.updated_at
+    assert await store.get_function(fn.id) == v2
+
+    new_code = b"def handler(event, context):\n    return 2\n"
+    v3 = await store.update_function(fn.id, code=new_code, env={}, handler="app.main")
+    assert v3.version == 3 and v3.env == {} and v3.handler == "app.main" and v3.memory_mb == 512
+    assert v3.code_size == len(new_code) and await store.get_code(v3.code_sha256) == new_code
+
+    # Versions are immutable: what version 1 ran is still there.
+    first = await store.get_version(fn.version_id)
+    assert isinstance(first, VersionRecord) and not hasattr(first, "version_id")
+    assert (first.function_id, first.function_name, first.version, first.memory_mb, first.env) == (
+        fn.id, fn.name, 1, 256, {"A": "1"})
+    assert await store.get_code(first.code_sha256) == CODE
+    assert (await store.get_version(v3.version_id)).handler == "app.main"
+
+
+async def test_concurrent_updates_get_consecutive_versions(store):
+    fn = await create(store)
+    updated = await asyncio.gather(*(store.update_function(fn.name, memory_mb=128 + i) for i in range(8)))
+    assert sorted(u.version for u in updated) == list(range(2, 10))
+    assert (await store.get_function(fn.name)).version == 9
+
+
+async def test_a_taken_name_conflicts_within_a_tenant_only(store):
+    fn = await create(store)
+    with pytest.raises(Conflict, match=fn.name):
+        await create(store, fn.name, code=b"other code")
+    other = await create(store, fn.name, tenant=unique("tenant"))
+    assert other.id != fn.id and other.name == fn.name
+
+    # Racing creates of one name: exactly one wins.
+    name = unique()
+    results = await asyncio.gather(*(create(store, name) for _ in range(5)), return_exceptions=True)
+    assert sum(isinstance(r, FunctionRecord) for r in results) == 1
+    assert all(isinstance(r, Conflict) for r in results if not isinstance(r, FunctionRecord))
+
+
+async def test_missing_things_are_not_found(store):
+    missing = unique()
+    fn = await create(store)
+    for call in (
+        store.get_function(missing),
+        store.update_function(missing, memory_mb=256),
+        store.delete_function(missing),
+        store.get_function(fn.name, tenant=unique("tenant")),
+        store.get_version(uuid.uuid4().hex),
+        store.get_code("0" * 64),
+        store.get_invocation(uuid.uuid4().hex),
+        store.finish_invocation(
+            uuid.uuid4().hex, status="succeeded", start="cold", output=b"1", error=None, logs="",
+            logs_truncated=False, duration_ms=1.0, finished_at=datetime.now(UTC)),
+    ):
+        with pytest.raises(NotFound):
+            await call
+
+    await store.delete_function(fn.id)
+    with pytest.raises(NotFound, match=fn.name):  # a call recorded after its function was deleted
+        await store.insert_invocation(invocation(fn, status="succeeded"))
+
+
+async def test_delete_removes_versions_and_invocations_and_frees_the_name(store):
+    fn = await create(store)
+    v2 = await store.update_function(fn.name, code=b"second")
+    await store.insert_invocation(invocation(v2, status="succeeded", output=b"1"))
+    await store.insert_invocation(invocation(v2, mode="async", event=b"{}"))
+    assert await store.count_invocations(fn.id) == 2
+
+    deleted = await store.delete_function(fn.name)
+    assert deleted == v2
+    assert await store.count_invocations(fn.id) == 0
+    for version_id in (fn.version_id, v2.version_id):
+        with pytest.raises(NotFound):
+            await store.get_version(version_id)
+    with pytest.raises(NotFound):
+        await store.get_function(fn.id)
+    assert (await create(store, fn.name)).id != fn.id
+
+
+async def test_identical_code_is_stored_once_and_kept_while_used(store, database_url):
+    code = f"def handler(e, c):\n    return {uuid.uuid4().hex!r}\n".encode()
+    one = await create(store, code=code)
+    two = await create(store, code=code)
+    assert one.code_sha256 == two.code_sha256
+
+    def rows(sha):
+        return query(database_url, sa.select(tables.artifacts.c.size).where(tables.artifacts.c.sha256 == sha))
+
+    assert await rows(one.code_sha256) == [(len(code),)]
+
+    await store.delete_function(one.name)
+    assert await store.get_code(two.code_sha256) == code  # still used by two
+
+    # Two's second version has new code; its first version still holds the shared artifact.
+    replaced = await store.update_function(two.name, code=b"replacement " + code)
+    assert await store.get_code(one.code_sha256) == code
+
+    await store.delete_function(two.id)
+    for sha in (one.code_sha256, replaced.code_sha256):
+        assert await rows(sha) == []
+        with pytest.raises(NotFound):
+            await store.get_code(sha)
+
+
+# ---------------------------------------------------------------- invocations
+
+
+async def test_invocations_are_recorded_finished_read_and_listed_newest_first(store):
+    fn = await create(store)
+    start = datetime.now(UTC)
+    sync = invocation(fn, status="succeeded", start="hot", output=b'{"ok": true}', logs="hello\n",
+                      duration_ms=1.5, created_at=start, started_at=start, finished_at=start, attempts=1)
+    await store.insert_invocation(sync)
+    assert await store.get_invocation(sync.id) == sync
+
+    pending = invocation(fn, mode="async", status="queued", event=b'{"n": 1}', created_at=start + timedelta(seconds=1))
+    await store.insert_invocation(pending)
+    with pytest.raises(Conflict):
+        await store.insert_invocation(pending)
+    got = await store.get_invocation(pending.id)
+    assert (got.status, got.event, got.output, got.error, got.logs, got.attempts) == ("queued", b'{"n": 1}', None,
+                                                                                     None, "", 0)
+    with pytest.raises(NotFound):
+        await store.get_invocation(pending.id, tenant=unique("tenant"))
+
+    done = datetime.now(UTC)
+    error = {"type": "ValueError", "message": "bad", "stack": "Traceback…"}
+    await store.finish_invocation(pending.id, status="failed", start="cold", output=None, error=error,
+                                  logs="x" * 10, logs_truncated=True, duration_ms=12.0, finished_at=done)
+    got = await store.get_invocation(pending.id)
+    assert (got.status, got.start, got.error, got.logs_truncated, got.duration_ms) == ("failed", "cold", error,
+                                                                                      True, 12.0)
+    assert got.finished_at == done and got.finished_at.tzinfo is not None and got.event == b'{"n": 1}'
+    assert got.lease_owner is None and got.lease_expires_at is None
+
+    with pytest.raises(ValueError, match="finished status"):
+        await store.finish_invocation(pending.id, status="running", start=None, output=None, error=None, logs="",
+                                      logs_truncated=False, duration_ms=None, finished_at=done)
+
+    newer = invocation(fn, status="timed_out", created_at=start + timedelta(seconds=2))
+    await store.insert_invocation(newer)
+    listed = await store.list_invocations(fn.id)
+    assert [i.id for i in listed] == [newer.id, pending.id, sync.id]
+    assert listed[1].event is None and listed[1].error == error  # lists leave the event out
+    assert [i.id for i in await store.list_invocations(fn.id, limit=2)] == [newer.id, pending.id]
+    assert await store.count_invocations(fn.id) == 3
+    assert await store.count_invocations(fn.id, status="failed") == 1
+
+
+async def test_many_concurrent_writes_never_report_a_locked_database(store):
+    fn = await create(store)
+    invs = [invocation(fn, status="succeeded", output=b"null") for _ in range(100)]
+    await asyncio.gather(*(store.insert_invocation(inv) for inv in invs),
+                         *(store.update_function(fn.id, concurrency=i + 1) for i in range(10)))
+    assert await store.count_invocations(fn.id) == 100
+
+
+async def test_inserts_committed_together_still_fail_one_by_one(store):
+    fn = await create(store)
+    gone = await create(store)
+    await store.delete_function(gone.id)
+    good = [invocation(fn, status="succeeded") for _ in range(20)]
+    await store.insert_invocation(good[0])
+    # Started together, these share one transaction; the bad rows must not sink the good ones.
+    results = await asyncio.gather(
+        *(store.insert_invocation(inv) for inv in good[1:]),
+        store.insert_invocation(invocation(gone, status="succeeded")),
+        store.insert_invocation(good[0]),
+        return_exceptions=True,
+    )
+    assert results[:19] == [None] * 19
+    assert isinstance(results[19], NotFound) and isinstance(results[20], Conflict)
+    assert await store.count_invocations(fn.id) == 20
+
+
+async def test_close_waits_for_inserts_already_asked_for(database_url):
+    opened = await Store.open(database_url)
+    fn = await create(opened)
+    invs = [invocation(fn, mode="async", event=b"{}") for _ in range(10)]
+    pending = [asyncio.create_task(opened.insert_invocation(inv)) for inv in invs]
+    await asyncio.sleep(0)  # each task has handed its row over, none is committed yet
+    await opened.close()
+    await asyncio.gather(*pending)
+    reopened = await Store.open(database_url)
+    try:
+        assert await reopened.count_invocations(fn.id) == 10
+        await reopened.delete_function(fn.id)
+    finally:
+        await reopened.close()
+
+
+# ---------------------------------------------------------------- claiming async work
+
+
+async def test_two_claimers_never_take_the_same_invocation(database_url):
+    first, second = await Store.open(database_url), await Store.open(database_url)
+    try:
+        fn = await create(first)
+        mine = queued(fn, 50)
+        for inv in mine:
+            await first.insert_invocation(inv)
+
+        async def drain(claimer: Store, owner: str) -> list[InvocationRecord]:
+            taken = []
+            while batch := await claimer.claim_async(owner, limit=3, lease_s=60):
+                assert [(i.created_at, i.id) for i in batch] == sorted((i.created_at, i.id) for i in batch)
+                taken.extend(batch)
+                await asyncio.sleep(0)
+            return taken
+
+        a, b = await asyncio.gather(drain(first, unique("node")), drain(second, unique("node")))
+        ids_a, ids_b = [i.id for i in a], [i.id for i in b]
+        assert len(set(ids_a)) == len(ids_a) and len(set(ids_b)) == len(ids_b)
+        assert not set(ids_a) & set(ids_b)
+        assert {inv.id for inv in mine} <= set(ids_a) | set(ids_b)
+
+        claimed = {i.id: i for i in a + b}
+        for inv in mine:
+            got = claimed[inv.id]
+            assert (got.status, got.attempts, got.event) == ("running", 1, inv.event)
+            assert got.lease_owner and got.lease_expires_at > got.started_at
+        assert await first.count_invocations(fn.id, status="queued") == 0
+        await first.delete_function(fn.id)
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_claims_take_the_oldest_first_and_only_async_work(store):
+    fn = await create(store)
+    mine = queued(fn, 4)
+    for inv in reversed(mine):
+        await store.insert_invocation(inv)
+    await store.insert_invocation(invocation(fn, mode="sync", status="queued"))  # never claimable
+    owner = unique("node")
+    claimed = []
+    while batch := await store.claim_async(owner, limit=2, lease_s=60):
+        claimed.extend(i for i in batch if i.function_id == fn.id)
+    assert [i.id for i in claimed] == [i.id for i in mine]
+    assert await store.claim_async(owner, limit=0, lease_s=60) == []
+    await store.delete_function(fn.id)
+
+
+async def test_an_expired_lease_is_claimed_again_and_counts_an_attempt(store):
+    fn = await create(store)
+    (inv,) = queued(fn, 1)
+    await store.insert_invocation(inv)
+    crashed, rescuer = unique("node"), unique("node")
+
+    assert inv.id in [i.id for i in await store.claim_async(crashed, limit=1000, lease_s=0.5)]
+    assert inv.id not in [i.id for i in await store.claim_async(rescuer, limit=1000, lease_s=60)]
+    await asyncio.sleep(0.6)
+    again = {i.id: i for i in await store.claim_async(rescuer, limit=1000, lease_s=60)}
+    assert (again[inv.id].attempts, again[inv.id].lease_owner) == (2, rescuer)
+
+    assert not await store.renew_lease(inv.id, crashed, 60)  # no longer its lease
+    before = (await store.get_invocation(inv.id)).lease_expires_at
+    assert await store.renew_lease(inv.id, rescuer, 120)
+    assert (await store.get_invocation(inv.id)).lease_expires_at > before
+
+    await store.finish_invocation(inv.id, status="succeeded", start="warm", output=b"1", error=None, logs="",
+                                  logs_truncated=False, duration_ms=3.0, finished_at=datetime.now(UTC))
+    done = await store.get_invocation(inv.id)
+    assert (done.status, done.attempts, done.lease_owner, done.lease_expires_at) == ("succeeded", 2, None, None)
+    assert not await store.renew_lease(inv.id, rescuer, 60)  # finished work has no lease to renew
+    await store.delete_function(fn.id)
+
+
+async def test_release_owned_requeues_only_that_owners_work(store):
+    fn = await create(store)
+    restarting, other = unique("node"), unique("node")
+    early, late = queued(fn, 3), queued(fn, 2)
+    for inv in early:
+        await store.insert_invocation(inv)
+    held = [i.id for i in await store.claim_async(restarting, limit=1000, lease_s=60)]
+    assert {i.id for i in early} <= set(held)
+    for inv in late:
+        await store.insert_invocation(inv)
+    assert {i.id for i in late} <= {i.id for i in await store.claim_async(other, limit=1000, lease_s=60)}
+
+    assert await store.release_owned(restarting) == len(held)
+    for inv in early:
+        got = await store.get_invocation(inv.id)
+        assert (got.status, got.lease_owner, got.lease_expires_at, got.attempts) == ("queued", None, None, 1)
+    for inv in late:
+        got = await store.get_invocation(inv.id)
+        assert (got.status, got.lease_owner) == ("running", other)
+    assert await store.release_owned(restarting) == 0
+    await store.delete_function(fn.id)
+
+
+# ---------------------------------------------------------------- API keys
+
+
+async def test_api_keys_are_found_by_hash_until_revoked(store):
+    tenant = unique("tenant")
+    key_hash = uuid.uuid4().hex * 2
+    key = await store.create_api_key(tenant=tenant, name="ci", key_hash=key_hash)
+    assert await store.get_api_key_by_hash(key_hash) == key
+    with pytest.raises(Conflict):
+        await store.create_api_key(tenant=tenant, name="again", key_hash=key_hash)
+    other = await store.create_api_key(tenant=tenant, name="laptop", key_hash=uuid.uuid4().hex)
+    assert [k.id for k in await store.list_api_keys(tenant=tenant)] == [key.id, other.id]
+
+    revoked = await store.revoke_api_key(key.id)
+    assert revoked.revoked_at is not None
+    with pytest.raises(NotFound):
+        await store.get_api_key_by_hash(key_hash)
+    assert (await store.revoke_api_key(key.id)).revoked_at == revoked.revoked_at
+    with pytest.raises(NotFound):
+        await store.revoke_api_key(uuid.uuid4().hex)
