@@ -75,6 +75,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_open_without_auth(self) -> "Settings":
+        if self.auth == "on":
+            # Refused rather than silently unenforced: API keys and tenants land with the hardening issue.
+            raise ValueError("NIMBUS_AUTH=on is not available in this version; keep the node on a loopback address")
         if self.auth == "off" and not _is_loopback(self.host):
             raise ValueError(
                 f"refusing to bind {self.host} with NIMBUS_AUTH=off: anyone who can reach it could run code; "

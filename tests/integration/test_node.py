@@ -85,11 +85,12 @@ def test_prewarm_keeps_blank_machines_and_health_loop_replaces_dead_ones(tmp_pat
         # kill a blank machine behind the pool's back: the health loop notices and the pre-warm loop replaces it
         victim = running.node.pool._blank["python3"][0]
         os.kill(victim.pid, signal.SIGKILL)
-        wait_until(lambda: blanks() == (2, 2) and victim not in running.node.pool._blank["python3"])
+        wait_until(lambda: victim not in running.node.pool._blank["python3"])
+        wait_until(lambda: blanks() == (2, 2))
 
 
 def wait_until(check, seconds: float = 60) -> None:
     deadline = time.monotonic() + seconds
     while not check():
-        assert time.monotonic() < deadline, "condition not reached"
+        assert time.monotonic() < deadline, f"condition not reached: {check.__code__.co_consts}"
         time.sleep(0.05)
