@@ -243,23 +243,27 @@ class Scheduler:
             except NotFound:
                 return  # the function was deleted, and its invocations with it
             await self._execute(deployment_of(version), inv, inv.event or b"null")
-            await self.store.finish_invocation(
-                inv.id, status=inv.status, start=inv.start, output=inv.output, error=inv.error, logs=inv.logs,
-                logs_truncated=inv.logs_truncated, duration_ms=inv.duration_ms, finished_at=inv.finished_at or _now(),
-            )
+            await self._finish(inv)
         except asyncio.CancelledError:
             raise
         except Unavailable as exc:
-            await self.store.finish_invocation(
-                inv.id, status="failed", start=None, output=None, logs="", logs_truncated=False, duration_ms=None,
-                error={"type": "Unavailable", "message": f"no machine could run the call: {exc}", "stack": ""},
-                finished_at=_now(),
-            )
+            inv.status, inv.start, inv.output, inv.logs, inv.duration_ms = "failed", None, None, "", None
+            inv.error = {"type": "Unavailable", "message": f"no machine could run the call: {exc}", "stack": ""}
+            await self._finish(inv)
         except Exception:
             log.exception("async invocation %s failed in the platform; its lease will expire and it will be retried",
                           inv.id)
         finally:
             self._admitted -= 1
+
+    async def _finish(self, inv: InvocationRecord) -> None:
+        try:
+            await self.store.finish_invocation(
+                inv.id, status=inv.status, start=inv.start, output=inv.output, error=inv.error, logs=inv.logs,
+                logs_truncated=inv.logs_truncated, duration_ms=inv.duration_ms, finished_at=inv.finished_at or _now(),
+            )
+        except NotFound:
+            pass  # the function was deleted while the call ran, and its invocations with it
 
 
 class CodeCache:
