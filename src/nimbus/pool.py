@@ -88,6 +88,7 @@ class Pool:
         self._blank: dict[str, deque[Machine]] = {rt: deque() for rt in self.runtimes}
         self._idle: dict[str, deque[Lease]] = {}  # version_id -> leases, most recently used on the right
         self._booting: dict[str, int] = dict.fromkeys(self.runtimes, 0)
+        self._pinging: dict[str, int] = dict.fromkeys(self.runtimes, 0)  # blanks out of their deque for a ping
         self._busy: dict[str, int] = {}  # runtime -> machines serving a call
         self._retired: dict[str, str | None] = {}  # function_id -> the version still allowed, if any
         self._count = 0  # machines alive or booting: the figure max_machines bounds
@@ -346,7 +347,7 @@ class Pool:
     def _prewarm_once(self) -> list[Awaitable[bool]]:
         boots = []
         for rt in self.runtimes:
-            deficit = self.min_warm - len(self._blank[rt]) - self._booting[rt]
+            deficit = self.min_warm - len(self._blank[rt]) - self._booting[rt] - self._pinging[rt]
             while deficit > 0 and self._count < self.max_machines and not self._closing:
                 self._count += 1
                 self._booting[rt] += 1
@@ -392,6 +393,7 @@ class Pool:
                 blanks.remove(machine)
                 if self._fresh(machine, now):
                     checks.append(("blank", rt, machine))
+                    self._pinging[rt] += 1
                 else:
                     self._discard(machine)
                     destroyed += 1
@@ -406,7 +408,12 @@ class Pool:
             if not leases:
                 self._idle.pop(version_id, None)
         machines = [item[2] if item[0] == "blank" else item[2].machine for item in checks]
-        answers = await asyncio.gather(*(m.ping() for m in machines))
+        try:
+            answers = await asyncio.gather(*(m.ping() for m in machines))
+        finally:
+            for kind, key, _ in checks:
+                if kind == "blank":
+                    self._pinging[key] -= 1
         for (kind, key, item), machine, ok in zip(checks, machines, answers, strict=True):
             if not ok or self._closing:
                 self._discard(machine)

@@ -59,6 +59,7 @@ class MemoryMachine:
 
     async def ping(self, timeout=1.0) -> bool:
         self.pings += 1
+        await asyncio.sleep(self.driver.ping_delay)
         return self._alive and not self.driver.pings_fail
 
     async def stop(self) -> None:
@@ -77,6 +78,7 @@ class MemoryDriver:
         self.created: list[MemoryMachine] = []
         self.destroyed: list[MemoryMachine] = []
         self.pings_fail = False
+        self.ping_delay = 0.0
         self.fail_create = False
 
     async def create(self, spec: MachineSpec) -> MemoryMachine:
@@ -256,3 +258,24 @@ async def test_machine_start_failure_is_unavailable_and_frees_the_slot(pool):
     with pytest.raises(Unavailable):
         await pool.acquire(dep())
     assert pool.total == 0
+
+
+async def test_health_round_does_not_make_prewarm_overfill():
+    driver = MemoryDriver()
+    p = Pool(driver, load_code, runtimes=["python3"], min_warm=2, max_machines=8, health_interval_s=3600)
+    await p.start()
+    try:
+        for _ in range(100):
+            if p.stats()["python3"]["blank"] == 2:
+                break
+            await asyncio.sleep(0.01)
+        driver.ping_delay = 0.02
+        for _ in range(5):  # the pre-warm loop runs while blanks are out for a ping: it must not count them missing
+            check = asyncio.create_task(p.check_health())
+            await asyncio.sleep(0.005)
+            p._refill.set()
+            await check
+        await asyncio.sleep(0.05)
+        assert p.stats()["python3"]["blank"] == 2 and len(driver.created) == 2
+    finally:
+        await p.close()
