@@ -133,23 +133,23 @@ async def test_cold_then_hot_reuses_the_same_machine(pool):
     assert out1["machine"] == out2["machine"]
 
 
+async def wait_blanks(p: Pool, count: int) -> None:
+    for _ in range(100):
+        if p.stats()["python3"]["blank"] == count:
+            return
+        await asyncio.sleep(0.01)
+    assert p.stats()["python3"]["blank"] == count
+
+
 async def test_warm_start_takes_a_prebooted_blank_machine():
     driver = MemoryDriver()
     p = Pool(driver, load_code, runtimes=["python3"], min_warm=2, max_machines=8, health_interval_s=3600)
     await p.start()
     try:
-        for _ in range(100):
-            if p.stats()["python3"]["blank"] == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert p.stats()["python3"]["blank"] == 2
+        await wait_blanks(p, 2)
         lease, _ = await run(p, dep())
         assert lease.start == "warm"
-        for _ in range(100):  # the pre-warm loop refills what was taken
-            if p.stats()["python3"]["blank"] == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert p.stats()["python3"]["blank"] == 2
+        await wait_blanks(p, 2)  # the pre-warm loop refills what was taken
     finally:
         await p.close()
     assert all(not m.alive for m in driver.created)
@@ -265,10 +265,7 @@ async def test_health_round_does_not_make_prewarm_overfill():
     p = Pool(driver, load_code, runtimes=["python3"], min_warm=2, max_machines=8, health_interval_s=3600)
     await p.start()
     try:
-        for _ in range(100):
-            if p.stats()["python3"]["blank"] == 2:
-                break
-            await asyncio.sleep(0.01)
+        await wait_blanks(p, 2)
         driver.ping_delay = 0.02
         for _ in range(5):  # the pre-warm loop runs while blanks are out for a ping: it must not count them missing
             check = asyncio.create_task(p.check_health())
