@@ -6,6 +6,7 @@ work), so the claiming tests delete what they made before they finish.
 """
 
 import asyncio
+import hashlib
 import sqlite3
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from nimbus.errors import Conflict, NotFound, StoreError
-from nimbus.store import FunctionRecord, InvocationRecord, Store, VersionRecord
+from nimbus.store import BuildRecord, FunctionRecord, InvocationRecord, Store, VersionRecord
 from nimbus.store import tables
 from nimbus.store.repository import MIGRATIONS_DIR, normalise_url
 
@@ -69,6 +70,40 @@ async def query(url: str, statement, **params):
             return (await conn.execute(statement, params)).all()
     finally:
         await engine.dispose()
+
+
+async def execute(url: str, statement, **params) -> None:
+    """Change the database behind the store's back, committed."""
+    engine = create_async_engine(normalise_url(url))
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(sa.text(statement) if isinstance(statement, str) else statement, params)
+    finally:
+        await engine.dispose()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def build_key(runtime: str, toolchain: str, source: bytes) -> str:
+    return sha256(b"\0".join((runtime.encode(), toolchain.encode(), source)))
+
+
+async def put_build(store: Store, source: bytes | None = None, artifact: bytes | None = None,
+                    *, runtime: str = "go", toolchain: str = "go1.22.5 linux/amd64", **overrides) -> BuildRecord:
+    """Cache a build of fresh (or the given) source; its artifact is unique unless given."""
+    source = source if source is not None else f"package main // {uuid.uuid4().hex}".encode()
+    artifact = artifact if artifact is not None else b"\x7fELF" + uuid.uuid4().bytes * 64
+    values = dict(key=build_key(runtime, toolchain, source), runtime=runtime, toolchain=toolchain,
+                  source_sha256=sha256(source), artifact=artifact, log="warning: unused variable\n",
+                  duration_ms=1234.5)
+    values.update(overrides)
+    return await store.put_build(**values)
+
+
+def artifact_rows(url: str, sha: str):
+    return query(url, sa.select(tables.artifacts.c.size).where(tables.artifacts.c.sha256 == sha))
 
 
 async def create(store: Store, name: str | None = None, **overrides) -> FunctionRecord:
@@ -135,6 +170,67 @@ async def test_migrations_apply_to_an_empty_database_and_reopening_is_a_no_op(em
         await engine.dispose()
 
 
+async def test_migration_0002_keeps_a_database_made_at_0001_working(empty_database_url):
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+
+    def to_0001(connection):
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+
+    # function_versions as 0001 made it: no artifact_sha256 column.
+    versions_0001 = sa.table(
+        "function_versions", *(sa.column(c.name, c.type) for c in tables.function_versions.c
+                               if c.name != "artifact_sha256"))
+    now = datetime.now(UTC)
+    function_id, version_id, invocation_id = uuid.uuid4().hex, uuid.uuid4().hex, uuid.uuid4().hex
+    engine = create_async_engine(normalise_url(empty_database_url))
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(to_0001)
+        async with engine.begin() as conn:
+            assert (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).all() == [("0001",)]
+            await conn.execute(tables.artifacts.insert(), dict(
+                sha256=sha256(CODE), runtime="python3", size=len(CODE), content=CODE, created_at=now))
+            await conn.execute(tables.functions.insert(), dict(
+                id=function_id, tenant="default", name="old", version=1, created_at=now, updated_at=now))
+            await conn.execute(versions_0001.insert(), dict(
+                id=version_id, function_id=function_id, version=1, runtime="python3", handler="main.handler",
+                env={"A": "1"}, memory_mb=128, timeout_s=3.0, concurrency=2, code_sha256=sha256(CODE),
+                code_size=len(CODE), code_kind="source", created_at=now))
+            await conn.execute(tables.invocations.insert(), dict(
+                id=invocation_id, function_id=function_id, function_name="old", version=1, version_id=version_id,
+                mode="sync", status="succeeded", output=b"1", created_at=now))
+    finally:
+        await engine.dispose()
+
+    opened = await Store.open(empty_database_url)  # migrates to head
+    try:
+        fn = await opened.get_function("old")
+        assert (fn.id, fn.version_id, fn.env, fn.timeout_s, fn.code_sha256, fn.created_at) == (
+            function_id, version_id, {"A": "1"}, 3.0, sha256(CODE), now)
+        assert (fn.artifact_sha256, fn.artifact_size) == (None, None)
+        assert (await opened.get_version(version_id)).artifact_sha256 is None
+        assert (await opened.get_invocation(invocation_id)).output == b"1"
+        assert await opened.get_code(fn.code_sha256) == CODE
+        v2 = await opened.update_function("old", memory_mb=256)
+        assert (v2.version, v2.artifact_sha256) == (2, None)
+
+        # The new parts work on the migrated database.
+        built = await put_build(opened)
+        compiled = await opened.update_function("old", runtime="go", code=b"package main",
+                                                artifact_sha256=built.artifact_sha256)
+        assert (await opened.get_function(fn.id)).artifact_sha256 == compiled.artifact_sha256
+        await opened.delete_function("old")
+        assert await opened.get_build(built.key) == built
+    finally:
+        await opened.close()
+    assert await query(empty_database_url, "SELECT version_num FROM alembic_version") == [("0002",)]
+
+
 async def test_open_accepts_every_url_spelling(database_url, tmp_path):
     if database_url.startswith("sqlite"):
         nested = tmp_path / "not" / "yet" / "there.db"
@@ -181,6 +277,8 @@ async def test_create_then_get_by_name_and_by_id(store):
     assert by_name.version_id == fn.version_id and by_name.code_sha256 == fn.code_sha256
     assert by_name.created_at == fn.created_at and by_name.created_at.utcoffset() == timedelta(0)
     assert await store.get_code(fn.code_sha256) == CODE
+    # Interpreted: the machines run the code itself.
+    assert (fn.artifact_sha256, fn.artifact_size) == (by_name.artifact_sha256, by_name.artifact_size) == (None, None)
 
 
 async def test_list_is_paged_by_name_counts_all_and_filters_by_runtime(store):
@@ -315,6 +413,208 @@ async def test_identical_code_is_stored_once_and_kept_while_used(store, database
         assert await rows(sha) == []
         with pytest.raises(NotFound):
             await store.get_code(sha)
+
+
+# ---------------------------------------------------------------- compiled runtimes: the build cache
+
+
+async def test_a_build_is_stored_with_its_artifact_and_read_back_by_key(store, database_url):
+    source = f"package main // {uuid.uuid4().hex}".encode()
+    key = build_key("go", "go1.22.5 linux/amd64", source)
+    assert await store.get_build(key) is None  # a miss is an answer, not an error
+
+    artifact = b"\x7fELF" + uuid.uuid4().bytes * 1000
+    stored = await store.put_build(key=key, runtime="go", toolchain="go1.22.5 linux/amd64",
+                                   source_sha256=sha256(source), artifact=artifact, log="ok\n", duration_ms=2500.25)
+    assert isinstance(stored, BuildRecord)
+    assert (stored.key, stored.runtime, stored.toolchain, stored.source_sha256, stored.log, stored.duration_ms) == (
+        key, "go", "go1.22.5 linux/amd64", sha256(source), "ok\n", 2500.25)
+    assert (stored.artifact_sha256, stored.artifact_size) == (sha256(artifact), len(artifact))
+    assert stored.created_at.utcoffset() == timedelta(0)
+    assert await store.get_build(key) == stored
+    assert await store.get_code(stored.artifact_sha256) == artifact
+
+    # The artifact is shared with identical bytes already stored, here a function's code.
+    fn = await create(store, code=b"same bytes " + key.encode())
+    other = await put_build(store, artifact=b"same bytes " + key.encode(), log="")
+    assert other.artifact_sha256 == fn.code_sha256 and (await store.get_build(other.key)).log == ""
+    assert await artifact_rows(database_url, fn.code_sha256) == [(len(b"same bytes ") + 64,)]
+
+    for bad in (dict(key="not-a-hash"), dict(key=key.upper()), dict(source_sha256=key + "0"),
+                dict(toolchain="x" * 257)):
+        with pytest.raises(ValueError):
+            await put_build(store, **bad)
+
+
+async def test_putting_a_key_again_returns_the_first_build_and_keeps_nothing_new(store, database_url):
+    source = f"fn main() {{}} // {uuid.uuid4().hex}".encode()
+    first = await put_build(store, source, runtime="rust", toolchain="rustc 1.79.0")
+    # A build that is not reproducible gives other bytes; the cache still answers with the first.
+    again_bytes = b"\x7fELF rebuilt " + uuid.uuid4().bytes
+    again = await put_build(store, source, again_bytes, runtime="rust", toolchain="rustc 1.79.0",
+                            log="other", duration_ms=1.0)
+    assert again == first
+    assert await artifact_rows(database_url, sha256(again_bytes)) == []
+
+
+async def test_concurrent_puts_of_one_key_all_get_the_same_row(database_url):
+    # Two stores: separate connections, as two nodes building the same code at once would use.
+    stores = [await Store.open(database_url), await Store.open(database_url)]
+    try:
+        source = f"package main // {uuid.uuid4().hex}".encode()
+        artifacts = [b"\x7fELF " + uuid.uuid4().bytes * 100 for _ in range(6)]
+        results = await asyncio.gather(*(put_build(stores[i % 2], source, artifact, log=f"build {i}")
+                                         for i, artifact in enumerate(artifacts)))
+        assert all(r == results[0] for r in results)
+        winner = results[0]
+        assert winner.artifact_sha256 in {sha256(a) for a in artifacts}
+        assert await query(database_url, "SELECT count(*) FROM builds WHERE key = :key", key=winner.key) == [(1,)]
+        # The losers' bytes were rolled back with their rows: nothing names them.
+        for artifact in artifacts:
+            expected = [(len(artifact),)] if sha256(artifact) == winner.artifact_sha256 else []
+            assert await artifact_rows(database_url, sha256(artifact)) == expected
+    finally:
+        for opened in stores:
+            await opened.close()
+
+
+async def test_a_put_that_loses_a_race_mid_transaction_returns_the_winners_row(store, database_url):
+    """Another node commits the key after our put looked for it: ours must roll back, not fail."""
+    source = f"package main // {uuid.uuid4().hex}".encode()
+    key = build_key("go", "go1.22.5 linux/amd64", source)
+    theirs, ours = b"\x7fELF theirs " + uuid.uuid4().bytes, b"\x7fELF ours " + uuid.uuid4().bytes
+    now = datetime.now(UTC)
+    engine = create_async_engine(normalise_url(database_url))
+    try:
+        async with engine.connect() as other:
+            trans = await other.begin()
+            await other.execute(tables.artifacts.insert(), dict(
+                sha256=sha256(theirs), runtime="go", size=len(theirs), content=theirs, created_at=now))
+            await other.execute(tables.builds.insert(), dict(
+                key=key, runtime="go", toolchain="go1.22.5 linux/amd64", source_sha256=sha256(source),
+                artifact_sha256=sha256(theirs), log="theirs", duration_ms=5.0, created_at=now))
+            put = asyncio.create_task(put_build(store, source, ours))
+            if store.dialect == "postgresql":
+                # Wait until our INSERT … ON CONFLICT is blocked on their uncommitted row.
+                for _ in range(500):
+                    waiting = await query(database_url, "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid IN "
+                                          "(SELECT pid FROM pg_stat_activity WHERE datname = current_database())")
+                    if waiting[0][0]:
+                        break
+                    await asyncio.sleep(0.01)
+                else:
+                    raise AssertionError("the put never waited on the other transaction")
+            else:
+                await asyncio.sleep(0.2)  # SQLite: our BEGIN IMMEDIATE waits out their write lock
+            assert not put.done()
+            await trans.commit()
+        got = await asyncio.wait_for(put, 30)
+    finally:
+        await engine.dispose()
+    assert (got.key, got.artifact_sha256, got.log, got.created_at) == (key, sha256(theirs), "theirs", now)
+    assert await store.get_build(key) == got
+    assert await artifact_rows(database_url, sha256(ours)) == []
+
+
+async def test_a_compiled_function_reads_back_its_artifact_everywhere(store):
+    tenant = unique("tenant")
+    source = f"package main // {uuid.uuid4().hex}".encode()
+    built = await put_build(store, source)
+    fn = await create(store, tenant=tenant, runtime="go", handler="main", code=source,
+                      artifact_sha256=built.artifact_sha256)
+    assert (fn.code_sha256, fn.code_size) == (sha256(source), len(source))
+    assert (fn.artifact_sha256, fn.artifact_size) == (built.artifact_sha256, built.artifact_size)
+    assert await store.get_function(fn.name, tenant=tenant) == fn
+    version = await store.get_version(fn.version_id)
+    assert (version.artifact_sha256, version.artifact_size) == (built.artifact_sha256, built.artifact_size)
+    interpreted = await create(store, tenant=tenant)
+    listed, total = await store.list_functions(tenant=tenant)
+    assert total == 2 and {f.name: (f.artifact_sha256, f.artifact_size) for f in listed} == {
+        fn.name: (built.artifact_sha256, built.artifact_size), interpreted.name: (None, None)}
+    assert (await store.list_functions(tenant=tenant, runtime="go"))[0] == [fn]
+
+    # An artifact nobody stored is refused, and nothing is created.
+    name = unique()
+    with pytest.raises(NotFound, match="put_build"):
+        await create(store, name, tenant=tenant, runtime="go", code=source, artifact_sha256="0" * 64)
+    with pytest.raises(NotFound):
+        await store.get_function(name, tenant=tenant)
+
+
+async def test_updates_carry_the_artifact_with_the_code(store):
+    source = f"package main // {uuid.uuid4().hex}".encode()
+    first = await put_build(store, source)
+    fn = await create(store, runtime="go", handler="main", code=source, artifact_sha256=first.artifact_sha256)
+
+    # Settings only: same code, so the same artifact.
+    v2 = await store.update_function(fn.name, memory_mb=512, env={"B": "2"})
+    assert (v2.version, v2.code_sha256, v2.artifact_sha256, v2.artifact_size) == (
+        2, fn.code_sha256, first.artifact_sha256, first.artifact_size)
+    assert (await store.get_version(v2.version_id)).artifact_sha256 == first.artifact_sha256
+
+    # New source, new build.
+    new_source = source + b"\n// v3"
+    second = await put_build(store, new_source)
+    v3 = await store.update_function(fn.id, code=new_source, artifact_sha256=second.artifact_sha256)
+    assert (v3.code_sha256, v3.artifact_sha256, v3.artifact_size) == (
+        sha256(new_source), second.artifact_sha256, second.artifact_size)
+    assert await store.get_function(fn.id) == v3
+
+    # The same source rebuilt (a new toolchain): a new artifact without new code.
+    rebuilt = await put_build(store, new_source, toolchain="go1.23.0 linux/amd64")
+    v4 = await store.update_function(fn.id, artifact_sha256=rebuilt.artifact_sha256)
+    assert (v4.code_sha256, v4.artifact_sha256) == (v3.code_sha256, rebuilt.artifact_sha256)
+
+    # A missing artifact is refused and makes no version.
+    with pytest.raises(NotFound, match="put_build"):
+        await store.update_function(fn.id, code=b"package main", artifact_sha256="f" * 64)
+    assert (await store.get_function(fn.id)).version == 4
+
+    # New code for an interpreted runtime: nothing built, nothing to run but the code.
+    v5 = await store.update_function(fn.id, runtime="python3", handler="main.handler", code=CODE)
+    assert (v5.runtime, v5.artifact_sha256, v5.artifact_size) == ("python3", None, None)
+    assert (await store.get_function(fn.id)).artifact_sha256 is None
+    v6 = await store.update_function(fn.id, memory_mb=128)
+    assert v6.artifact_sha256 is None
+
+    # Older versions still name what they ran.
+    assert (await store.get_version(v3.version_id)).artifact_sha256 == second.artifact_sha256
+    assert (await store.get_version(fn.version_id)).artifact_sha256 == first.artifact_sha256
+
+
+async def test_delete_keeps_artifacts_that_builds_or_other_versions_still_name(store, database_url):
+    sources = [f"package main // {i} {uuid.uuid4().hex}".encode() for i in range(3)]
+    b1, b2, b3 = [await put_build(store, source) for source in sources]
+    fn = await create(store, runtime="go", handler="main", code=sources[0], artifact_sha256=b1.artifact_sha256)
+    await store.update_function(fn.id, code=sources[1], artifact_sha256=b2.artifact_sha256)
+    await store.update_function(fn.id, code=sources[2], artifact_sha256=b3.artifact_sha256)
+    # Another function runs b2's artifact (as a version's artifact, not its code) and has fn's first source
+    # as its code.
+    other = await create(store, runtime="go", handler="main", code=sources[0], artifact_sha256=b2.artifact_sha256)
+    # Pretend the cache entries of b1 and b2 were pruned: only b3's row still holds its artifact.
+    await execute(database_url, sa.delete(tables.builds).where(tables.builds.c.key.in_([b1.key, b2.key])))
+
+    await store.delete_function(fn.name)
+    kept = {
+        b3.artifact_sha256: b3.artifact_size,  # a build names it
+        b2.artifact_sha256: b2.artifact_size,  # another version's artifact
+        sha256(sources[0]): len(sources[0]),  # another version's code
+    }
+    removed = [b1.artifact_sha256, sha256(sources[1]), sha256(sources[2])]
+    for sha, size in kept.items():
+        assert await artifact_rows(database_url, sha) == [(size,)]
+    for sha in removed:
+        assert await artifact_rows(database_url, sha) == []
+
+    # The cache outlives the function: deploying the same code again needs no build.
+    assert await store.get_build(b3.key) == b3
+    again = await create(store, runtime="go", handler="main", code=sources[2], artifact_sha256=b3.artifact_sha256)
+    assert again.artifact_size == b3.artifact_size
+
+    # The last user of b2's artifact goes, and so does the artifact.
+    await store.delete_function(other.id)
+    assert await artifact_rows(database_url, b2.artifact_sha256) == []
+    assert await artifact_rows(database_url, sha256(sources[0])) == []
 
 
 # ---------------------------------------------------------------- invocations

@@ -7,7 +7,7 @@
     await store.close()
 """
 
-from nimbus.store.records import ApiKeyRecord, FunctionRecord, InvocationRecord, VersionRecord
+from nimbus.store.records import ApiKeyRecord, BuildRecord, FunctionRecord, InvocationRecord, VersionRecord
 from nimbus.store.repository import Store
 
-__all__ = ["ApiKeyRecord", "FunctionRecord", "InvocationRecord", "Store", "VersionRecord"]
+__all__ = ["ApiKeyRecord", "BuildRecord", "FunctionRecord", "InvocationRecord", "Store", "VersionRecord"]

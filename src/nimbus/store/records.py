@@ -40,10 +40,14 @@ class FunctionRecord:
     code_sha256: str
     code_size: int
     code_kind: str
-    """How the code bytes are meant: ``source`` (one file), ``zip``, ``artifact`` (built)…"""
+    """How the code bytes are meant: ``source`` (one file), ``zip``, ``module`` (a prebuilt wasm module)…"""
     created_at: datetime
     updated_at: datetime
     """When the latest version was made."""
+    artifact_sha256: str | None = None
+    """Compiled runtimes: the built artifact the machines run (``code_sha256`` stays the source). None for
+    interpreted runtimes, which run the code itself."""
+    artifact_size: int | None = None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -68,6 +72,30 @@ class VersionRecord:
     code_sha256: str
     code_size: int
     code_kind: str
+    created_at: datetime
+    artifact_sha256: str | None = None
+    """Compiled runtimes: the built artifact this version runs; None for interpreted runtimes."""
+    artifact_size: int | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class BuildRecord:
+    """One entry of the build cache: what building ``source_sha256`` with ``toolchain`` produced.
+
+    ``key`` is sha256(runtime, toolchain, source), computed by the compiler; the same key always names the
+    same artifact, so a second deploy of identical code on any node reuses it instead of building.
+    """
+
+    key: str
+    runtime: str
+    toolchain: str
+    source_sha256: str
+    artifact_sha256: str
+    artifact_size: int
+    log: str
+    """The toolchain's output (warnings), as the compiler chose to keep it."""
+    duration_ms: float
+    """How long the original build took; a cache hit costs none of it."""
     created_at: datetime
 
 

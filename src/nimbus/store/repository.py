@@ -41,6 +41,7 @@ from nimbus.store.records import (
     DEFAULT_TENANT,
     FINISHED_STATUSES,
     ApiKeyRecord,
+    BuildRecord,
     FunctionRecord,
     InvocationRecord,
     VersionRecord,
@@ -69,20 +70,27 @@ _v = tables.function_versions
 _a = tables.artifacts
 _i = tables.invocations
 _k = tables.api_keys
+_b = tables.builds
+# The artifacts table once more, joined on a version's or build's built artifact for its size.
+_built = tables.artifacts.alias("built")
 
 # Statements are built once, with named parameters: building and cache-keying a statement per call
 # costs more than the query on the hot path (every invoke reads its function and writes its invocation).
 _key = sa.bindparam("key", type_=sa.String)
 _tenant = sa.bindparam("tenant", type_=sa.String)
 
-# A function as it runs now: the functions row joined with its latest version.
+# A function as it runs now: the functions row joined with its latest version (and, for compiled runtimes,
+# the size of its built artifact: a primary-key lookup, where copying it into the version would need the
+# artifact read before every insert).
 _FUNCTION_COLUMNS = (
     _f.c.id, _f.c.name, _f.c.tenant, _v.c.runtime, _v.c.handler, _v.c.env, _v.c.memory_mb, _v.c.timeout_s,
     _v.c.concurrency, _f.c.version, _v.c.id.label("version_id"), _v.c.code_sha256, _v.c.code_size,
-    _v.c.code_kind, _f.c.created_at, _f.c.updated_at,
+    _v.c.code_kind, _f.c.created_at, _f.c.updated_at, _v.c.artifact_sha256, _built.c.size.label("artifact_size"),
 )
 _LATEST = _f.join(_v, sa.and_(_v.c.function_id == _f.c.id, _v.c.version == _f.c.version))
-_SELECT_LATEST = sa.select(*_FUNCTION_COLUMNS).select_from(_LATEST)
+_SELECT_LATEST = sa.select(*_FUNCTION_COLUMNS).select_from(
+    _LATEST.outerjoin(_built, _built.c.sha256 == _v.c.artifact_sha256)
+)
 # A name or an id; a name that happens to look like an id wins over the id.
 _BY_KEY = (_f.c.tenant == _tenant, sa.or_(_f.c.name == _key, _f.c.id == _key))
 _KEY_ORDER = sa.case((_f.c.name == _key, 0), else_=1)
@@ -94,12 +102,21 @@ _NAME_TAKEN = sa.select(_f.c.id).where(_f.c.tenant == _tenant, _f.c.name == _key
 _GET_VERSION = sa.select(
     _v.c.id, _v.c.function_id, _f.c.name.label("function_name"), _f.c.tenant, _v.c.version, _v.c.runtime,
     _v.c.handler, _v.c.env, _v.c.memory_mb, _v.c.timeout_s, _v.c.concurrency, _v.c.code_sha256, _v.c.code_size,
-    _v.c.code_kind, _v.c.created_at,
-).select_from(_v.join(_f, _f.c.id == _v.c.function_id)).where(_v.c.id == _key)
+    _v.c.code_kind, _v.c.created_at, _v.c.artifact_sha256, _built.c.size.label("artifact_size"),
+).select_from(
+    _v.join(_f, _f.c.id == _v.c.function_id).outerjoin(_built, _built.c.sha256 == _v.c.artifact_sha256)
+).where(_v.c.id == _key)
 
 _GET_CODE = sa.select(_a.c.content).where(_a.c.sha256 == _key)
 # FOR KEY SHARE: a concurrent delete cannot collect the artifact before our version references it.
 _ARTIFACT_PRESENT = sa.select(_a.c.sha256).where(_a.c.sha256 == _key).with_for_update(read=True, key_share=True)
+# The same lock on a built artifact a new version is to reference, and its size for the record.
+_ARTIFACT_SIZE = sa.select(_a.c.size).where(_a.c.sha256 == _key).with_for_update(read=True, key_share=True)
+
+_GET_BUILD = sa.select(
+    _b.c.key, _b.c.runtime, _b.c.toolchain, _b.c.source_sha256, _b.c.artifact_sha256,
+    _a.c.size.label("artifact_size"), _b.c.log, _b.c.duration_ms, _b.c.created_at,
+).select_from(_b.join(_a, _a.c.sha256 == _b.c.artifact_sha256)).where(_b.c.key == _key)
 
 _INSERT_INVOCATION = _i.insert()
 _GET_INVOCATION = sa.select(_i).where(_i.c.id == _key, _i.c.tenant == _tenant)
@@ -280,6 +297,20 @@ def _api_key(row: sa.Row) -> ApiKeyRecord:
     return ApiKeyRecord(**row._mapping)
 
 
+def _build(row: sa.Row) -> BuildRecord:
+    return BuildRecord(**row._mapping)
+
+
+def _check_sha256(what: str, value: str) -> None:
+    # SQLite would store a longer or malformed key without complaint; PostgreSQL would refuse it only late.
+    if len(value) != 64 or value.strip("0123456789abcdef"):
+        raise ValueError(f"{what} must be a lower-case hex sha256 (64 characters), not {value!r}")
+
+
+class _LostRace(Exception):  # noqa: N818 - control flow, never leaves this module
+    """Raised inside a write transaction to roll it back: another writer committed the same row first."""
+
+
 def _not_found(key: str) -> NotFound:
     return NotFound(f"function {key!r} not found")
 
@@ -365,7 +396,7 @@ class _InsertBatcher:
 
 
 class Store:
-    """Functions, their versions and code, invocations and API keys, in SQLite or PostgreSQL.
+    """Functions, their versions and code, the build cache, invocations and API keys, in SQLite or PostgreSQL.
 
     Open one with ``await Store.open(url)``, which also brings the schema up to date; ``await store.close()``
     when done. Every method is a coroutine and safe to call from many tasks of one event loop at once.
@@ -519,10 +550,13 @@ class Store:
         code: bytes,
         code_kind: str,
         tenant: str = DEFAULT_TENANT,
+        artifact_sha256: str | None = None,
     ) -> FunctionRecord:
         """Create a function at version 1. ``Conflict`` if the tenant already has one with this name.
 
         The code is stored once per sha256: functions with identical bytes share one artifact.
+        ``artifact_sha256`` (compiled runtimes) names the built artifact the machines run, already stored
+        by ``put_build``; ``NotFound`` if there is no such artifact.
         """
         now = utcnow()
         sha = await _sha256(code)
@@ -530,13 +564,15 @@ class Store:
             id=_new_id(), name=name, tenant=tenant, runtime=runtime, handler=handler, env=dict(env),
             memory_mb=memory_mb, timeout_s=float(timeout_s), concurrency=concurrency, version=1,
             version_id=_new_id(), code_sha256=sha, code_size=len(code), code_kind=code_kind, created_at=now,
-            updated_at=now,
+            updated_at=now, artifact_sha256=artifact_sha256,
         )
         with _boundary(f"create function {name!r}"):
             async with self._write() as conn:
                 # Checked first so a taken name does not cost an upload of the code.
                 if await conn.scalar(_NAME_TAKEN, {"tenant": tenant, "key": name}) is not None:
                     raise Conflict(f"function {name!r} already exists")
+                if artifact_sha256 is not None:
+                    record.artifact_size = await self._hold_artifact(conn, artifact_sha256)
                 await self._put_artifact(conn, sha, runtime, code, now)
                 try:
                     await conn.execute(
@@ -564,14 +600,29 @@ class Store:
         memory_mb: int | None = None,
         timeout_s: float | None = None,
         concurrency: int | None = None,
+        artifact_sha256: str | None = None,
     ) -> FunctionRecord:
-        """Make version N+1 from the latest, with the given code and settings changed. ``NotFound``."""
+        """Make version N+1 from the latest, with the given code and settings changed. ``NotFound``.
+
+        The built artifact goes with the code: new code runs ``artifact_sha256`` (None: it is interpreted),
+        no new code keeps the latest version's artifact, unless ``artifact_sha256`` names a new one (the
+        same source rebuilt, say for another toolchain). A named artifact must exist (``put_build``), else
+        ``NotFound``.
+        """
         now = utcnow()
         sha = await _sha256(code) if code is not None else None
         with _boundary(f"update function {name_or_id!r}"):
             async with self._write() as conn:
                 function_id = await self._lock_function(conn, name_or_id, tenant)
                 current = _function((await conn.execute(_FUNCTION_BY_ID, {"key": function_id})).one())
+                if artifact_sha256 is not None:
+                    built: tuple[str | None, int | None] = (
+                        artifact_sha256, await self._hold_artifact(conn, artifact_sha256))
+                elif code is not None:
+                    built = (None, None)
+                else:
+                    # Nothing to lock: the current version references it, and we hold the function's lock.
+                    built = (current.artifact_sha256, current.artifact_size)
                 record = FunctionRecord(
                     id=current.id, name=current.name, tenant=current.tenant,
                     runtime=runtime if runtime is not None else current.runtime,
@@ -585,6 +636,7 @@ class Store:
                     code_size=len(code) if code is not None else current.code_size,
                     code_kind=code_kind if code_kind is not None else current.code_kind,
                     created_at=current.created_at, updated_at=now,
+                    artifact_sha256=built[0], artifact_size=built[1],
                 )
                 if code is not None:
                     await self._put_artifact(conn, record.code_sha256, record.runtime, code, now)
@@ -632,17 +684,23 @@ class Store:
             async with self._write() as conn:
                 function_id = await self._lock_function(conn, name_or_id, tenant)
                 record = _function((await conn.execute(_FUNCTION_BY_ID, {"key": function_id})).one())
-                shas = sorted(set(await conn.scalars(
-                    sa.select(_v.c.code_sha256).where(_v.c.function_id == function_id)
-                )))
+                rows = (await conn.execute(
+                    sa.select(_v.c.code_sha256, _v.c.artifact_sha256).where(_v.c.function_id == function_id)
+                )).all()
+                shas = sorted({sha for row in rows for sha in row if sha is not None})
                 await conn.execute(_i.delete().where(_i.c.function_id == function_id))
                 await conn.execute(_v.delete().where(_v.c.function_id == function_id))
                 await conn.execute(_f.delete().where(_f.c.id == function_id))
-                # Lock the candidates first, in a statement of its own: a concurrent create that is about
-                # to reference one holds FOR KEY SHARE on it, so this waits for it to commit, and the
-                # DELETE below (a new snapshot) then sees its version and keeps the artifact.
+                # Lock the candidates first, in a statement of its own: a concurrent create or put_build
+                # that is about to reference one holds FOR KEY SHARE on it, so this waits for it to commit,
+                # and the DELETE below (a new snapshot) then sees its row and keeps the artifact.
                 await conn.execute(sa.select(_a.c.sha256).where(_a.c.sha256.in_(shas)).with_for_update())
-                still_used = sa.select(_v.c.id).where(_v.c.code_sha256 == _a.c.sha256).exists()
+                # A build row keeps its artifact too: the cache outlives the function (`nimbus gc` prunes it).
+                still_used = sa.or_(
+                    sa.select(_v.c.id).where(_v.c.code_sha256 == _a.c.sha256).exists(),
+                    sa.select(_v.c.id).where(_v.c.artifact_sha256 == _a.c.sha256).exists(),
+                    sa.select(_b.c.key).where(_b.c.artifact_sha256 == _a.c.sha256).exists(),
+                )
                 await conn.execute(_a.delete().where(_a.c.sha256.in_(shas), ~still_used))
         return record
 
@@ -663,6 +721,77 @@ class Store:
         if content is None:
             raise NotFound(f"artifact {sha256!r} not found")
         return bytes(content)
+
+    # ------------------------------------------------------------ the build cache
+
+    async def put_build(
+        self,
+        *,
+        key: str,
+        runtime: str,
+        toolchain: str,
+        source_sha256: str,
+        artifact: bytes,
+        log: str,
+        duration_ms: float,
+    ) -> BuildRecord:
+        """Store a build's artifact (shared with any identical bytes) and its cache row, in one transaction.
+
+        Idempotent: if ``key`` is already there (stored before, or by a concurrent put on any node), that
+        row is returned unchanged and nothing new is kept, so the first build of a key is the one every
+        deploy gets.
+        """
+        _check_sha256("key", key)
+        _check_sha256("source_sha256", source_sha256)
+        if len(toolchain) > tables.TOOLCHAIN:
+            raise ValueError(f"toolchain is {len(toolchain)} characters; at most {tables.TOOLCHAIN} are kept")
+        now = utcnow()
+        record = BuildRecord(
+            key=key, runtime=runtime, toolchain=toolchain, source_sha256=source_sha256,
+            artifact_sha256=await _sha256(artifact), artifact_size=len(artifact), log=log,
+            duration_ms=float(duration_ms), created_at=now,
+        )
+        insert = self._upsert(_b).values(
+            key=key, runtime=runtime, toolchain=toolchain, source_sha256=source_sha256,
+            artifact_sha256=record.artifact_sha256, log=log, duration_ms=record.duration_ms, created_at=now,
+        ).on_conflict_do_nothing(index_elements=[_b.c.key])
+        with _boundary(f"store build {key!r}"):
+            try:
+                async with self._write() as conn:
+                    row = (await conn.execute(_GET_BUILD, {"key": key})).first()
+                    if row is not None:
+                        return _build(row)
+                    await self._put_artifact(conn, record.artifact_sha256, runtime, artifact, now)
+                    if (await conn.execute(insert)).rowcount == 0:
+                        # PostgreSQL: a concurrent put of this key committed while we waited on it. Roll
+                        # back, so an artifact only our losing build produced is not left behind unused.
+                        raise _LostRace
+            except _LostRace:
+                async with self._read() as conn:
+                    row = (await conn.execute(_GET_BUILD, {"key": key})).first()
+                if row is None:  # the winner's row was pruned in between: nothing sensible to return
+                    raise StoreError(f"build {key!r} was removed while being stored; try again") from None
+                return _build(row)
+        return record
+
+    async def get_build(self, key: str) -> BuildRecord | None:
+        """The cached build under ``key``, or None: a miss is the normal answer, not an error."""
+        with _boundary(f"read build {key!r}"):
+            async with self._read() as conn:
+                row = (await conn.execute(_GET_BUILD, {"key": key})).first()
+        return None if row is None else _build(row)
+
+    # ------------------------------------------------------------ helpers
+
+    async def _hold_artifact(self, conn: AsyncConnection, sha: str) -> int:
+        """The size of a stored artifact a new row is about to reference, kept from deletion until commit.
+
+        ``NotFound`` if it is not stored: the caller must ``put_build`` it first.
+        """
+        size = await conn.scalar(_ARTIFACT_SIZE, {"key": sha})
+        if size is None:
+            raise NotFound(f"artifact {sha!r} not found: store the build with put_build first")
+        return int(size)
 
     async def _lock_function(self, conn: AsyncConnection, key: str, tenant: str) -> str:
         """The id of the function ``key`` names, locked for this transaction (PostgreSQL). ``NotFound``."""
@@ -848,4 +977,5 @@ def _version_row(record: FunctionRecord) -> dict[str, Any]:
         "handler": record.handler, "env": record.env, "memory_mb": record.memory_mb,
         "timeout_s": record.timeout_s, "concurrency": record.concurrency, "code_sha256": record.code_sha256,
         "code_size": record.code_size, "code_kind": record.code_kind, "created_at": record.updated_at,
+        "artifact_sha256": record.artifact_sha256,
     }

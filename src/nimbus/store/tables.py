@@ -6,8 +6,11 @@ database they build with this module, so the two cannot drift apart unnoticed.
 Layout (DESIGN §7):
 
 - ``functions``: identity (tenant, name) and the number of the latest version.
-- ``function_versions``: immutable settings and a code reference, one row per version.
-- ``artifacts``: code bytes by sha256, shared by every version with the same bytes.
+- ``function_versions``: immutable settings, a code reference and (compiled runtimes) the built artifact
+  the machines run, one row per version.
+- ``artifacts``: code and built bytes by sha256, shared by every version and build with the same bytes.
+- ``builds``: the build cache, sha256(runtime, toolchain, source) → artifact, so identical code deployed
+  again (on any node sharing the database) is not built again.
 - ``invocations``: one row per call; async calls carry their event and a lease.
 - ``api_keys``: hashed keys per tenant.
 """
@@ -30,6 +33,7 @@ TENANT = 64
 RUNTIME = 64
 HANDLER = 256
 SHA256 = 64
+TOOLCHAIN = 256  # e.g. "go1.22.5 linux/amd64" or a builder image digest
 
 
 class UTCDateTime(sa.TypeDecorator):
@@ -102,9 +106,30 @@ function_versions = sa.Table(
     sa.Column("code_size", sa.BigInteger, nullable=False),  # the artifact's, kept here to spare a join
     sa.Column("code_kind", sa.String(16), nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # Compiled runtimes: the built artifact the machines run. NULL for interpreted ones, which run the code.
+    # Added by migration 0002, hence last.
+    sa.Column("artifact_sha256", sa.String(SHA256), sa.ForeignKey("artifacts.sha256"), nullable=True),
     sa.UniqueConstraint("function_id", "version"),
     # Deleting a function asks whether anyone else still uses each of its artifacts.
     sa.Index(None, "code_sha256"),
+    sa.Index(None, "artifact_sha256"),
+)
+
+builds = sa.Table(
+    "builds",
+    metadata,
+    # sha256 of runtime, toolchain and source: the same three always give the same artifact.
+    sa.Column("key", sa.String(SHA256), primary_key=True),
+    sa.Column("runtime", sa.String(RUNTIME), nullable=False),
+    sa.Column("toolchain", sa.String(TOOLCHAIN), nullable=False),
+    sa.Column("source_sha256", sa.String(SHA256), nullable=False),
+    # No ON DELETE: the cache keeps its artifact alive until `nimbus gc` removes the build row first.
+    sa.Column("artifact_sha256", sa.String(SHA256), sa.ForeignKey("artifacts.sha256"), nullable=False),
+    sa.Column("log", sa.Text, nullable=False, server_default=""),
+    sa.Column("duration_ms", sa.Float, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    # Deleting a function asks whether a build still names each of its artifacts.
+    sa.Index(None, "artifact_sha256"),
 )
 
 invocations = sa.Table(
