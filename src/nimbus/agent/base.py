@@ -1,8 +1,9 @@
 """What the agent's parts share: the function being served, one call, the failure they report, limits.
 
-A runtime module (``python3``, ``nodejs``) provides a class built from a :class:`FunctionSpec` with three
-methods: ``load()`` (import the handler once per machine), ``invoke(event, call) -> bytes`` (run one
-call, return the result as JSON bytes) and ``close()``. Both raise :class:`InvocationError` for anything
+A runtime module (``python3``, ``nodejs``, ``go``, ``rust``, ``wasm``) provides a class built from a
+:class:`FunctionSpec` with three methods: ``load()`` (load the handler or start the program, once per
+machine), ``invoke(event, call) -> bytes`` (run one call, return the result as JSON bytes) and
+``close()``. Both raise :class:`InvocationError` for anything
 the host must hear about as an ``error`` frame.
 
 Stdlib only and cheap to import: no dataclasses or typing here (each costs milliseconds at start).
@@ -16,6 +17,7 @@ ERROR_TYPE_MAX = 256  # characters of an error's type
 # Characters kept of an error's message and of its stack. With the 64 KiB log tail the error header stays
 # under protocol.HEADER_MAX even when every character needs a 12-byte JSON escape.
 ERROR_TEXT_MAX = 16 * 1024
+COMPILED_RUNTIMES = frozenset({"go", "rust", "wasm"})  # built into an artifact; the handler field is ignored
 
 
 def clip(text: str, limit: int) -> str:
@@ -88,7 +90,11 @@ class FunctionSpec:
 
     def __init__(self, header: dict, task_dir: str) -> None:
         self.runtime = _text(header, "runtime")
-        self.handler = _text(header, "handler")
+        if self.runtime in COMPILED_RUNTIMES:  # the artifact is the whole program: no handler to name or check
+            handler = header.get("handler")
+            self.handler = handler if isinstance(handler, str) else ""
+        else:
+            self.handler = _text(header, "handler")
         self.filename = _text(header, "filename")
         self.env = _env(header)
         self.memory_mb = int(_number(header, "memory_mb", 128))
@@ -96,7 +102,7 @@ class FunctionSpec:
         self.name = _text(header, "function_name", "function")
         self.version = str(header.get("function_version", "$LATEST"))
         self.task_dir = task_dir
-        if "." not in self.handler.strip("."):
+        if self.runtime not in COMPILED_RUNTIMES and "." not in self.handler.strip("."):
             raise InvocationError("InvalidInit", f"handler {self.handler!r} must look like 'module.function'")
         if "/" in self.filename or "\0" in self.filename or self.filename in (".", ".."):
             raise InvocationError("InvalidInit", f"filename {self.filename!r} must be a plain file name")

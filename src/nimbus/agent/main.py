@@ -31,7 +31,7 @@ EXIT_CRASH = 70  # a bug in the agent itself (EX_SOFTWARE)
 USAGE = "usage: main [--fd N] [--task-dir PATH]"
 
 # Runtime id → the agent module that implements it (imported only when a machine is initialised with it).
-RUNTIMES = {"python3": "python3", "nodejs": "nodejs"}
+RUNTIMES = {"python3": "python3", "nodejs": "nodejs", "go": "go", "rust": "rust", "wasm": "wasm"}
 
 
 class Options:
@@ -151,7 +151,7 @@ class Agent:
         self.channel.sendall(frame)
 
     def close(self) -> None:
-        """Stop the runtime's helpers (the node child) and close the channel."""
+        """Stop the runtime's helpers (a child process, the wasm thread) and close the channel."""
         if self.runtime is not None:
             self.runtime.close()
         self.channel.close()
@@ -176,7 +176,7 @@ class Agent:
             runtime.load()
         except InvocationError as exc:
             if runtime is not None:
-                runtime.close()  # no node child may outlive a failed init
+                runtime.close()  # no child process may outlive a failed init
             exc.fatal = True  # code may be half-loaded: the machine can serve no one now
             return self.error_reply(exc, started), b""
         self.spec, self.runtime = spec, runtime

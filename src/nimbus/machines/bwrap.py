@@ -8,6 +8,10 @@ cleared environment (PATH, HOME=/tmp, LANG only) and sees only:
   they are on merged-usr hosts, or bound read-only where they are real directories);
 * the base Python installation (``sys.base_prefix``, read-only, at the same path) — not the venv;
 * Nimbus's ``__init__.py``, ``protocol.py`` and ``agent/`` at ``/opt/nimbus/nimbus`` (read-only);
+* in ``wasm`` machines only, the installed ``wasmtime`` package directory, alone, at
+  ``/opt/nimbus/site/wasmtime`` (read-only; the agent's wasm runtime puts ``/opt/nimbus/site`` on its
+  path). Compiled functions (``go``, ``rust``) need nothing more: their executable is written to the
+  ``/var/task`` tmpfs, which is mounted without ``noexec``;
 * ``/etc/ld.so.cache``, ``/etc/localtime`` and a minimal passwd, group, hosts and nsswitch.conf
   written by the driver (never the host's shadow or passwd files);
 * fresh ``/proc`` and ``/dev``, private size-capped tmpfs on ``/tmp``, ``/dev/shm`` and ``/var/task``;
@@ -71,7 +75,7 @@ import subprocess
 import sys
 import time
 import uuid
-from importlib.util import cache_from_source
+from importlib.util import cache_from_source, find_spec
 from pathlib import Path
 
 import nimbus
@@ -88,6 +92,7 @@ SANDBOX_HOSTNAME = "nimbus"
 SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
 OPT_DIR = "/opt/nimbus"
 TASK_DIR = "/var/task"
+WASMTIME_SITE = f"{OPT_DIR}/site"  # as nimbus.agent.wasm.WASMTIME_SITE
 TASK_DIR_MB = 256  # unpacked code, as Lambda's 250 MB; tmpfs pages count against the memory cgroup
 MIN_TMP_MB = 16  # /tmp and /dev/shm are sized like the machine's memory, with this floor
 AGENT_BOOT = (
@@ -171,6 +176,17 @@ def _nimbus_binds() -> list[tuple[Path, str]]:
         _compiled(source, Path(cache_from_source(str(source))))
     binds.append((agent, f"{dest}/agent"))
     return binds
+
+
+def wasmtime_package() -> Path | None:
+    """The installed ``wasmtime`` package directory (located without importing it), or None."""
+    try:
+        spec = find_spec("wasmtime")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(os.path.realpath(next(iter(spec.submodule_search_locations))))
 
 
 def _compiled(source: Path, cached: Path) -> bool:
@@ -578,6 +594,7 @@ class BwrapDriver:
                 self.cgroup_note = f"unavailable ({exc})"
                 log.warning("no cgroup limits for machines, using rlimits: %s", exc)
         self._layout = self._sandbox_layout()
+        self._wasm_layout = self._wasmtime_layout()
 
     # ------------------------------------------------------------------ public
 
@@ -635,6 +652,8 @@ class BwrapDriver:
         # As root the tmpfs mounts belong to root, and the agent runs as 65534: let it write.
         perms = ["--perms", "1777"] if self.privileged else []
         argv = [self.bwrap, *self._layout]
+        if spec.runtime == "wasm":
+            argv += self._wasm_layout
         argv += [*perms, "--size", tmp_bytes, "--tmpfs", "/dev/shm", "--remount-ro", "/dev"]
         argv += [*perms, "--size", tmp_bytes, "--tmpfs", "/tmp"]
         argv += [*perms, "--size", str(TASK_DIR_MB << 20), "--tmpfs", TASK_DIR, "--chdir", TASK_DIR]
@@ -713,6 +732,14 @@ class BwrapDriver:
         args += ["--proc", "/proc", "--dev", "/dev"]
         return args
 
+    def _wasmtime_layout(self) -> list[str]:
+        """Binds for wasm machines: the wasmtime package alone, not the site-packages it sits in."""
+        package = wasmtime_package()
+        if package is None:
+            log.info("wasmtime is not installed: wasm functions will fail to initialise")
+            return []
+        return ["--perms", "0755", "--dir", WASMTIME_SITE, "--ro-bind", str(package), f"{WASMTIME_SITE}/wasmtime"]
+
     def _etc_files(self) -> list[tuple[str, str]]:
         """(host path, or ``symlink:<target>``; sandbox path) of what the sandbox gets in ``/etc``."""
         etc = self.home / "bwrap" / "etc"
@@ -743,4 +770,4 @@ def _parents(paths: list[str]) -> list[str]:
     return out
 
 
-__all__ = ["BwrapDriver", "BwrapMachine", "describe_exit", "find_bwrap", "base_python"]
+__all__ = ["BwrapDriver", "BwrapMachine", "describe_exit", "find_bwrap", "base_python", "wasmtime_package"]
