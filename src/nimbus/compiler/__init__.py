@@ -1,0 +1,68 @@
+"""Builds Go, Rust and WASM sources into artifacts in an isolated builder, with a build cache (DESIGN §1, §5).
+
+Layout:
+
+* ``base``       — :class:`Build`, :class:`BuildFailed`, and the builder seam (``Builder``, ``Job``, ``JobResult``);
+* ``core``       — :class:`Compiler` (cache, single flight, slots), :func:`cache_key`, :func:`create_compiler`;
+* ``recipes``    — what each runtime's build is (files, command, environment), shared by every builder;
+* ``sandbox``    — the default builder: the host's toolchain in a bwrap sandbox;
+* ``docker``     — the same jobs in ``golang``/``rust`` builder containers, when an engine is reachable;
+* ``wasm``       — module validation and precompilation with wasmtime (in-process, in a worker thread);
+* ``cache``      — :class:`MemoryCache` and :class:`StoreCache`;
+* ``toolchains`` — finding the host's Go, Rust and wasmtime; ``doctor`` — what ``nimbus doctor`` shows.
+
+Builders are picked by name from a lazy ``"module:Class"`` registry, as machine drivers are, so importing
+this package stays cheap and a host without one backend's needs can use the other.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from nimbus.compiler.base import Build, Builder, BuildFailed, Job, JobResult, Toolchain
+from nimbus.compiler.cache import Cache, MemoryCache, StoreCache
+from nimbus.compiler.core import COMPILED_RUNTIMES, Compiler, cache_key, create_compiler, load_builder
+
+BUILDERS: dict[str, str] = {
+    "sandbox": "nimbus.compiler.sandbox:SandboxBuilder",
+    "docker": "nimbus.compiler.docker:DockerBuilder",
+}
+
+
+def builder_class(name: str) -> type:
+    """Import and return the builder class registered as ``name`` (``ValueError`` when unknown)."""
+    try:
+        target = BUILDERS[name]
+    except KeyError:
+        known = ", ".join(sorted(BUILDERS))
+        raise ValueError(f"unknown builder {name!r}; known builders: {known}") from None
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def report(*, images: dict[str, str] | None = None) -> dict:
+    """What this host can build, for ``nimbus doctor`` (shape in :mod:`nimbus.compiler.doctor`)."""
+    from nimbus.compiler import doctor
+
+    return doctor.report(images=images)
+
+
+__all__ = [
+    "BUILDERS",
+    "COMPILED_RUNTIMES",
+    "Build",
+    "BuildFailed",
+    "Builder",
+    "Cache",
+    "Compiler",
+    "Job",
+    "JobResult",
+    "MemoryCache",
+    "StoreCache",
+    "Toolchain",
+    "builder_class",
+    "cache_key",
+    "create_compiler",
+    "load_builder",
+    "report",
+]
