@@ -4,7 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test bench setup clean
+.PHONY: run test bench setup toolchains clean
+
+# Debian packages the runtimes need: node (nodejs runtime), go (go runtime builds). Rust comes from rustup.
+DEB_TOOLS := node:nodejs go:golang-go
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,11 +17,18 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-run: $(STAMP)
+toolchains:
+	@missing=""; for pair in $(DEB_TOOLS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing$$missing (runtime toolchains)"; apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+		else echo "note: not installed:$$missing (their runtimes will be unavailable; see nimbus doctor)"; fi; \
+	fi
+
+run: $(STAMP) toolchains
 	$(VENV)/bin/nimbus up
 
-test: $(STAMP)
-	@command -v node >/dev/null || { echo "installing nodejs (needed by the nodejs runtime tests)"; apt-get update -qq && apt-get install -y -qq nodejs >/dev/null; }
+test: $(STAMP) toolchains
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)

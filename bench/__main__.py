@@ -2,7 +2,9 @@
 
 Figures: warm invoke p50 (concurrency 1) vs a bare ASGI echo + a bare framed socketpair round trip;
 warm throughput (concurrency 32) vs the echo's; cold start (machine boot + init + first call) vs a
-bare `bwrap --unshare-all ... python3 -I -S -c pass`. Results go to bench/results.json.
+bare `bwrap --unshare-all ... python3 -I -S -c pass`; for each compiled runtime (go, rust, wasm) the
+first build, the same code deployed again (served from the build cache) and the warm p50 against the
+same floor as python's. Results go to bench/results.json.
 """
 
 import asyncio
@@ -131,6 +133,72 @@ def bare_bwrap_start(n: int = N_COLD) -> list[float]:
     return out
 
 
+GO_SOURCE = """package main
+
+import "encoding/json"
+
+func Handle(event json.RawMessage) (any, error) {
+	return event, nil
+}
+"""
+
+RUST_SOURCE = """use std::io::{self, BufRead, Write};
+
+fn main() {
+    let stdin = io::stdin();
+    let mut out = io::stdout().lock();
+    for line in stdin.lock().lines() {
+        let line = line.unwrap();
+        writeln!(out, "{}", line).unwrap();
+        out.flush().unwrap();
+    }
+}
+"""
+
+
+def wasm_echo_module() -> str:
+    """A WASI command in WAT that echoes stdin to stdout: the line protocol's identity function."""
+    return """(module
+  (import "wasi_snapshot_preview1" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (func (export "_start")
+    (loop $next
+      (i32.store (i32.const 0) (i32.const 1024))
+      (i32.store (i32.const 4) (i32.const 65536))
+      (drop (call $read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)))
+      (if (i32.eqz (i32.load (i32.const 8))) (then (return)))
+      (i32.store (i32.const 4) (i32.load (i32.const 8)))
+      (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 12)))
+      (br $next))))
+"""
+
+
+def compiled_runtimes(base: str, body: bytes, floor: float) -> dict[str, dict]:
+    """Build time (first and cached) and warm p50 of an echo function in each compiled runtime."""
+    out: dict[str, dict] = {}
+    sources = {"go": GO_SOURCE, "rust": RUST_SOURCE, "wasm": wasm_echo_module()}
+    for runtime, code in sources.items():
+        names = [f"{runtime}-{uuid.uuid4().hex[:6]}-{i}" for i in range(2)]
+        timings = []
+        for name in names:
+            t = time.perf_counter()
+            r = httpx.post(f"{base}/api/v1/functions", timeout=900,
+                           json={"name": name, "runtime": runtime, "code": code})
+            timings.append(time.perf_counter() - t)
+            if r.status_code != 201:
+                print(f"{runtime}: not measured ({r.status_code}: {r.json().get('detail', '')[:200]})")
+                break
+        else:
+            cached = httpx.get(f"{base}/api/v1/functions/{names[1]}").json()
+            warm = p50_ms(sequential(f"{base}/api/v1/functions/{names[0]}/invoke", body, N_SEQ // 2))
+            out[f"{runtime}_first_build_s"] = {"value": timings[0]}
+            out[f"{runtime}_cached_deploy_ms"] = {"value": timings[1] * 1000,
+                                                  "same_artifact": cached["artifact_sha256"] is not None}
+            out[f"{runtime}_warm_p50_ms"] = {"value": warm, "floor": floor, "ratio": warm / floor}
+    return out
+
+
 def main() -> None:
     results: dict[str, dict] = {}
     home = Path(tempfile.mkdtemp(prefix="nimbus-bench-"))
@@ -181,6 +249,7 @@ def main() -> None:
         bare = p50_ms(bare_bwrap_start())
         cold = p50_ms(colds)
         results["cold_start_p50_ms"] = {"value": cold, "floor": bare, "ratio": cold / bare}
+        results.update(compiled_runtimes(base, body, floor))
     finally:
         for proc in (node, echo):
             proc.terminate()

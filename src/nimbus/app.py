@@ -1,4 +1,4 @@
-"""Composition root: builds store, machine driver, pool, scheduler and gateway from one Settings.
+"""Composition root: builds store, compiler, machine driver, pool, scheduler and gateway from one Settings.
 
 Only the CLI and the tests import this module. Start-up order is store → driver → pool → scheduler
 (so the scheduler can re-queue its own orphaned async work before the pool takes calls); shutdown runs
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from nimbus import machines
+from nimbus import compiler, machines
 from nimbus.config import Settings
 from nimbus.gateway import build_api
 from nimbus.machines.base import Driver
@@ -35,14 +35,24 @@ class Node:
     pool: Pool
     scheduler: Scheduler
     metrics: Metrics
+    compiler: compiler.Compiler
 
     @classmethod
     async def start(cls, settings: Settings) -> "Node":
         home = settings.home.resolve()
         home.mkdir(parents=True, exist_ok=True)
         store = await Store.open(settings.db_url)
-        driver = None
+        driver = builds = None
         try:
+            builds = compiler.create_compiler(
+                home,
+                builder=settings.builder,
+                timeout_s=settings.build_timeout_s,
+                memory_mb=settings.build_memory_mb,
+                concurrency=settings.build_concurrency,
+                images={"go": settings.builder_go_image, "rust": settings.builder_rust_image},
+                cache=compiler.StoreCache(store),
+            )
             driver = machines.load_driver(settings.driver, home)
             metrics = Metrics()
             pool = Pool(
@@ -70,12 +80,15 @@ class Node:
         except BaseException:
             if driver is not None:
                 await driver.close()
+            if builds is not None:
+                await builds.close()
             await store.close()
             raise
-        return cls(settings, store, driver, pool, scheduler, metrics)
+        return cls(settings, store, driver, pool, scheduler, metrics, builds)
 
     async def stop(self) -> None:
         await self.scheduler.close()
+        await self.compiler.close()  # kills builds still running: their requests are gone with the server
         await self.pool.close()
         await self.driver.close()
         await self.store.close()

@@ -374,6 +374,13 @@ def deploy(
         f"{action} {fn['name']} version {fn['version']}: runtime {fn['runtime']}, handler {fn['handler']}, "
         f"code sha256 {fn['code_sha256'][:12]} ({fn['code_size']} bytes)"
     )
+    build = fn.get("build")
+    if build:
+        how = "from the build cache" if build["cached"] else f"in {build['duration_ms'] / 1000:.1f} s"
+        typer.echo(f"built with {build['toolchain']} {how}: artifact sha256 {fn['artifact_sha256'][:12]} "
+                   f"({fn['artifact_size']} bytes)")
+        if build["log"].strip():
+            typer.echo(build["log"].rstrip(), err=True)
 
 
 def _event(data: str | None) -> bytes:

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     async_poll_s: float = Field(1.0, gt=0, description="how often the store is polled for async work")
     async_lease_s: float = Field(60.0, gt=0, description="lease on a claimed async invocation, past its timeout")
     runtimes: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["python3", "nodejs"], description="runtimes pre-warmed")
+    builder: Literal["sandbox", "docker"] = Field("sandbox", description="where Go/Rust/WASM builds run")
+    build_timeout_s: float = Field(300.0, gt=0, le=3600, description="wall-clock limit of one build")
+    build_memory_mb: int = Field(2048, ge=256, description="memory limit of one build")
+    build_concurrency: int = Field(1, ge=1, le=64, description="builds run at once on this node")
+    builder_go_image: str = Field("golang:1.19", description="image of the docker builder for go")
+    builder_rust_image: str = Field("rust:1.95", description="image of the docker builder for rust")
     auth: Literal["off", "on"] = "off"
     log_level: str = "info"
 

@@ -279,7 +279,7 @@ class Pool:
                 "type": protocol.INIT,
                 "runtime": dep.runtime,
                 "handler": dep.handler,
-                "filename": runtimes.get(dep.runtime).source_filename(dep.handler),
+                "filename": runtimes.get(dep.runtime).machine_filename(dep.handler),
                 "env": dep.env,
                 "memory_mb": dep.memory_mb,
                 "timeout_s": dep.timeout_s,

@@ -31,6 +31,9 @@ LOGS_MAX = 64 << 10  # log tail kept per invocation
 MAX_TIMEOUT_S = 900.0
 CODE_CACHE_ENTRIES = 128
 DRAIN_TIMEOUT_S = 30.0
+# Runtimes that enforce the deadline themselves (wasm's epoch interruption) answer at it with a
+# TimeoutError and keep their machine's state clean; the host kills a machine this much later.
+TIMEOUT_GRACE_S = 0.5
 
 
 class Scheduler:
@@ -166,7 +169,7 @@ class Scheduler:
         header = {"type": protocol.EXEC, "invocation_id": inv.id, "deadline_ms": int(dep.timeout_s * 1000)}
         began = time.perf_counter()
         try:
-            reply, blob = await lease.machine.request(header, event, timeout=dep.timeout_s)
+            reply, blob = await lease.machine.request(header, event, timeout=dep.timeout_s + TIMEOUT_GRACE_S)
             inv.duration_ms = round((time.perf_counter() - began) * 1000, 3)
             healthy = self._read_reply(inv, reply, blob)
         except MachineTimeout:
@@ -203,7 +206,10 @@ class Scheduler:
             inv.status, inv.output = "succeeded", blob or b"null"
             return True
         if reply.get("type") == protocol.ERROR:
-            inv.status, inv.error = "failed", error_of(reply)
+            inv.error = error_of(reply)
+            # A guest that enforced the deadline itself says so with a fatal TimeoutError.
+            timed_out = reply.get("fatal") and inv.error["type"] == "TimeoutError"
+            inv.status = "timed_out" if timed_out else "failed"
             return not reply.get("fatal")
         inv.status = "failed"
         inv.error = {"type": "ProtocolError", "message": f"unexpected reply {reply.get('type')!r}", "stack": ""}
@@ -300,7 +306,8 @@ def deployment_of(record) -> Deployment:
         memory_mb=record.memory_mb,
         timeout_s=float(record.timeout_s),
         concurrency=record.concurrency,
-        code_sha256=record.code_sha256,
+        # Compiled runtimes run their built artifact; interpreted ones their code.
+        code_sha256=getattr(record, "artifact_sha256", None) or record.code_sha256,
     )
 
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from nimbus import runtimes
-from nimbus.errors import InvalidRequest, PayloadTooLarge
+from nimbus.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from nimbus.gateway import schemas
 from nimbus.gateway.responses import JSON
 
@@ -31,8 +31,11 @@ def _node(request: Request):
     return request.app.state.node
 
 
+WASM_MAGIC = b"\0asm"
+
+
 def _source(body: schemas._Code, runtime: str) -> bytes:
-    """The function's code as bytes, checked for size and (for interpreted runtimes) shape."""
+    """The function's code as bytes, checked for size and shape: UTF-8 source, or (wasm) a binary module."""
     if body.code is not None:
         code = body.code.encode()
         if len(code) > SOURCE_MAX:
@@ -48,6 +51,8 @@ def _source(body: schemas._Code, runtime: str) -> bytes:
             raise PayloadTooLarge(f"the artifact is {len(code)} bytes; the limit is {ARTIFACT_MAX}")
         if code.startswith(b"PK\x03\x04"):
             raise InvalidRequest(f"zip packages are not supported for {runtime} yet; send one source file")
+        if runtime == "wasm" and code.startswith(WASM_MAGIC):
+            return code  # a prebuilt module: the compiler validates it
         try:
             code.decode()
         except UnicodeDecodeError:
@@ -76,19 +81,46 @@ def _check_syntax(runtime: str, code: bytes, handler: str) -> None:
         raise InvalidRequest(f"the code does not compile: {exc}") from None
 
 
+def _code_kind(code: bytes) -> str:
+    return "module" if code.startswith(WASM_MAGIC) else "source"
+
+
+async def _build(node, runtime: str, code: bytes):
+    """Build compiled code (or take it from the build cache); None for interpreted runtimes.
+
+    Runs inside the request: the API answers 201 once the artifact exists, 422 with the compiler's
+    output when the build fails or passes its time limit.
+    """
+    if not runtimes.get(runtime).compiled:
+        return None
+    return await node.compiler.build(runtime, code)
+
+
 @router.post("/functions", status_code=201, response_model=schemas.FunctionOut,
              responses={409: {"description": "name taken"}, 413: {"description": "code too large"},
-                        422: {"description": "invalid"}})
+                        422: {"description": "invalid, or the build failed (compiler output in detail)"}})
 async def create_function(body: schemas.FunctionCreate, request: Request) -> Response:
+    node = _node(request)
     runtime = runtimes.normalise(body.runtime)
     handler = _handler(body.handler, runtime)
     code = _source(body, runtime)
     _check_syntax(runtime, code, handler)
-    fn = await _node(request).store.create_function(
+    if runtimes.get(runtime).compiled:
+        # A taken name answers 409 now, not after a build of minutes (the insert still decides races).
+        try:
+            await node.store.get_function(body.name)
+        except NotFound:
+            pass
+        else:
+            raise Conflict(f"a function named {body.name!r} already exists")
+    build = await _build(node, runtime, code)
+    fn = await node.store.create_function(
         name=body.name, runtime=runtime, handler=handler, env=body.env or {}, memory_mb=body.memory_mb,
-        timeout_s=body.timeout_s, concurrency=body.concurrency, code=code, code_kind="source",
+        timeout_s=body.timeout_s, concurrency=body.concurrency, code=code, code_kind=_code_kind(code),
+        artifact_sha256=build.artifact_sha256 if build else None,
     )
-    return JSON(schemas.function_view(fn), status_code=201, headers={"Location": f"/api/v1/functions/{fn.name}"})
+    return JSON(schemas.function_view(fn, build), status_code=201,
+                headers={"Location": f"/api/v1/functions/{fn.name}"})
 
 
 @router.get("/functions", response_model=schemas.FunctionList)
@@ -122,13 +154,15 @@ async def update_function(name: str, body: schemas.FunctionUpdate, request: Requ
     if code is not None or handler is not None:
         _check_syntax(runtime, code if code is not None else await node.store.get_code(current.code_sha256),
                       handler or current.handler)
+    build = await _build(node, runtime, code) if code is not None else None
     fn = await node.store.update_function(
-        current.id, code=code, code_kind="source" if code is not None else None,
+        current.id, code=code, code_kind=_code_kind(code) if code is not None else None,
         runtime=runtime if runtime != current.runtime else None, handler=handler, env=body.env,
         memory_mb=body.memory_mb, timeout_s=body.timeout_s, concurrency=body.concurrency,
+        artifact_sha256=build.artifact_sha256 if build else None,
     )
     node.pool.retire_function(fn.id, keep_version_id=fn.version_id)
-    return JSON(schemas.function_view(fn))
+    return JSON(schemas.function_view(fn, build))
 
 
 @router.delete("/functions/{name}", status_code=204, responses={404: {"description": "no such function"}})

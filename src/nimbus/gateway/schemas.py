@@ -48,7 +48,7 @@ class _Code(BaseModel):
 
 class FunctionCreate(_Code):
     name: str = Field(pattern=NAME_PATTERN, description="lower-case letters, digits and '-', starting with a letter")
-    runtime: str = Field(max_length=64, description="python3, nodejs, or a versioned alias such as python3.11")
+    runtime: str = Field(max_length=64, description="python3, nodejs, go, rust, wasm, or a versioned alias such as python3.11")
     memory_mb: int = MEMORY_MB
     timeout_s: float = TIMEOUT_S
     concurrency: int = CONCURRENCY
@@ -75,6 +75,15 @@ class FunctionUpdate(_Code):
         return self
 
 
+class BuildOut(BaseModel):
+    """How a compiled version's artifact was made; only in the answer to the create or update that built it."""
+
+    toolchain: str
+    cached: bool = Field(description="true when the artifact came from the build cache (no build ran)")
+    duration_ms: float = Field(description="the build's duration (the original build's, when cached)")
+    log: str = Field(description="the toolchain's output (warnings), clipped")
+
+
 class FunctionOut(BaseModel):
     id: str
     name: str
@@ -87,6 +96,9 @@ class FunctionOut(BaseModel):
     version: int
     code_sha256: str
     code_size: int
+    artifact_sha256: str | None = Field(None, description="compiled runtimes: the built artifact the machines run")
+    artifact_size: int | None = None
+    build: BuildOut | None = None
     created_at: datetime
     updated_at: datetime
 
@@ -140,13 +152,17 @@ class InvocationList(BaseModel):
     invocations: list[InvocationOut]
 
 
-def function_view(fn) -> dict:
-    return {
+def function_view(fn, build=None) -> dict:
+    view = {
         "id": fn.id, "name": fn.name, "runtime": fn.runtime, "handler": fn.handler, "env": fn.env,
         "memory_mb": fn.memory_mb, "timeout_s": fn.timeout_s, "concurrency": fn.concurrency, "version": fn.version,
-        "code_sha256": fn.code_sha256, "code_size": fn.code_size, "created_at": fn.created_at,
-        "updated_at": fn.updated_at,
+        "code_sha256": fn.code_sha256, "code_size": fn.code_size, "artifact_sha256": fn.artifact_sha256,
+        "artifact_size": fn.artifact_size, "created_at": fn.created_at, "updated_at": fn.updated_at,
     }
+    if build is not None:
+        view["build"] = {"toolchain": build.toolchain, "cached": build.cached, "duration_ms": build.duration_ms,
+                         "log": build.log}
+    return view
 
 
 def _output(raw: bytes | None):

@@ -15,15 +15,30 @@ class Runtime:
     alias: re.Pattern
     default_handler: str
     suffix: str  # source file suffix; the handler's module part names the file
+    artifact: str | None = None  # compiled runtimes: the file name the built artifact gets in the machine
+
+    @property
+    def compiled(self) -> bool:
+        """True when code is built into an artifact at create time (the machine never sees the source)."""
+        return self.artifact is not None
 
     def source_filename(self, handler: str) -> str:
         """The file a single-source function is written to, from ``module.function``."""
         return handler.rsplit(".", 1)[0] + self.suffix
 
+    def machine_filename(self, handler: str) -> str:
+        """The file name the machine's agent writes the code (or artifact) to."""
+        return self.artifact or self.source_filename(handler)
+
 
 RUNTIMES: dict[str, Runtime] = {
     "python3": Runtime("python3", re.compile(r"^python(3(\.\d+)?)?$"), "main.handler", ".py"),
     "nodejs": Runtime("nodejs", re.compile(r"^node(js)?(\d+(\.x)?)?$"), "index.handler", ".js"),
+    # Compiled: the handler is fixed by the contract (DESIGN §5) and kept only for display.
+    "go": Runtime("go", re.compile(r"^go(lang)?(1(\.\d+){0,2})?(\.x)?$"), "main.Handle", ".go", artifact="bootstrap"),
+    "rust": Runtime("rust", re.compile(r"^rust(1(\.\d+){0,2})?$"), "main.main", ".rs", artifact="bootstrap"),
+    "wasm": Runtime("wasm", re.compile(r"^wasm(32)?(-wasi(p1)?)?$|^wasi$"), "module._start", ".wasm",
+                    artifact="module.cwasm"),
 }
 
 HANDLER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_.-]*)*\.[A-Za-z_$][A-Za-z0-9_$]*$")
