@@ -751,29 +751,23 @@ def _check_binary(name: str, argv_tail: list[str], hint: str) -> dict:
     return _check(name, True, f"{path} ({version})", path=path, version=version)
 
 
-def _check_wasm_target() -> dict:
-    rustup = shutil.which("rustup")
-    if rustup is None:
-        return _check("wasm32-wasip1", False, "rustup not on PATH, cannot tell (needed to build Rust to WASM)")
-    code, out = _run([rustup, "target", "list", "--installed"])
-    if code != 0:
-        return _check("wasm32-wasip1", False, f"rustup target list fails: {_first_line(out)}")
-    if "wasm32-wasip1" in out.split():
-        return _check("wasm32-wasip1", True, "Rust target installed")
-    return _check("wasm32-wasip1", False, "Rust target not installed (rustup target add wasm32-wasip1)")
+def _compiler_checks() -> list[dict]:
+    """The compiled runtimes' toolchains and the builders, as the node's compiler sees them."""
+    from nimbus.compiler.doctor import report
 
-
-def _check_wasmtime() -> dict:
-    import importlib.util
-
-    path = shutil.which("wasmtime")
-    if path is not None:
-        code, out = _run([path, "--version"])
-        if code == 0:
-            return _check("wasmtime", True, f"{path} ({_first_line(out)})", path=path)
-    if importlib.util.find_spec("wasmtime") is not None:
-        return _check("wasmtime", True, "the wasmtime Python package is installed")
-    return _check("wasmtime", False, "neither the wasmtime binary nor the wasmtime Python package")
+    found = report()
+    go, rust, wasm = (found["runtimes"][name] for name in ("go", "rust", "wasm"))
+    sandbox, docker = found["builders"]["sandbox"], found["builders"]["docker"]
+    target = "installed: Rust source builds to WASM" if wasm["wasm32_wasip1"] else \
+        "not installed: Rust source cannot build to WASM (rustup target add wasm32-wasip1)"
+    return [
+        _check("go", go["ok"], go["detail"], version=go["version"], path=go["path"]),
+        _check("rust", rust["ok"], rust["detail"], version=rust["version"], path=rust["path"]),
+        _check("wasm", wasm["ok"], wasm["detail"], version=wasm["version"]),
+        _check("wasm32-wasip1", wasm["wasm32_wasip1"], target),
+        _check("builder:sandbox", sandbox["ok"], sandbox["detail"]),
+        _check("builder:docker", docker["ok"], docker["detail"], engine=docker["engine"], images=docker["images"]),
+    ]
 
 
 def _doctor_checks() -> list[dict]:
@@ -786,11 +780,7 @@ def _doctor_checks() -> list[dict]:
         _check_binary("jailer", ["--version"], "needed by the firecracker driver"),
         _check_binary("python3", ["--version"], "the python3 runtime"),
         _check_binary("node", ["--version"], "the nodejs runtime"),
-        _check_binary("go", ["version"], "the go runtime: apt-get install golang-go"),
-        _check_binary("cargo", ["--version"], "the rust runtime: https://rustup.rs"),
-        _check_binary("rustc", ["--version"], "the rust runtime: https://rustup.rs"),
-        _check_wasm_target(),
-        _check_wasmtime(),
+        *_compiler_checks(),
     ]
 
 
@@ -804,10 +794,11 @@ def _capabilities(checks: dict[str, dict]) -> dict[str, Any]:
         "python3": ok["python3"],
         "nodejs": ok["node"],
         "go": ok["go"],
-        "rust": ok["cargo"] and ok["rustc"],
-        "wasm": ok["wasmtime"],
+        "rust": ok["rust"],
+        "wasm": ok["wasm"],
     }
-    return {"drivers": drivers, "runtimes": runtimes}
+    builders = {"sandbox": ok["builder:sandbox"], "docker": ok["builder:docker"]}
+    return {"drivers": drivers, "runtimes": runtimes, "builders": builders}
 
 
 @app.command()
@@ -825,7 +816,9 @@ def doctor(
         typer.echo(f"{check['status']:<8} {name:<{width}}  {check['detail']}")
     drivers = [name for name, usable in capabilities["drivers"].items() if usable]
     runtimes = [name for name, usable in capabilities["runtimes"].items() if usable]
-    typer.echo(f"drivers: {', '.join(drivers) or 'none'}; runtimes with a toolchain: {', '.join(runtimes) or 'none'}")
+    builders = [name for name, usable in capabilities["builders"].items() if usable]
+    typer.echo(f"drivers: {', '.join(drivers) or 'none'}; runtimes with a toolchain: {', '.join(runtimes) or 'none'}; "
+               f"builders: {', '.join(builders) or 'none'}")
 
 
 # ---------------------------------------------------------------- entry point

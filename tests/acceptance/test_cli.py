@@ -74,9 +74,11 @@ def test_doctor_reports_bwrap_ok(nimbus_offline):
     assert result.code == 0, result
     lines = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith(("ok ", "missing "))}
     assert lines["bwrap"].startswith("ok"), result
-    for name in ("cgroups", "kvm", "firecracker", "jailer", "python3", "node", "go", "cargo", "wasm32-wasip1"):
+    for name in ("cgroups", "kvm", "firecracker", "jailer", "python3", "node", "go", "rust", "wasm",
+                 "wasm32-wasip1", "builder:sandbox", "builder:docker"):
         assert name in lines, f"doctor does not report {name}:\n{result}"
     assert "drivers: bwrap" in result.stdout
+    assert lines["builder:sandbox"].startswith("ok"), result
 
 
 def test_doctor_json(nimbus_offline):
@@ -87,7 +89,9 @@ def test_doctor_json(nimbus_offline):
     assert report["checks"]["bwrap"]["sandbox"] is True
     assert report["drivers"]["bwrap"] is True
     assert report["runtimes"]["python3"] is True
-    assert {"user namespaces", "cgroups", "kvm", "firecracker", "jailer", "node", "rustc"} <= set(report["checks"])
+    assert {"user namespaces", "cgroups", "kvm", "firecracker", "jailer", "node", "rust"} <= set(report["checks"])
+    assert report["builders"]["sandbox"] is True and isinstance(report["builders"]["docker"], bool)
+    assert report["runtimes"]["wasm"] is True
     for check in report["checks"].values():
         assert check["status"] in ("ok", "missing") and check["detail"]
 
