@@ -307,7 +307,7 @@ def deployment_of(record) -> Deployment:
         timeout_s=float(record.timeout_s),
         concurrency=record.concurrency,
         # Compiled runtimes run their built artifact; interpreted ones their code.
-        code_sha256=getattr(record, "artifact_sha256", None) or record.code_sha256,
+        code_sha256=record.artifact_sha256 or record.code_sha256,
     )
 
 

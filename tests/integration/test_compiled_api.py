@@ -228,3 +228,28 @@ def deploy_b64(api, code_base64: str, *, runtime: str, **settings) -> dict:
                                                "code_base64": code_base64, **settings})
     assert resp.status_code == 201, resp.text
     return resp.json()
+
+
+WASM_MEMORY_HOG = """(module
+  (memory (export "memory") 1)
+  (func (export "_start") (local $page i32) (local $at i32)
+    (loop $more
+      (local.set $page (memory.grow (i32.const 16)))
+      (if (i32.eq (local.get $page) (i32.const -1)) (then unreachable))
+      ;; touch every 4 KiB of the new megabyte so it is resident, not just reserved
+      (local.set $at (i32.mul (local.get $page) (i32.const 65536)))
+      (loop $touch
+        (i32.store (local.get $at) (i32.const 1))
+        (local.set $at (i32.add (local.get $at) (i32.const 4096)))
+        (br_if $touch (i32.lt_u (local.get $at) (i32.mul (i32.add (local.get $page) (i32.const 16)) (i32.const 65536)))))
+      (br $more))))
+"""
+
+
+def test_wasm_memory_hog_stops_at_memory_mb_and_the_next_call_works(api):
+    hog = deploy_b64(api, wasm_binary(WASM_MEMORY_HOG), runtime="wasm", memory_mb=64)
+    out = invoke(api, hog["name"], {})
+    assert out["status"] == "failed", out
+    assert out["error"]["type"] == "MemoryLimitExceeded" and "64 MiB" in out["error"]["message"], out  # the module's own limit, not the kernel's OOM killer
+    echo = deploy_b64(api, wasm_binary(WASM_ECHO), runtime="wasm", memory_mb=64)
+    assert invoke(api, echo["name"], {"ok": 1})["output"] == {"ok": 1}

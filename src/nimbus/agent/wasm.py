@@ -205,17 +205,23 @@ class WasmRuntime:
             self.broken = "the wasm runtime failed"
             kind, message, stack = "AgentError", f"{type(outcome).__name__}: {outcome}", ""
         if full:
-            # memory.grow returned -1 at the limit, and the module gave up: say that, not just "unreachable".
+            # memory.grow most likely returned -1 at the limit and the module gave up: say that, not just
+            # "unreachable" (wasmtime-py has no hook that reports a refused grow itself).
             kind = "MemoryLimitExceeded"
-            message += f"; its linear memory is full at the function's limit of {self.spec.memory_mb} MiB"
+            message += (f"; its linear memory is at {self._memory_used() / (1 << 20):.1f} MiB of the function's "
+                        f"limit of {self.spec.memory_mb} MiB, and memory.grow past the limit fails")
         return InvocationError(kind, message, stack, fatal=True)
 
-    def _memory_full(self) -> bool:
-        """True when the module's memory cannot grow by one more page (only after ``_start`` ended)."""
+    def _memory_used(self) -> int:
+        """Bytes of the module's exported linear memory (0 without one); only after ``_start`` ended."""
         memory = self.instance.exports(self.store).get("memory")
-        if not isinstance(memory, self.wasmtime.Memory):
-            return False
-        return memory.data_len(self.store) + WASM_PAGE > self.spec.memory_mb << 20
+        return memory.data_len(self.store) if isinstance(memory, self.wasmtime.Memory) else 0
+
+    def _memory_full(self) -> bool:
+        """True when the module's memory is within the last sixteenth of its limit: allocators grow in
+        chunks, so a refused grow leaves up to a chunk unused below the limit."""
+        limit = self.spec.memory_mb << 20
+        return self._memory_used() + max(WASM_PAGE, limit // 16) > limit
 
     def _wait_end(self, seconds: float) -> bool:
         """Wait up to ``seconds`` for ``_start`` to end; True if it has."""

@@ -95,6 +95,10 @@ TASK_DIR = "/var/task"
 WASMTIME_SITE = f"{OPT_DIR}/site"  # as nimbus.agent.wasm.WASMTIME_SITE
 TASK_DIR_MB = 256  # unpacked code, as Lambda's 250 MB; tmpfs pages count against the memory cgroup
 MIN_TMP_MB = 16  # /tmp and /dev/shm are sized like the machine's memory, with this floor
+# A wasm function's memory_mb caps its linear memory (the agent sets it in wasmtime); the engine and its
+# Python host (about 40 MiB resident, measured) are the platform's, so the machine gets this on top.
+# Without it a module filling its linear memory meets the kernel's OOM killer, not a clear error.
+WASM_HOST_MB = 64
 AGENT_BOOT = (
     "import sys; sys.path.insert(0, '/opt/nimbus'); from nimbus.agent.main import main; main(sys.argv[1:])"
 )
@@ -176,6 +180,11 @@ def _nimbus_binds() -> list[tuple[Path, str]]:
         _compiled(source, Path(cache_from_source(str(source))))
     binds.append((agent, f"{dest}/agent"))
     return binds
+
+
+def machine_memory_mb(spec: MachineSpec) -> int:
+    """The memory a machine may use in all: the function's ``memory_mb``, plus the wasm host's share."""
+    return spec.memory_mb + (WASM_HOST_MB if spec.runtime == "wasm" else 0)
 
 
 def wasmtime_package() -> Path | None:
@@ -340,7 +349,7 @@ class BwrapMachine:
         if hierarchy is None:
             return
         limits = cgroups.Limits(
-            memory_bytes=self.spec.memory_mb << 20,
+            memory_bytes=machine_memory_mb(self.spec) << 20,
             pids_max=self.spec.pids_max + BWRAP_PROCS,
             cpus=float(self.spec.vcpus),
         )
@@ -464,7 +473,7 @@ class BwrapMachine:
                 await asyncio.wait_for(asyncio.shield(self._output_closed), DEATH_REPORT_WAIT_S)
         cause = describe_exit(self.returncode) if exited else "closed its channel"
         if self._cgroup is not None and self._cgroup.oom_kills():
-            cause += f"; the memory limit ({self.spec.memory_mb} MiB) was hit and the kernel killed a process"
+            cause += f"; the memory limit ({machine_memory_mb(self.spec)} MiB) was hit and the kernel killed a process"
         return MachineDied(f"machine {self.id} died during {kind}: {cause}{self._tail_note()}")
 
     def _tail_note(self) -> str:
@@ -678,7 +687,7 @@ class BwrapDriver:
         """
         limits = []
         if "memory" not in enforced:
-            limits.append(("RLIMIT_DATA", spec.memory_mb << 20))
+            limits.append(("RLIMIT_DATA", machine_memory_mb(spec) << 20))
         if "pids" not in enforced and not self.privileged:
             limits.append(("RLIMIT_NPROC", spec.pids_max))
         code = ""
