@@ -6,8 +6,9 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: run test bench setup toolchains clean
 
-# Debian packages the runtimes need: node (nodejs runtime), go (go runtime builds). Rust comes from rustup.
-DEB_TOOLS := node:nodejs go:golang-go
+# Debian packages the runtimes need: node (nodejs runtime), go and rustc (their builds). A rustup Rust in
+# ~/.cargo/bin counts as installed (the node finds it there too); Debian's rustc is the fallback.
+DEB_TOOLS := node:nodejs go:golang-go rustc:rustc
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 toolchains:
-	@missing=""; for pair in $(DEB_TOOLS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	@missing=""; for pair in $(DEB_TOOLS); do command -v $${pair%%:*} >/dev/null || test -x "$$HOME/.cargo/bin/$${pair%%:*}" || missing="$$missing $${pair#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			echo "installing$$missing (runtime toolchains)"; apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
