@@ -8,13 +8,12 @@ there as uid 65534, and that wasm machines import the wasmtime package the drive
 
 import json
 import logging
-import os
-import shutil
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
+from toolchain_builds import go_binary, rust_binary
 
 from nimbus.errors import MachineStartError
 from nimbus.machines import bwrap
@@ -23,8 +22,6 @@ from nimbus.machines.base import MachineSpec
 pytestmark = pytest.mark.sandbox
 
 LONG = 60.0
-BUILD_TIMEOUT_S = 600
-GO_MAIN = Path(__file__).resolve().parents[2] / "src" / "nimbus" / "runtimes" / "nimbus_main.go"
 
 GO_HANDLER = """
 package main
@@ -107,37 +104,14 @@ if _WHY_NOT:
     pytestmark = [pytest.mark.sandbox, pytest.mark.skip(reason=_WHY_NOT)]
 
 
-def _build(argv: list[str], cwd: Path, env: dict) -> None:
-    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-    assert done.returncode == 0, f"{' '.join(argv)} failed:\n{done.stdout}{done.stderr}"
-
-
 @pytest.fixture(scope="module")
 def go_bootstrap(tmp_path_factory) -> bytes:
-    go = shutil.which("go")
-    if go is None:
-        pytest.skip("go is not installed (apt-get install golang-go): go machines untested")
-    root = tmp_path_factory.mktemp("go")
-    module = root / "fn"
-    module.mkdir()
-    (module / "go.mod").write_text("module example.com/fn\n\ngo 1.19\n")
-    (module / "handler.go").write_text(GO_HANDLER)
-    shutil.copy(GO_MAIN, module / "nimbus_main.go")
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root), "GOCACHE": str(root / "cache"),
-           "GOPATH": str(root / "gopath"), "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod", "GOPROXY": "off"}
-    _build([go, "build", "-trimpath", "-o", str(root / "bootstrap"), "."], module, env)
-    return (root / "bootstrap").read_bytes()
+    return go_binary(tmp_path_factory.mktemp("go"), GO_HANDLER)
 
 
 @pytest.fixture(scope="module")
 def rust_bootstrap(tmp_path_factory) -> bytes:
-    rustc = shutil.which("rustc")
-    if rustc is None:
-        pytest.skip("rustc is not installed (apt-get install rustc, or rustup): rust machines untested")
-    root = tmp_path_factory.mktemp("rust")
-    (root / "main.rs").write_text(RUST_PROGRAM)
-    _build([rustc, "-O", "--edition", "2021", "-o", "bootstrap", "main.rs"], root, dict(os.environ))
-    return (root / "bootstrap").read_bytes()
+    return rust_binary(tmp_path_factory.mktemp("rust"), RUST_PROGRAM)
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,17 @@ with the wasmtime package alone put on its path, as the bwrap driver binds it.
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from toolchain_builds import go_binary, rust_binary
 from test_agent import RESULT_MAX, SANDBOX_ENV, SRC, AgentProcess, assert_error
 
 from nimbus.machines import bwrap
 
-BUILD_TIMEOUT_S = 600
-GO_MAIN = SRC / "nimbus" / "runtimes" / "nimbus_main.go"
 
 GO_HANDLER = r"""
 package main
@@ -217,37 +215,14 @@ WAT = {
 # ---------------------------------------------------------------- building the artifacts
 
 
-def _run_build(argv: list[str], cwd: Path, env: dict) -> None:
-    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-    assert done.returncode == 0, f"{' '.join(argv)} failed:\n{done.stdout}{done.stderr}"
-
-
 @pytest.fixture(scope="session")
 def go_bootstrap(tmp_path_factory) -> bytes:
-    go = shutil.which("go")
-    if go is None:
-        pytest.skip("go is not installed (apt-get install golang-go): go runtime untested")
-    root = tmp_path_factory.mktemp("go")
-    module = root / "fn"
-    module.mkdir()
-    (module / "go.mod").write_text("module example.com/fn\n\ngo 1.19\n")
-    (module / "handler.go").write_text(GO_HANDLER)
-    shutil.copy(GO_MAIN, module / "nimbus_main.go")
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(root), "GOCACHE": str(root / "cache"),
-           "GOPATH": str(root / "gopath"), "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod", "GOPROXY": "off"}
-    _run_build([go, "build", "-trimpath", "-o", str(root / "bootstrap"), "."], module, env)
-    return (root / "bootstrap").read_bytes()
+    return go_binary(tmp_path_factory.mktemp("go"), GO_HANDLER)
 
 
 @pytest.fixture(scope="session")
 def rust_bootstrap(tmp_path_factory) -> bytes:
-    rustc = shutil.which("rustc")
-    if rustc is None:
-        pytest.skip("rustc is not installed (apt-get install rustc, or rustup): rust runtime untested")
-    root = tmp_path_factory.mktemp("rust")
-    (root / "main.rs").write_text(RUST_PROGRAM)
-    _run_build([rustc, "-O", "--edition", "2021", "-o", "bootstrap", "main.rs"], root, dict(os.environ))
-    return (root / "bootstrap").read_bytes()
+    return rust_binary(tmp_path_factory.mktemp("rust"), RUST_PROGRAM)
 
 
 @pytest.fixture(scope="session")
