@@ -48,6 +48,8 @@ class FunctionRecord:
     """Compiled runtimes: the built artifact the machines run (``code_sha256`` stays the source). None for
     interpreted runtimes, which run the code itself."""
     artifact_size: int | None = None
+    max_retries: int = 2
+    """How often a failed async invocation is tried again."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -76,6 +78,7 @@ class VersionRecord:
     artifact_sha256: str | None = None
     """Compiled runtimes: the built artifact this version runs; None for interpreted runtimes."""
     artifact_size: int | None = None
+    max_retries: int = 2
 
 
 @dataclass(slots=True, kw_only=True)
@@ -134,6 +137,13 @@ class InvocationRecord:
     lease_owner: str | None = None
     """The node running an async call; with ``lease_expires_at``, how a crashed node's work is found again."""
     lease_expires_at: datetime | None = None
+    not_before: datetime | None = None
+    """A retried async invocation is not claimed before this (its backoff)."""
+    callback_url: str | None = None
+    callback_status: str | None = None
+    """``pending``, ``delivered`` or ``failed``: how far POSTing the result to ``callback_url`` got."""
+    callback_attempts: int = 0
+    idempotency_key: str | None = None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -146,3 +156,5 @@ class ApiKeyRecord:
     key_hash: str
     created_at: datetime
     revoked_at: datetime | None = None
+    admin: bool = False
+    prefix: str = ""

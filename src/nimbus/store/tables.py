@@ -109,6 +109,8 @@ function_versions = sa.Table(
     # Compiled runtimes: the built artifact the machines run. NULL for interpreted ones, which run the code.
     # Added by migration 0002, hence last.
     sa.Column("artifact_sha256", sa.String(SHA256), sa.ForeignKey("artifacts.sha256"), nullable=True),
+    # Async invocations that fail are tried again this many times (migration 0003).
+    sa.Column("max_retries", sa.Integer, nullable=False, server_default=sa.text("2")),
     sa.UniqueConstraint("function_id", "version"),
     # Deleting a function asks whether anyone else still uses each of its artifacts.
     sa.Index(None, "code_sha256"),
@@ -156,6 +158,14 @@ invocations = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.Column("lease_owner", sa.String(64)),
     sa.Column("lease_expires_at", UTCDateTime),
+    # Migration 0003: retry backoff, result callbacks, idempotency keys.
+    sa.Column("not_before", UTCDateTime),
+    sa.Column("callback_url", sa.String(2048)),
+    sa.Column("callback_status", sa.String(16)),
+    sa.Column("callback_attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("idempotency_key", sa.String(256)),
+    sa.Index("ix_invocations_tenant_idempotency_key", "tenant", "idempotency_key", unique=True),
+    sa.Index("ix_invocations_callback_status", "callback_status"),
     # A function's recent invocations, newest first.
     sa.Index(None, "function_id", "created_at"),
     # Claiming async work: queued rows, and running rows whose lease ran out.
@@ -171,5 +181,8 @@ api_keys = sa.Table(
     sa.Column("key_hash", sa.String(128), nullable=False, unique=True),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("revoked_at", UTCDateTime),
+    # Migration 0003: admin keys manage every tenant's keys; the prefix identifies a key in listings.
+    sa.Column("admin", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("prefix", sa.String(16), nullable=False, server_default=""),
     sa.Index(None, "tenant"),
 )
