@@ -567,3 +567,61 @@ async def test_rlimit_fallback_stops_a_memory_hog(rlimit_driver):
         await machine.kill()
     assert_gone(rlimit_driver, machine)
     await assert_new_machine_works(rlimit_driver)
+
+
+# ---------------------------------------------------------------- seccomp
+
+SECCOMP_PY = '''
+import ctypes, errno, os
+libc = ctypes.CDLL(None, use_errno=True)
+
+def handler(event, context=None):
+    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+    def call(nr, *args):
+        ctypes.set_errno(0)
+        r = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) for a in args])
+        return "ok" if r >= 0 else errno.errorcode[ctypes.get_errno()]
+    return {"seccomp": status["Seccomp"].strip(), "nnp": status["NoNewPrivs"].strip(),
+            "unshare_user": call(272, 0x10000000), "mount": call(165, 0, 0, 0, 0, 0), "clone3": call(435, 0, 0),
+            "fds": [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                    if os.path.exists(f"/proc/self/fd/{fd}")]}
+'''
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the probe's syscall numbers are x86_64's")
+@pytest.mark.parametrize("kind", ["cgroups", "rlimits"])
+async def test_machines_run_under_the_seccomp_filter(driver, rlimit_driver, kind):
+    d = driver if kind == "cgroups" else rlimit_driver
+    assert d.enforcement["syscalls"] == "seccomp filter" and d.seccomp_path is not None
+    header, out = await run_once(d, SECCOMP_PY, {})
+    assert header["type"] == "result", header
+    assert (out["seccomp"], out["nnp"]) == ("2", "1"), out
+    # unshare(CLONE_NEWUSER) is how an unprivileged process regains capabilities (and, as root node, mounts)
+    assert (out["unshare_user"], out["mount"], out["clone3"]) == ("EPERM", "EPERM", "ENOSYS"), out
+    # bwrap read the program and closed its descriptor: the function holds only the agent's fds
+    assert not [link for link in out["fds"] if "seccomp" in link or link.endswith(".bpf")], out["fds"]
+
+
+async def test_each_machine_reads_the_whole_program(driver):
+    """Every bwrap gets a descriptor of its own: a shared one would be read to its end by the first."""
+    machines = [await driver.create(MachineSpec(runtime="python3")) for _ in range(3)]
+    try:
+        for machine in machines:
+            await load(machine, SECCOMP_PY)
+            header, out = await call(machine, {})
+            assert header["type"] == "result" and out["seccomp"] == "2", header
+    finally:
+        for machine in machines:
+            await machine.kill()
+
+
+async def test_seccomp_can_be_turned_off(tmp_path):
+    d = bwrap.BwrapDriver(tmp_path / "home", use_seccomp=False)
+    try:
+        assert d.enforcement["syscalls"] == "none"
+        argv = d.command(MachineSpec(runtime="python3"), 3, None, d.open_seccomp())
+        assert "--seccomp" not in argv
+        header, out = await run_once(d, SECCOMP_PY, {})
+        assert header["type"] == "result" and out["seccomp"] == "0", header
+    finally:
+        await d.close()

@@ -396,6 +396,45 @@ def test_the_log_tail_never_starts_inside_a_character(agent):
     assert agent.exec({})[0]["logs"] == "é" * (LOG_TAIL_MAX // 2 - 1) + "!"
 
 
+def test_a_log_flood_keeps_only_the_tail_and_no_file_grows(agent):
+    """300 MB of output: the agent holds the 64 KiB tail in a pipe reader, never a file that grows with it."""
+    started(agent, """
+        import os
+        def handler(event):
+            chunk = b"x" * (1 << 20)
+            for _ in range(300):
+                os.write(1, chunk)
+            print("THE END")
+            return os.readlink("/proc/self/fd/1")
+    """)
+    reply, output = agent.exec({})
+    assert reply["type"] == "result" and json.loads(output).startswith("pipe:"), reply
+    assert reply["logs_truncated"] is True and len(reply["logs"].encode()) == LOG_TAIL_MAX
+    assert reply["logs"].endswith("x" * 100 + "THE END\n")
+    assert agent.exec({})[0]["logs"] == reply["logs"]  # and the next call starts from an empty log
+
+
+def test_closing_the_agents_fds_loses_logs_not_the_agent(agent):
+    """A function may close every fd it does not know (daemon-style): the agent reports it and carries on."""
+    started(agent, """
+        import os, sys
+        def handler(event):
+            print("before")
+            if event == "close":
+                channel = int(sys.argv[sys.argv.index("--fd") + 1])
+                os.closerange(3, channel)
+                os.closerange(channel + 1, 4096)
+            try:
+                print("after", event)
+            except BrokenPipeError:  # the pipe has no reader now, unless the agent's drain thread
+                pass                 # still held it for a moment: both are this function's doing
+            return event
+    """)
+    reply, _ = agent.exec("close")
+    assert reply["type"] == "result" and "closed the agent's log pipe" in reply["logs"], reply
+    assert agent.exec("again")[0]["logs"] == "before\nafter again\n"  # a new pipe catches everything again
+
+
 # ---------------------------------------------------------------- python3: errors
 
 

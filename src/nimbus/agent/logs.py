@@ -1,32 +1,28 @@
-"""Capture what a function writes to stdout and stderr, one call at a time.
+"""Capture what a function writes to stdout and stderr, one call at a time, in bounded memory.
 
-fds 1 and 2 of the agent are pointed at one in-memory file opened for appending, so Python's ``print``,
-raw ``os.write(1, …)``, C extensions and the node child (which inherits fds 1 and 2) all land in the same
-place, in the order written, with no thread and no pipe to drain. After each call the agent reads the
-tail back and empties the file. The agent's own diagnostics go to a saved copy of the original stderr.
+fds 1 and 2 of the agent are pointed at the write end of one pipe, so Python's ``print``, raw
+``os.write(1, …)``, C extensions and the runtime children (which inherit fds 1 and 2) all land in the
+same place, in the order written. A small drain thread reads the pipe as it fills and keeps only the
+last :data:`LOG_TAIL_MAX` bytes, so a function that writes gigabytes costs the machine 64 KiB, never
+its memory (an in-memory file would grow with every byte, outside RLIMIT_DATA). After each call the
+agent drains what is left in the pipe and takes the tail. The agent's own diagnostics go to a saved
+copy of the original stderr.
+
+A function may close or replace the agent's read end (``os.close(3)``): the next collection notices,
+makes a new pipe and reports the lost logs instead of crashing the agent.
 """
 
-import fcntl
+import _thread
 import os
 import sys
 
 LOG_TAIL_MAX = 64 * 1024  # bytes of output kept per call (the tail), as DESIGN §5
+READ_CHUNK = 64 * 1024
+PIPE_SIZE = 1 << 20  # a roomier pipe: fewer wake-ups of the drain thread under a flood (best effort)
+F_SETPIPE_SZ = 1031
+COLLECT_READS_MAX = 256  # a writer that never stops (a background child) cannot hold a collection forever
+LOST_NOTE = "[nimbus: the function closed the agent's log pipe; output written since was lost]\n"
 _STREAMS = ("stdout", "stderr", "__stdout__", "__stderr__")
-
-
-def _open_buffer() -> int:
-    """An anonymous file in memory; a deleted file in /tmp where memfd_create is not allowed."""
-    try:
-        return os.memfd_create("nimbus-logs")
-    except (AttributeError, OSError):
-        pass
-    try:
-        return os.open("/tmp", os.O_TMPFILE | os.O_RDWR, 0o600)
-    except (AttributeError, OSError):
-        path = f"/tmp/.nimbus-logs-{os.getpid()}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        os.unlink(path)
-        return fd
 
 
 def _flush_streams() -> None:
@@ -50,37 +46,107 @@ def _line_buffered(name: str, fd: int) -> None:
 
 
 class LogCapture:
-    """Owns the log file behind fds 1 and 2."""
+    """Owns the pipe behind fds 1 and 2 and the tail read from it."""
 
     def __init__(self) -> None:
-        self.fd = -1
+        self.fd = -1  # the read end
         self.diag_fd = 2
+        self._tail = bytearray()
+        self._cut = False  # bytes were dropped from the front of the tail
+        self._lost = False  # the read end was closed under us
+        self._ino = None  # (st_dev, st_ino) of the pipe, to know our read end from a reused fd number
+        self._lock = _thread.allocate_lock()
 
     def start(self) -> None:
-        """Redirect fds 1 and 2 into the log file; keep the original stderr for diagnostics."""
+        """Redirect fds 1 and 2 into the pipe; keep the original stderr for diagnostics."""
         _flush_streams()
-        self.fd = _open_buffer()
-        # Appending: after each truncation every writer (us, the node child) starts again at offset 0.
-        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags | os.O_APPEND)
         self.diag_fd = os.dup(2)  # not inheritable: children write to the logs, never to the host
-        os.dup2(self.fd, 1)
-        os.dup2(self.fd, 2)
+        self._open_pipe()
         _line_buffered("stdout", 1)
         _line_buffered("stderr", 2)
+
+    def _open_pipe(self) -> None:
+        read_fd, write_fd = os.pipe()  # neither end inheritable; dup2 makes 1 and 2 inheritable
+        try:
+            import fcntl
+
+            fcntl.fcntl(write_fd, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass
+        os.set_blocking(read_fd, False)
+        os.dup2(write_fd, 1)
+        os.dup2(write_fd, 2)
+        os.close(write_fd)
+        info = os.fstat(read_fd)
+        self.fd, self._ino = read_fd, (info.st_dev, info.st_ino)
+        _thread.start_new_thread(self._drain, (read_fd,))
+
+    def _drain(self, fd: int) -> None:
+        """The drain thread: wait for output, then move it into the tail, until the pipe is gone."""
+        import select
+
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while True:
+            try:
+                poller.poll()
+            except OSError:
+                return
+            with self._lock:
+                if fd != self.fd or not self._read_available(fd):
+                    return  # replaced, closed, or every writer gone (EOF)
+
+    def _read_available(self, fd: int, reads_max: int = COLLECT_READS_MAX) -> bool:
+        """Append what the pipe holds now to the tail (the lock is held); False at EOF or on a bad fd."""
+        for _ in range(reads_max):
+            try:
+                data = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
+            tail = self._tail
+            tail += data
+            if len(tail) > LOG_TAIL_MAX:
+                del tail[: len(tail) - LOG_TAIL_MAX]
+                self._cut = True
+        return True
 
     def collect(self) -> tuple[str, bool]:
         """Return ``(text, truncated)``: the tail of everything written since the last call, then empty it."""
         _flush_streams()
-        size = os.fstat(self.fd).st_size
-        if size == 0:
-            return "", False
-        start = max(0, size - LOG_TAIL_MAX)
-        data = os.pread(self.fd, size - start, start)
-        os.ftruncate(self.fd, 0)
-        if start:
+        with self._lock:
+            ok = self._read_available(self.fd) if self._pipe_intact() else False
+            data, cut, lost = bytes(self._tail), self._cut, self._lost or not ok
+            self._tail.clear()
+            self._cut = self._lost = False
+        if lost and not self._pipe_intact():
+            self._reopen()
+            data += LOST_NOTE.encode()
+        if cut:
             data = _skip_partial_char(data)
-        return data.decode("utf-8", "replace"), start > 0
+        return data.decode("utf-8", "replace"), cut
+
+    def _pipe_intact(self) -> bool:
+        """The read end is still ours and fd 1 still writes into it (user code may close or reuse either)."""
+        try:
+            ours, out = os.fstat(self.fd), os.fstat(1)
+        except OSError:
+            return False
+        return (ours.st_dev, ours.st_ino) == self._ino == (out.st_dev, out.st_ino)
+
+    def _reopen(self) -> None:
+        try:
+            if (os.fstat(self.fd).st_dev, os.fstat(self.fd).st_ino) == self._ino:
+                os.close(self.fd)  # still our read end (fd 1 was replaced): not someone else's file
+        except OSError:
+            pass
+        try:
+            self._open_pipe()
+        except OSError as exc:
+            self.diag(f"cannot capture logs any more: {exc}")
 
     def diag(self, message: str) -> None:
         """Write one line for the host's diagnostics (never part of a function's logs)."""

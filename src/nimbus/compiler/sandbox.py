@@ -24,6 +24,11 @@ CAP_SETUID/SETGID/SETPCAP for ``setpriv``, which clears the bounding set, the gr
 inheritable set and becomes host uid/gid 65534 before the toolchain starts (``no_new_privs`` is set by
 bwrap). The job's directories are chowned to 65534 for that.
 
+System calls: the machines' seccomp filter (:mod:`nimbus.machines.seccomp`: no mount, unshare/setns or
+namespace-creating clone, ptrace, keyctl, bpf, perf_event_open, userfaultfd, kexec, modules…), handed to
+bwrap with ``--seccomp`` on a descriptor the ``/bin/sh`` launcher opens; bwrap installs it just before
+the toolchain's ``exec``, after building the namespaces. Go and rustc need none of the denied calls.
+
 Limits: a cgroup per job (:mod:`nimbus.machines.cgroups`) with the memory limit (no swap), a pids
 limit and a CPU quota that leaves the node a core; where a controller is missing ``RLIMIT_DATA`` stands
 in for memory. ``RLIMIT_CPU`` bounds each process's CPU time, ``RLIMIT_FSIZE`` each file, cores are
@@ -50,6 +55,7 @@ import hashlib
 import logging
 import math
 import os
+import shlex
 import subprocess
 import uuid
 from pathlib import Path
@@ -57,7 +63,7 @@ from pathlib import Path
 from nimbus.compiler import process, recipes, toolchains
 from nimbus.compiler.base import OUT_DIR, SRC_DIR, TMP_DIR, BuildFailed, Job, JobResult, Toolchain, clip
 from nimbus.compiler.workspace import Workspace, private_dir, remove_tree
-from nimbus.machines import cgroups
+from nimbus.machines import cgroups, seccomp
 
 log = logging.getLogger("nimbus.compiler.sandbox")
 
@@ -66,6 +72,7 @@ SANDBOX_GID = 65534
 HOSTNAME = "nimbus-build"
 PATH = "/usr/local/bin:/usr/bin:/bin"
 SHELL = "/bin/sh"
+SECCOMP_FD = 9  # where the launcher opens the seccomp program for bwrap
 SETPRIV = "/usr/bin/setpriv"
 PRLIMIT = "/usr/bin/prlimit"
 RUST_MOUNT = "/opt/rust"
@@ -128,6 +135,7 @@ class SandboxBuilder:
         pids_max: int = DEFAULT_PIDS_MAX,
         bwrap_path: str | None = None,
         use_cgroups: bool | None = None,
+        use_seccomp: bool | None = None,
     ) -> None:
         self.home = Path(home).resolve()
         self.memory_mb = memory_mb
@@ -138,6 +146,9 @@ class SandboxBuilder:
         self.builds_dir = self.home / "builds"
         self.state_dir = self.home / "compiler"
         self._use_cgroups = use_cgroups
+        self._use_seccomp = use_seccomp
+        self._seccomp_path: Path | None = None
+        self.seccomp_note: str | None = None
         self._bwrap_error = ""
         self.bwrap: str | None = bwrap_path
         if self.bwrap is None:
@@ -209,11 +220,16 @@ class SandboxBuilder:
             cgroup = self._make_cgroup(ws.id, self.cpus if cpus is None else cpus)
             try:
                 enforced = cgroup.controllers if cgroup is not None else frozenset()
+                program = self._seccomp_program()
                 argv = self.command(job, tool, src=ws.src, out=ws.out, binds=binds, lower=lower,
-                                    writable=list(writable), enforced=enforced)
-                if cgroup is not None:
-                    # Join before bwrap exists, so it and everything it forks are inside (as the machines do).
-                    argv = [SHELL, "-c", cgroup.shell_join() + 'exec "$@"', "nimbus-build", *argv]
+                                    writable=list(writable), enforced=enforced,
+                                    seccomp_fd=SECCOMP_FD if program is not None else None)
+                if cgroup is not None or program is not None:
+                    # Join before bwrap exists, so it and everything it forks are inside (as the machines do),
+                    # and open the seccomp program as bwrap's fd SECCOMP_FD.
+                    join = cgroup.shell_join() if cgroup is not None else ""
+                    redirect = f" {SECCOMP_FD}<{shlex.quote(str(program))}" if program is not None else ""
+                    argv = [SHELL, "-c", join + 'exec "$@"' + redirect, "nimbus-build", *argv]
                 exit_ = await process.run(argv, env={"PATH": PATH}, timeout_s=job.timeout_s,
                                           kill=cgroup.kill if cgroup is not None else None)
                 note = ""
@@ -241,8 +257,12 @@ class SandboxBuilder:
         lower: Path | None = None,
         writable: list[tuple[str, str]] = (),
         enforced: frozenset[str] = frozenset(),
+        seccomp_fd: int | None = None,
     ) -> list[str]:
-        """The bwrap command line for ``job`` run as ``tool`` (its path inside the sandbox)."""
+        """The bwrap command line for ``job`` run as ``tool`` (its path inside the sandbox).
+
+        ``seccomp_fd``: the descriptor bwrap will inherit holding the seccomp program, if any.
+        """
         if self.privileged:
             # As root: no user namespace (it could only map to host root); setpriv drops to 65534 below.
             args = ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
@@ -278,6 +298,8 @@ class SandboxBuilder:
             args += ["--bind", host, inside]
         args += ["--bind", str(src), SRC_DIR, "--bind", str(out), OUT_DIR, "--chdir", SRC_DIR]
         args += ["--remount-ro", "/"]
+        if seccomp_fd is not None:
+            args += ["--seccomp", str(seccomp_fd)]
         cpu_s = math.ceil(job.timeout_s) + 1
         limits = [PRLIMIT, f"--cpu={cpu_s}:{cpu_s}", "--core=0:0", f"--fsize={FSIZE_MAX}:{FSIZE_MAX}"]
         if "memory" not in enforced:
@@ -305,6 +327,27 @@ class SandboxBuilder:
         if tool.startswith("/"):
             return tool, []
         raise BuildFailed(f"the sandbox builder does not know the tool {tool!r}")
+
+    # ------------------------------------------------------------------ seccomp
+
+    def _seccomp_program(self) -> Path | None:
+        """The exported seccomp program (made once, in ``home/compiler``), or None when there is none."""
+        if self._use_seccomp is False:
+            self.seccomp_note = "disabled"
+            return None
+        if self._seccomp_path is not None and self._seccomp_path.is_file():
+            return self._seccomp_path
+        try:
+            self._seccomp_path = seccomp.program_file(private_dir(self.state_dir))
+            self.seccomp_note = "applied"
+        except (seccomp.SeccompUnavailable, OSError) as exc:
+            if self._use_seccomp:
+                raise BuildFailed(f"seccomp required for builds but unavailable: {exc}") from None
+            if self.seccomp_note is None:
+                log.warning("no seccomp filter for builds: %s", exc)
+            self.seccomp_note = f"unavailable ({exc})"
+            self._seccomp_path = None
+        return self._seccomp_path
 
     # ------------------------------------------------------------------ cgroups
 
@@ -345,6 +388,7 @@ class SandboxBuilder:
             "pids": "cgroup pids" if "pids" in have else "none",
             "cpu": f"cgroup quota of {self.cpus:g} CPUs" if "cpu" in have else "none",
             "cpu_time": "RLIMIT_CPU per process",
+            "syscalls": "seccomp filter" if self._seccomp_path is not None else (self.seccomp_note or "not yet built"),
             "wall_clock": "cgroup kill, then SIGKILL of bwrap" if have
             else "SIGKILL of bwrap (the sandbox's pid namespace dies with it)",
         }

@@ -18,8 +18,13 @@ cleared environment (PATH, HOME=/tmp, LANG only) and sees only:
   the root and everything else read-only, so the function can write to those three places only.
 
 The node's home, ``/root``, ``/work`` and other machines' files are simply not mounted. There is no
-network: a new network namespace holds nothing but its own loopback. A seccomp filter (bwrap's
-``--seccomp FD``) is a later hardening step and is not applied yet.
+network: a new network namespace holds nothing but its own loopback.
+
+System calls. bwrap installs the filter of :mod:`nimbus.machines.seccomp` (``--seccomp FD``) on the
+agent just before ``exec``, once the namespaces are built: mount, unshare/setns and namespace-creating
+clone, ptrace and process_vm_*, keyctl, bpf, perf_event_open, userfaultfd, kexec, modules, reboot,
+swap and more fail with ``EPERM``; the filter is inherited by everything the function starts and
+cannot be removed. bwrap also sets ``no_new_privs``, so no setuid binary regains privileges.
 
 Who the sandbox is on the host depends on who runs the node:
 
@@ -80,8 +85,9 @@ from pathlib import Path
 
 import nimbus
 from nimbus import protocol
+from nimbus.agent.base import RESULT_MAX
 from nimbus.errors import MachineDied, MachineStartError, MachineTimeout, ProtocolError
-from nimbus.machines import cgroups
+from nimbus.machines import cgroups, seccomp
 from nimbus.machines.base import DEFAULT_PING_TIMEOUT_S, DEFAULT_START_TIMEOUT_S, MachineSpec
 
 log = logging.getLogger("nimbus.machines.bwrap")
@@ -360,22 +366,32 @@ class BwrapMachine:
 
     async def _spawn(self, fd: int) -> None:
         loop = asyncio.get_running_loop()
-        argv = self._driver.command(self.spec, fd, self._cgroup)
+        filter_fd = self._driver.open_seccomp()
+        try:
+            argv = self._driver.command(self.spec, fd, self._cgroup, filter_fd)
+        except BaseException:
+            if filter_fd is not None:
+                os.close(filter_fd)
+            raise
         if self._cgroup is not None:
             # Join the cgroup before bwrap exists, so it and all it forks are inside. A shell does it
             # and execs bwrap: cheaper than a preexec_fn, which forces a full fork() of the node.
             argv = [SHELL, "-c", self._cgroup.shell_join() + 'ulimit -c 0; exec "$@"', "nimbus-machine", *argv]
-        self._transport, _ = await loop.subprocess_exec(
-            lambda: _Watch(self),
-            *argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            pass_fds=(fd,),
-            start_new_session=True,  # the node's terminal signals (Ctrl-C) are for the node, not its machines
-            cwd="/",
-            env={"PATH": SANDBOX_ENV["PATH"]},
-        )
+        try:
+            self._transport, _ = await loop.subprocess_exec(
+                lambda: _Watch(self),
+                *argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                pass_fds=(fd,) if filter_fd is None else (fd, filter_fd),
+                start_new_session=True,  # the node's terminal signals (Ctrl-C) are for the node, not its machines
+                cwd="/",
+                env={"PATH": SANDBOX_ENV["PATH"]},
+            )
+        finally:
+            if filter_fd is not None:
+                os.close(filter_fd)  # bwrap has its own copy
         self.pid = self._transport.get_pid()
         try:
             self._pidfd = os.pidfd_open(self.pid)
@@ -456,6 +472,12 @@ class BwrapMachine:
         if reply["type"] not in REPLIES[kind]:
             await self._abort()
             raise ProtocolError(f"machine {self.id}: {reply['type']!r} does not answer {kind!r}; machine killed")
+        if len(reply_blob) > RESULT_MAX:
+            # The agent refuses such results itself: this frame was forged by code that took over the
+            # channel, so nothing the machine says can be trusted any more.
+            await self._abort()
+            raise ProtocolError(f"machine {self.id}: a reply of {len(reply_blob)} bytes is over the result limit "
+                                f"of {RESULT_MAX} bytes; machine killed")
         return reply, reply_blob
 
     async def _has_exited(self) -> bool:
@@ -565,13 +587,34 @@ class BwrapMachine:
         log.warning("machine %s: cgroup %s still busy; left behind", self.id, self._cgroup.name)
 
 
+def enforcement(controllers: frozenset[str], version: int, *, privileged: bool, seccomp_on: bool) -> dict[str, str]:
+    """How each machine limit is enforced, given the writable cgroup ``controllers`` (of cgroup ``version``).
+
+    Shared by :attr:`BwrapDriver.enforcement` and ``nimbus doctor``, so both say the same thing.
+    """
+    kind = f"cgroup v{version}"
+    if "pids" in controllers:
+        pids = f"{kind} pids"
+    elif privileged:
+        pids = f"none (every machine runs as host uid {SANDBOX_UID}, so RLIMIT_NPROC cannot count one)"
+    else:
+        pids = "RLIMIT_NPROC in the machine's user namespace"
+    return {
+        "memory": f"{kind} memory" if "memory" in controllers else "RLIMIT_DATA per process",
+        "pids": pids,
+        "cpu": f"{kind} cpu quota" if "cpu" in controllers else "none",
+        "syscalls": "seccomp filter" if seccomp_on else "none",
+    }
+
+
 class BwrapDriver:
     """Makes :class:`BwrapMachine` sandboxes (see the module docstring for what they contain).
 
     ``home`` is the node's home directory (never visible inside a machine); the driver keeps its
     sandbox ``/etc`` files in ``home/bwrap``. ``bwrap_path`` overrides the binary. ``use_cgroups``:
     ``None`` uses them when the host lets this process manage a cgroup tree, ``False`` never (rlimits
-    only), ``True`` requires them (``MachineStartError`` when unavailable).
+    only), ``True`` requires them (``MachineStartError`` when unavailable). ``use_seccomp`` likewise
+    for the seccomp filter (``None``: applied when libseccomp is there, with a warning when not).
     """
 
     name = "bwrap"
@@ -582,6 +625,7 @@ class BwrapDriver:
         *,
         bwrap_path: str | None = None,
         use_cgroups: bool | None = None,
+        use_seccomp: bool | None = None,
         start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
     ) -> None:
         self.home = Path(home)
@@ -602,6 +646,17 @@ class BwrapDriver:
                     raise MachineStartError(f"cgroups required but unavailable: {exc}") from None
                 self.cgroup_note = f"unavailable ({exc})"
                 log.warning("no cgroup limits for machines, using rlimits: %s", exc)
+        self.seccomp_path: Path | None = None
+        self.seccomp_note = "disabled"
+        if use_seccomp is not False:
+            try:
+                self.seccomp_path = seccomp.program_file(self.home / "bwrap")
+                self.seccomp_note = f"applied ({self.seccomp_path.name})"
+            except (seccomp.SeccompUnavailable, OSError) as exc:
+                if use_seccomp:
+                    raise MachineStartError(f"seccomp required but unavailable: {exc}") from None
+                self.seccomp_note = f"unavailable ({exc})"
+                log.warning("no seccomp filter for machines: %s", exc)
         self._layout = self._sandbox_layout()
         self._wasm_layout = self._wasmtime_layout()
 
@@ -616,18 +671,19 @@ class BwrapDriver:
     def enforcement(self) -> dict[str, str]:
         """How each limit is enforced on this host: resource → mechanism."""
         have = self.hierarchy.controllers if self.hierarchy is not None else frozenset()
-        kind = f"cgroup v{self.hierarchy.version}" if self.hierarchy is not None else ""
-        if "pids" in have:
-            pids = f"{kind} pids"
-        elif self.privileged:
-            pids = f"none (every machine runs as host uid {SANDBOX_UID}, so RLIMIT_NPROC cannot count one)"
-        else:
-            pids = "RLIMIT_NPROC in the machine's user namespace"
-        return {
-            "memory": f"{kind} memory" if "memory" in have else "RLIMIT_DATA per process",
-            "pids": pids,
-            "cpu": f"{kind} cpu quota" if "cpu" in have else "none",
-        }
+        version = self.hierarchy.version if self.hierarchy is not None else 0
+        return enforcement(have, version, privileged=self.privileged, seccomp_on=self.seccomp_path is not None)
+
+    def open_seccomp(self) -> int | None:
+        """A descriptor of the seccomp program for one bwrap (each reads its own to the end), or None."""
+        if self.seccomp_path is None:
+            return None
+        try:
+            return seccomp.open_program(self.seccomp_path)
+        except OSError as exc:  # the node home lost the file: write it again
+            self.seccomp_path = seccomp.program_file(self.home / "bwrap")
+            log.info("rewrote the seccomp program after %s", exc)
+            return seccomp.open_program(self.seccomp_path)
 
     async def create(self, spec: MachineSpec) -> BwrapMachine:
         """Start a machine for ``spec`` and return it once its agent answers (``MachineStartError`` if not)."""
@@ -655,8 +711,12 @@ class BwrapDriver:
         if self.hierarchy is not None:
             self.hierarchy.close()
 
-    def command(self, spec: MachineSpec, fd: int, cgroup: cgroups.Cgroup | None) -> list[str]:
-        """The full bwrap command line for one machine whose channel is inherited as ``fd``."""
+    def command(self, spec: MachineSpec, fd: int, cgroup: cgroups.Cgroup | None,
+                seccomp_fd: int | None = None) -> list[str]:
+        """The full bwrap command line for one machine whose channel is inherited as ``fd``.
+
+        ``seccomp_fd`` is an inherited descriptor of the seccomp program (see :meth:`open_seccomp`).
+        """
         tmp_bytes = str(max(spec.memory_mb, MIN_TMP_MB) << 20)
         # As root the tmpfs mounts belong to root, and the agent runs as 65534: let it write.
         perms = ["--perms", "1777"] if self.privileged else []
@@ -667,6 +727,8 @@ class BwrapDriver:
         argv += [*perms, "--size", tmp_bytes, "--tmpfs", "/tmp"]
         argv += [*perms, "--size", str(TASK_DIR_MB << 20), "--tmpfs", TASK_DIR, "--chdir", TASK_DIR]
         argv += ["--remount-ro", "/"]
+        if seccomp_fd is not None:
+            argv += ["--seccomp", str(seccomp_fd)]
         boot = self._prologue(spec, cgroup.controllers if cgroup is not None else frozenset()) + AGENT_BOOT
         argv += [str(self.python), "-I", "-S", "-c", boot, "--fd", str(fd), "--task-dir", TASK_DIR]
         return argv
@@ -779,4 +841,5 @@ def _parents(paths: list[str]) -> list[str]:
     return out
 
 
-__all__ = ["BwrapDriver", "BwrapMachine", "describe_exit", "find_bwrap", "base_python", "wasmtime_package"]
+__all__ = ["BwrapDriver", "BwrapMachine", "describe_exit", "enforcement", "find_bwrap", "base_python",
+           "wasmtime_package"]
