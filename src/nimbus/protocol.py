@@ -8,6 +8,7 @@ Stdlib only, and cheap to import: the agent imports this module in every machine
 """
 
 import json
+import re
 import struct
 
 HEADER_MAX = 1 << 20  # 1 MiB
@@ -31,9 +32,36 @@ class ProtocolError(Exception):
     """A frame broke the protocol; the channel must be closed."""
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def valid_unicode(value):
+    """JSON's ``\\ud800`` escapes decode to lone surrogates; each becomes U+FFFD, so every string is valid Unicode."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [valid_unicode(item) for item in value]
+    if isinstance(value, dict):
+        return {valid_unicode(key): valid_unicode(item) for key, item in value.items()}
+    return value
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not JSON")  # Python's json reads NaN and Infinity; the protocol does not
+
+
 def encode(header: dict, blob: bytes = b"") -> bytes:
-    """Return one frame as bytes."""
-    head = json.dumps(header, separators=(",", ":")).encode()
+    """Return one frame as bytes; a header that is not a JSON object, or anything oversized, is a ProtocolError."""
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a dict, not {type(header).__name__}")
+    try:
+        head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"header is not JSON-serialisable: {exc}") from None
     if len(head) > HEADER_MAX:
         raise ProtocolError(f"header of {len(head)} bytes is over {HEADER_MAX}")
     if len(blob) > BLOB_MAX:
@@ -54,10 +82,16 @@ def parse_prefix(prefix: bytes) -> tuple[int, int]:
 
 
 def parse_header(raw: bytes, allowed: frozenset | None = None) -> dict:
-    """Decode a header; it must be a JSON object with a string ``type`` (one of ``allowed``)."""
+    """Decode a header; it must be a UTF-8 JSON object with a string ``type`` (one of ``allowed``).
+
+    Strict UTF-8 (``json.loads`` on bytes would also take UTF-16 and UTF-32), no NaN or Infinity, and a
+    header nested deeper than the parser's stack is refused like any other garbage.
+    """
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+        header = json.loads(str(raw, "utf-8"), parse_constant=_no_constants)
+        if _SURROGATE_ESCAPE.search(raw):  # a function's error message, say, may carry one to the host
+            header = valid_unicode(header)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError(f"header is not JSON: {exc}") from None
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
         raise ProtocolError("header must be an object with a string 'type'")
@@ -66,12 +100,13 @@ def parse_header(raw: bytes, allowed: frozenset | None = None) -> dict:
     return header
 
 
-def _recv_exact(sock, n: int) -> bytes:
+def _recv_exact(sock, n: int, *, frame_start: bool = False) -> bytes:
+    """``n`` bytes; a close before them is EOFError only at the start of a frame, else a ProtocolError."""
     buf = bytearray()
     while len(buf) < n:
         chunk = sock.recv(min(n - len(buf), 1 << 20))
         if not chunk:
-            if not buf:
+            if frame_start and not buf:
                 raise EOFError("channel closed")
             raise ProtocolError("channel closed mid-frame")
         buf += chunk
@@ -80,7 +115,7 @@ def _recv_exact(sock, n: int) -> bytes:
 
 def recv_frame(sock, allowed: frozenset | None = None) -> tuple[dict, bytes]:
     """Read one frame from a blocking socket (the agent's side). EOFError on a clean close."""
-    head_len, blob_len = parse_prefix(_recv_exact(sock, PREFIX.size))
+    head_len, blob_len = parse_prefix(_recv_exact(sock, PREFIX.size, frame_start=True))
     header = parse_header(_recv_exact(sock, head_len), allowed)
     blob = _recv_exact(sock, blob_len) if blob_len else b""
     return header, blob
