@@ -100,6 +100,12 @@ def make_node():
     return lambda home, database_url, **overrides: RunningNode(node_settings(home, database_url, **overrides))
 
 
+@pytest.fixture(scope="module")
+def make_module_node():
+    """``make_node`` for module-scoped fixtures (a node shared by a module's tests, with settings of its own)."""
+    return lambda home, database_url, **overrides: RunningNode(node_settings(home, database_url, **overrides))
+
+
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def node(request, tmp_path_factory):
     """One node per test module and database kind; tests use unique function names."""

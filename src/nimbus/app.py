@@ -14,8 +14,9 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from nimbus import compiler, machines
+from nimbus.callbacks import AllowList
 from nimbus.config import Settings
-from nimbus.gateway import build_api
+from nimbus.gateway import auth, build_api
 from nimbus.machines.base import Driver
 from nimbus.metrics import Metrics
 from nimbus.pool import Pool
@@ -73,6 +74,8 @@ class Node:
                 workers=settings.workers,
                 async_poll_s=settings.async_poll_s,
                 async_lease_s=settings.async_lease_s,
+                async_retry_base_s=settings.async_retry_base_s,
+                callback_allow=AllowList(settings.callback_allow),
             )
             metrics.watch(pool.stats, lambda: scheduler.queue_depth)
             await pool.start()
@@ -113,9 +116,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         node = await Node.start(settings)
         app.state.node = node
-        log.info("nimbus node ready on http://%s:%s (driver %s, store %s)", settings.host, settings.port,
-                 settings.driver, node.store.dialect)
         try:
+            if settings.auth == "on":
+                await auth.ensure_first_admin_key(node.store)
+            log.info("nimbus node ready on http://%s:%s (driver %s, store %s, auth %s)", settings.host,
+                     settings.port, settings.driver, node.store.dialect, settings.auth)
             yield
         finally:
             await node.stop()
@@ -128,11 +133,16 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=30,
-    )
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # Stop claiming async work the moment the signal lands, not after HTTP connections drain.
+            node = getattr(app.state, "node", None)
+            if node is not None:
+                node.scheduler.stop_claiming()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=False, timeout_graceful_shutdown=30)
+    Server(config).run()

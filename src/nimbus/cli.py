@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from datetime import datetime
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
@@ -237,6 +238,13 @@ class Api:
         fail(message)
 
 
+class AuthMode(str, Enum):
+    """``nimbus up --auth``: the values of NIMBUS_AUTH."""
+
+    on = "on"
+    off = "off"
+
+
 UrlOption = Annotated[
     str,
     typer.Option("--url", envvar="NIMBUS_URL", help="The node's base URL.", show_envvar=True),
@@ -264,8 +272,26 @@ def up(
         Optional[str],
         typer.Option(help="sqlite:///path or postgresql://... (NIMBUS_DATABASE_URL).", show_default=False),
     ] = None,
+    auth: Annotated[
+        Optional[AuthMode],
+        typer.Option(show_default=False, case_sensitive=False,
+                     help="on: every API call needs an API key; the first start prints an admin key once "
+                          "(NIMBUS_AUTH; default off, which only a loopback address allows)."),
+    ] = None,
+    rate_limit: Annotated[
+        Optional[float],
+        typer.Option(min=0, show_default=False, help="Requests/s per API key, 0 for none (NIMBUS_RATE_LIMIT)."),
+    ] = None,
+    rate_burst: Annotated[
+        Optional[int],
+        typer.Option(min=0, show_default=False,
+                     help="Requests at once above the rate; 0: one second's worth (NIMBUS_RATE_BURST)."),
+    ] = None,
 ) -> None:
-    """Start a node (gateway, scheduler, machine pool) in the foreground; Ctrl-C stops it."""
+    """Start a node (gateway, scheduler, machine pool) in the foreground; Ctrl-C stops it.
+
+    On a loopback address auth stays off unless asked for (--auth on); any other address needs it on.
+    """
     from pydantic import ValidationError
 
     from nimbus.config import Settings
@@ -277,7 +303,9 @@ def up(
         os.environ["NIMBUS_HOME"] = str(home)
     overrides = {
         key: value
-        for key, value in {"host": host, "port": port, "home": home, "database_url": database_url}.items()
+        for key, value in {"host": host, "port": port, "home": home, "database_url": database_url,
+                           "auth": auth.value if auth else None,
+                           "rate_limit": rate_limit, "rate_burst": rate_burst}.items()
         if value is not None
     }
     try:
@@ -547,6 +575,70 @@ def _status_line(inv: dict) -> str:
     return line
 
 
+# ---------------------------------------------------------------- keys
+
+keys_app = typer.Typer(
+    help="Manage API keys (needs an admin key in NIMBUS_API_KEY and a node with auth on).",
+    no_args_is_help=True,
+)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option("--tenant", "-t", help="The tenant the key acts for.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="A label for people.")] = "",
+    admin: Annotated[bool, typer.Option("--admin", help="The key may manage the keys of every tenant.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON (with the key).")] = False,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Create a key; the key is printed on stdout, once: the node keeps only its hash."""
+    with Api(url) as api:
+        key = api.call("POST", "/api/v1/keys", json={"tenant": tenant, "name": name, "admin": admin})
+    if as_json:
+        _print_json(key)
+        return
+    typer.echo(key["key"])
+    kind = "admin key" if key["admin"] else "key"
+    _note(f"created {kind} {key['id']} ({key['prefix']}...) for tenant {key['tenant']}; "
+          "it is shown only now: store it (e.g. export NIMBUS_API_KEY=...)")
+
+
+@keys_app.command("ls")
+def keys_ls(
+    tenant: Annotated[Optional[str], typer.Option("--tenant", "-t", help="Only this tenant's keys.",
+                                                  show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON instead of a table.")] = False,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """List keys (revoked ones too), oldest first; a key shows only its first characters."""
+    with Api(url) as api:
+        found = api.call("GET", "/api/v1/keys", params={"tenant": tenant} if tenant else None)["keys"]
+    if as_json:
+        _print_json({"keys": found})
+        return
+    if not found:
+        _note("no keys")
+        return
+    rows = [
+        [k["id"], k["prefix"] + "...", k["tenant"], k["name"] or "-", "yes" if k["admin"] else "no",
+         _when(k.get("created_at")), _when(k.get("revoked_at")) if k.get("revoked_at") else "-"]
+        for k in found
+    ]
+    typer.echo(_table(["ID", "PREFIX", "TENANT", "NAME", "ADMIN", "CREATED", "REVOKED"], rows))
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id (from 'nimbus keys ls').")],
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Revoke a key: it stops working at once on this node, within NIMBUS_AUTH_CACHE_S on the others."""
+    with Api(url) as api:
+        key = api.call("DELETE", f"/api/v1/keys/{key_id}")
+    typer.echo(f"revoked {key['id']} ({key['prefix']}...) of tenant {key['tenant']}")
+
+
 # ---------------------------------------------------------------- doctor
 
 
@@ -770,11 +862,38 @@ def _compiler_checks() -> list[dict]:
     ]
 
 
+def _check_seccomp() -> dict:
+    """Whether machines and builds get the seccomp filter (libseccomp through pyseccomp)."""
+    from nimbus.machines import seccomp
+
+    ok, detail = seccomp.describe()
+    return _check("seccomp", ok, detail)
+
+
+def _check_limits(cgroups_check: dict, seccomp_check: dict) -> dict:
+    """Which mechanism enforces each machine limit on this host, as the bwrap driver will choose it."""
+    from nimbus.agent.base import RESULT_MAX
+    from nimbus.agent.logs import LOG_TAIL_MAX
+    from nimbus.machines.bwrap import enforcement
+
+    version = 2 if str(cgroups_check.get("version") or "").startswith("v2") else 1
+    found = enforcement(frozenset(cgroups_check.get("writable") or ()), version,
+                        privileged=os.geteuid() == 0, seccomp_on=seccomp_check["ok"])
+    caps = {"result": f"{RESULT_MAX >> 20} MiB", "logs": f"last {LOG_TAIL_MAX >> 10} KiB per call",
+            "tmp": "tmpfs sized as memory_mb"}
+    detail = "; ".join(f"{name}: {how}" for name, how in {**found, **caps}.items())
+    ok = not any(how.startswith("none") for how in found.values())
+    return _check("limits", ok, detail, **found, **caps)
+
+
 def _doctor_checks() -> list[dict]:
+    cgroups_check, seccomp_check = _check_cgroups(), _check_seccomp()
     return [
         _check_bwrap(),
         _check_userns(),
-        _check_cgroups(),
+        cgroups_check,
+        seccomp_check,
+        _check_limits(cgroups_check, seccomp_check),
         _check_kvm(),
         _check_binary("firecracker", ["--version"], "needed by the firecracker driver"),
         _check_binary("jailer", ["--version"], "needed by the firecracker driver"),

@@ -50,7 +50,11 @@ class Settings(BaseSettings):
     queue_size: int = Field(DEFAULT_QUEUE_SIZE, ge=1, description="invocations waiting for a worker")
     workers: int = Field(DEFAULT_WORKERS, ge=1, description="invocations run at once on this node")
     async_poll_s: float = Field(1.0, gt=0, description="how often the store is polled for async work")
-    async_lease_s: float = Field(60.0, gt=0, description="lease on a claimed async invocation, past its timeout")
+    async_lease_s: float = Field(60.0, gt=0, description="lease on a claimed async invocation, renewed while it runs")
+    async_retry_base_s: float = Field(1.0, gt=0, le=3600,
+                                      description="backoff before the first retry of a failed async invocation; doubles")
+    callback_allow: str = Field("", description="hosts, IPs and CIDRs callback_url may name (comma-separated); "
+                                "empty refuses callbacks")
     runtimes: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["python3", "nodejs"], description="runtimes pre-warmed")
     builder: Literal["sandbox", "docker"] = Field("sandbox", description="where Go/Rust/WASM builds run")
     build_timeout_s: float = Field(300.0, gt=0, le=3600, description="wall-clock limit of one build")
@@ -58,7 +62,14 @@ class Settings(BaseSettings):
     build_concurrency: int = Field(1, ge=1, le=64, description="builds run at once on this node")
     builder_go_image: str = Field("golang:1.19", description="image of the docker builder for go")
     builder_rust_image: str = Field("rust:1.95", description="image of the docker builder for rust")
-    auth: Literal["off", "on"] = "off"
+    auth: Literal["off", "on"] = Field("off", description="on: every API call needs an API key (Bearer); "
+                                       "off: one tenant, loopback addresses only")
+    auth_cache_s: float = Field(10.0, ge=0, le=3600, description="how long a key look-up is cached: a key revoked "
+                                "on another node stops working within this time (0: ask the store every call)")
+    rate_limit: float = Field(0.0, ge=0, description="requests/s per API key (per client address with auth off); "
+                              "0: no limit")
+    rate_burst: int = Field(0, ge=0, description="requests a caller may send at once above the rate; "
+                            "0: one second's worth")
     log_level: str = "info"
 
     @classmethod
@@ -81,9 +92,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_open_without_auth(self) -> "Settings":
-        if self.auth == "on":
-            # Refused rather than silently unenforced: API keys and tenants land with the hardening issue.
-            raise ValueError("NIMBUS_AUTH=on is not available in this version; keep the node on a loopback address")
         if self.auth == "off" and not _is_loopback(self.host):
             raise ValueError(
                 f"refusing to bind {self.host} with NIMBUS_AUTH=off: anyone who can reach it could run code; "

@@ -6,7 +6,19 @@ for its function's concurrency slot and then a node-wide worker slot. The "queue
 admitted calls not yet running; when it is full, calls are refused with 429 rather than piling up.
 
 Async invocations are written to the store before their 202 and reach a machine only through
-``claim_async``: a restart (or another node on PostgreSQL) finds them there.
+``claim_async``: a restart (or another node on PostgreSQL) finds them there. Durability rules:
+
+- A claim is a lease whose token (``"<node id>:<nonce>"``, new with every claim) fences every later
+  write of that attempt; it is renewed while the call waits and runs. A task whose lease was lost (or
+  could not be renewed in time) is cancelled, killing its machine: an invocation never runs on two
+  machines at once, and a late finish never overwrites a newer attempt.
+- Every unsuccessful attempt is retried, as Lambda does for async calls: function errors, timeouts, a
+  machine that died, no machine to be had, and a node that crashed mid-call (its lease ran out, or it
+  restarted). An attempt counts when the call reaches a machine, not when it is claimed. Up to the
+  version's ``max_retries`` retries, after ``base * 2^(n-1)`` seconds of backoff (``not_before``);
+  then the invocation is ``failed``, its error saying why and after how many attempts.
+- Shutdown stops claiming, hands back claimed calls that have not reached a machine, lets running ones
+  finish for a while, then hands back the rest.
 """
 
 import asyncio
@@ -14,15 +26,26 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import orjson
 
-from nimbus import protocol
-from nimbus.errors import InitFailed, MachineDied, MachineTimeout, NotFound, Overloaded, ProtocolError, Unavailable
+from nimbus import callbacks, protocol
+from nimbus.errors import (
+    Conflict,
+    InitFailed,
+    InvalidRequest,
+    MachineDied,
+    MachineTimeout,
+    NotFound,
+    Overloaded,
+    ProtocolError,
+    Unavailable,
+)
 from nimbus.metrics import Metrics
 from nimbus.pool import Deployment, Pool, error_of
 from nimbus.store import InvocationRecord, Store
+from nimbus.store.records import FINISHED_STATUSES as FINISHED
 
 log = logging.getLogger("nimbus.scheduler")
 
@@ -34,6 +57,25 @@ DRAIN_TIMEOUT_S = 30.0
 # Runtimes that enforce the deadline themselves (wasm's epoch interruption) answer at it with a
 # TimeoutError and keep their machine's state clean; the host kills a machine this much later.
 TIMEOUT_GRACE_S = 0.5
+IDEMPOTENCY_KEY_MAX = 256
+IDEMPOTENT_POLL_S = 0.05  # how often a repeated sync key looks whether the first call has finished
+# A repeated sync key waits for the first call at most its timeout plus this (acquiring, init, recording).
+IDEMPOTENT_WAIT_EXTRA_S = 60.0
+
+
+class _Held:
+    """An async invocation this node has claimed: its lease token and whether it is going to a machine."""
+
+    __slots__ = ("token", "started", "task")
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.started = False
+        self.task: asyncio.Task | None = None
+
+
+class _LeaseLost(Exception):  # noqa: N818 - control flow inside the scheduler
+    """The claim's lease no longer holds the invocation: another claim took it."""
 
 
 class Scheduler:
@@ -48,6 +90,9 @@ class Scheduler:
         workers: int = 64,
         async_poll_s: float = 1.0,
         async_lease_s: float = 60.0,
+        async_retry_base_s: float = 1.0,
+        callback_allow: callbacks.AllowList | None = None,
+        drain_timeout_s: float = DRAIN_TIMEOUT_S,
     ) -> None:
         self.store = store
         self.pool = pool
@@ -57,6 +102,14 @@ class Scheduler:
         self.workers = workers
         self.async_poll_s = async_poll_s
         self.async_lease_s = async_lease_s
+        self.async_retry_base_s = async_retry_base_s
+        self.drain_timeout_s = drain_timeout_s
+        self.callback_allow = callback_allow if callback_allow is not None else callbacks.AllowList()
+        self.callbacks = callbacks.Deliverer(store, self.callback_allow, node_id, poll_s=async_poll_s,
+                                             base_s=async_retry_base_s)
+        self._held: dict[str, _Held] = {}
+        self._renewer: asyncio.Task | None = None
+        self._leases_valid_until = 0.0
         self._worker_slots = asyncio.Semaphore(workers)
         self._function_slots: dict[str, tuple[int, asyncio.Semaphore]] = {}
         self._admitted = 0
@@ -72,23 +125,58 @@ class Scheduler:
         released = await self.store.release_owned(self.node_id)
         if released:
             log.info("re-queued %d async invocations this node held before it stopped", released)
+        await self.callbacks.start()
         self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="async-dispatch")
+        self._renewer = asyncio.create_task(self._renew_loop(), name="async-leases")
         self._wakeup.set()
 
-    async def close(self, timeout: float = DRAIN_TIMEOUT_S) -> None:
-        """Stop taking work, let running calls finish (up to ``timeout``), then cancel the rest.
+    def stop_claiming(self) -> None:
+        """Take no more async work (the first step of a graceful shutdown; safe from a signal handler)."""
+        self._closing = True
 
-        A cancelled async invocation keeps its lease in the store; this node hands it back at its next start.
+    async def close(self, timeout: float | None = None) -> None:
+        """Stop taking work and hand back what has not started; let running calls finish (up to
+        ``timeout``), then cancel them and hand them back too, so another node or a restart takes them
+        at once rather than when their leases run out.
         """
+        timeout = self.drain_timeout_s if timeout is None else timeout
         self._closing = True
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
-        if self._async_tasks:
-            _, pending = await asyncio.wait(list(self._async_tasks), timeout=timeout)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        waiting = {id_: held for id_, held in self._held.items() if not held.started}
+        await self._cancel([held.task for held in waiting.values()])
+        await self._hand_back(waiting, "not started")
+        running = [held.task for held in self._held.values() if held.task is not None]
+        if running:
+            log.info("waiting up to %g s for %d running async invocations", timeout, len(running))
+            _, pending = await asyncio.wait(running, timeout=timeout)
+            await self._cancel(list(pending))
+        await self._hand_back(dict(self._held), "cut short by the shutdown")
+        await self._cancel([self._renewer])
+        await self.callbacks.close()
+        try:
+            await self.store.release_owned(self.node_id)  # whatever is left: deliveries cut short
+        except Exception:
+            log.exception("could not hand back this node's leases; they will run out instead")
+
+    async def _hand_back(self, leases: dict[str, "_Held"], why: str) -> None:
+        for id_ in leases:
+            self._held.pop(id_, None)
+        if not leases:
+            return
+        try:
+            count = await self.store.release({id_: held.token for id_, held in leases.items()})
+            log.info("handed back %d async invocations (%s)", count, why)
+        except Exception:
+            log.exception("could not hand back %d async invocations; their leases will run out", len(leases))
+
+    @staticmethod
+    async def _cancel(tasks: list) -> None:
+        tasks = [task for task in tasks if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     @property
     def queue_depth(self) -> int:
@@ -97,16 +185,18 @@ class Scheduler:
 
     # ---------------------------------------------------------------- entry points
 
-    async def invoke(self, fn, event: bytes) -> InvocationRecord:
-        """Run a call now and return its finished record (written to the store once, at the end)."""
+    async def invoke(self, fn, event: bytes, *, idempotency_key: str | None = None) -> InvocationRecord:
+        """Run a call now and return its finished record (written to the store once, at the end).
+
+        With ``idempotency_key`` the call is recorded as running first, so a repeat of the key (on any
+        node, even concurrent) finds it and gets its result instead of running it again.
+        """
+        if idempotency_key is not None:
+            return await self._invoke_once(fn, event, idempotency_key)
         self._admit()
         try:
             dep = deployment_of(fn)
-            inv = InvocationRecord(
-                id=new_id(), function_id=dep.function_id, function_name=dep.function_name, tenant=fn.tenant,
-                version=dep.version, version_id=dep.version_id, mode="sync", status="running",
-                created_at=_now(), attempts=1,
-            )
+            inv = self._sync_record(fn, dep)
             await self._execute(dep, inv, event)
             try:
                 await self.store.insert_invocation(inv)
@@ -116,15 +206,80 @@ class Scheduler:
         finally:
             self._admitted -= 1
 
-    async def submit_async(self, fn, event: bytes) -> InvocationRecord:
-        """Record an async call as queued (before the 202 goes out) and wake the dispatcher."""
+    @staticmethod
+    def _sync_record(fn, dep: Deployment, **extra) -> InvocationRecord:
+        return InvocationRecord(
+            id=new_id(), function_id=dep.function_id, function_name=dep.function_name, tenant=fn.tenant,
+            version=dep.version, version_id=dep.version_id, mode="sync", status="running", created_at=_now(),
+            attempts=1, **extra,
+        )
+
+    async def _invoke_once(self, fn, event: bytes, key: str) -> InvocationRecord:
+        key = check_idempotency_key(key)
+        existing = await self.store.get_by_idempotency_key(fn.tenant, key)
+        if existing is not None:
+            return await self._first_result(existing, fn, "sync")
+        self._admit()
+        try:
+            dep = deployment_of(fn)
+            inv = self._sync_record(fn, dep, idempotency_key=key, lease_owner=self.node_id)
+            stored, created = await self.store.insert_idempotent(inv)
+        except BaseException:
+            self._admitted -= 1
+            raise
+        if not created:
+            self._admitted -= 1
+            return await self._first_result(stored, fn, "sync")
+        try:
+            await self._execute(dep, inv, event)
+            try:
+                await self.store.finish_invocation(
+                    inv.id, status=inv.status, start=inv.start, output=inv.output, error=inv.error, logs=inv.logs,
+                    logs_truncated=inv.logs_truncated, duration_ms=inv.duration_ms,
+                    finished_at=inv.finished_at or _now(), started_at=inv.started_at,
+                )
+            except Exception:
+                log.exception("could not record invocation %s", inv.id)
+            return inv
+        finally:
+            self._admitted -= 1
+
+    async def _first_result(self, first: InvocationRecord, fn, mode: str) -> InvocationRecord:
+        """The invocation a repeated Idempotency-Key names; a sync repeat waits for it to finish."""
+        if first.function_id != fn.id or first.mode != mode:
+            raise Conflict(f"this Idempotency-Key was first used for a {first.mode} call of "
+                           f"{first.function_name!r}; use a new key for another request")
+        if mode == "async":
+            return first
+        deadline = time.monotonic() + float(fn.timeout_s) + IDEMPOTENT_WAIT_EXTRA_S
+        while first.status not in FINISHED:
+            if time.monotonic() > deadline:
+                raise Unavailable(f"the first call with this Idempotency-Key ({first.id}) has not finished yet")
+            await asyncio.sleep(IDEMPOTENT_POLL_S)
+            first = await self.store.get_invocation(first.id, first.tenant)
+        return first
+
+    async def submit_async(self, fn, event: bytes, *, callback_url: str | None = None,
+                           idempotency_key: str | None = None) -> InvocationRecord:
+        """Record an async call as queued (before the 202 goes out) and wake the dispatcher.
+
+        A repeated ``idempotency_key`` returns the first invocation instead. ``callback_url`` must be
+        allowed by ``NIMBUS_CALLBACK_ALLOW`` (``InvalidRequest`` otherwise).
+        """
         if self._closing:
             raise Unavailable("the node is shutting down")
+        if idempotency_key is not None:
+            idempotency_key = check_idempotency_key(idempotency_key)
+        if callback_url is not None:
+            callback_url = self.callback_allow.check(callback_url)
         inv = InvocationRecord(
             id=new_id(), function_id=fn.id, function_name=fn.name, tenant=fn.tenant, version=fn.version,
             version_id=fn.version_id, mode="async", status="queued", event=event, created_at=_now(),
+            callback_url=callback_url, idempotency_key=idempotency_key,
         )
-        await self.store.insert_invocation(inv)
+        stored, created = await self.store.insert_idempotent(inv)
+        if not created:
+            return await self._first_result(stored, fn, "async")
         self._wakeup.set()
         return inv
 
@@ -145,9 +300,14 @@ class Scheduler:
             self._function_slots[dep.function_id] = entry
         return entry[1]
 
-    async def _execute(self, dep: Deployment, inv: InvocationRecord, event: bytes) -> None:
-        """Acquire a machine, run the event, fill ``inv`` with the outcome. Never raises for function faults."""
+    async def _execute(self, dep: Deployment, inv: InvocationRecord, event: bytes, on_start=None) -> None:
+        """Acquire a machine, run the event, fill ``inv`` with the outcome. Never raises for function faults.
+
+        ``on_start`` is awaited once the call holds its slots, just before it asks for a machine.
+        """
         async with self._function_slot(dep), self._worker_slots:
+            if on_start is not None:
+                await on_start()
             self._running += 1
             began = time.perf_counter()
             inv.started_at = _now()
@@ -225,51 +385,143 @@ class Scheduler:
                 pass
             self._wakeup.clear()
             free = self.workers - self._admitted
-            if free <= 0:
+            if free <= 0 or self._closing:
                 continue
             try:
-                claimed = await self.store.claim_async(
-                    self.node_id, limit=free, lease_s=MAX_TIMEOUT_S + self.async_lease_s
-                )
+                began = time.monotonic()
+                claimed = await self.store.claim_async(self.node_id, limit=free, lease_s=self.async_lease_s)
             except Exception:
                 log.exception("claiming async invocations failed")
                 continue
+            if self._closing:  # stop_claiming came while the claim was in flight: give them straight back
+                await self.store.release({inv.id: inv.lease_owner for inv in claimed})
+                break
+            if claimed and not self._held:
+                self._leases_valid_until = began + self.async_lease_s
             for inv in claimed:
+                held = self._held[inv.id] = _Held(inv.lease_owner)
                 self._admitted += 1
-                task = asyncio.create_task(self._run_async(inv), name=f"async-{inv.id}")
+                task = held.task = asyncio.create_task(self._run_async(inv, held), name=f"async-{inv.id}")
                 self._async_tasks.add(task)
                 task.add_done_callback(self._async_tasks.discard)
             if len(claimed) == free:
                 self._wakeup.set()  # there may be more waiting
 
-    async def _run_async(self, inv: InvocationRecord) -> None:
-        try:
+    async def _renew_loop(self) -> None:
+        """Renew the leases of every claimed invocation; stop (and kill) work whose lease is gone.
+
+        A lease is lost when the store no longer holds its token (it ran out and another claim took the
+        work), or when renewals have failed for as long as a lease lasts: by then another
+        node may rightly have claimed it, so running on would run the call twice at once.
+        """
+        interval = self.async_lease_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            snapshot = dict(self._held)
+            if not snapshot:
+                continue
+            began = time.monotonic()
             try:
-                version = await self.store.get_version(inv.version_id)
-            except NotFound:
-                return  # the function was deleted, and its invocations with it
-            await self._execute(deployment_of(version), inv, inv.event or b"null")
-            await self._finish(inv)
+                kept = await self.store.renew_leases({id_: held.token for id_, held in snapshot.items()},
+                                                     self.async_lease_s)
+            except Exception:
+                log.exception("renewing %d async leases failed", len(snapshot))
+                if time.monotonic() >= self._leases_valid_until:
+                    self._drop([id_ for id_, held in snapshot.items() if self._held.get(id_) is held],
+                               "its lease could not be renewed in time")
+                continue
+            self._leases_valid_until = began + self.async_lease_s
+            self._drop([id_ for id_, held in snapshot.items() if id_ not in kept and self._held.get(id_) is held],
+                       "its lease was taken by another claim")
+
+    def _drop(self, ids: list[str], why: str) -> None:
+        for id_ in ids:
+            held = self._held.pop(id_)
+            log.warning("stopping async invocation %s (lease %s): %s", id_, held.token, why)
+            if held.task is not None:
+                held.task.cancel()
+
+    async def _run_async(self, inv: InvocationRecord, held: _Held) -> None:
+        try:
+            await self._attempt(inv, held)
+            self._held.pop(inv.id, None)  # written, fenced out, or its function is gone
         except asyncio.CancelledError:
-            raise
-        except Unavailable as exc:
-            inv.status, inv.start, inv.output, inv.logs, inv.duration_ms = "failed", None, None, "", None
-            inv.error = {"type": "Unavailable", "message": f"no machine could run the call: {exc}", "stack": ""}
-            await self._finish(inv)
+            raise  # still held: close() hands it back (a lost lease was dropped already)
+        except _LeaseLost:
+            if self._held.get(inv.id) is held:
+                del self._held[inv.id]
+            log.warning("async invocation %s: lease %s lost before the call started", inv.id, held.token)
         except Exception:
+            # The outcome could not be written: let the lease run out, so the call is tried again.
+            if self._held.get(inv.id) is held:
+                del self._held[inv.id]
             log.exception("async invocation %s failed in the platform; its lease will expire and it will be retried",
                           inv.id)
         finally:
             self._admitted -= 1
 
-    async def _finish(self, inv: InvocationRecord) -> None:
+    async def _attempt(self, inv: InvocationRecord, held: _Held) -> None:
+        """Run one claimed attempt and write what comes next: finished, retried later, or given up."""
         try:
-            await self.store.finish_invocation(
-                inv.id, status=inv.status, start=inv.start, output=inv.output, error=inv.error, logs=inv.logs,
-                logs_truncated=inv.logs_truncated, duration_ms=inv.duration_ms, finished_at=inv.finished_at or _now(),
-            )
+            version = await self.store.get_version(inv.version_id)
         except NotFound:
-            pass  # the function was deleted while the call ran, and its invocations with it
+            return  # the function was deleted, and its invocations with it
+        if inv.attempts > version.max_retries:
+            # Every attempt is used and the last one began but never ended: its node crashed (the lease
+            # ran out, or the node restarted). Attempts that ended were retried or finished by their node.
+            inv.status, inv.start, inv.output, inv.duration_ms = "failed", None, None, None
+            inv.error = {"type": "NodeCrashed", "stack": "",
+                         "message": "the node running the last attempt stopped before it finished"}
+            await self._give_up(inv, held)
+            return
+
+        async def start() -> None:
+            held.started = True  # from here on a shutdown lets it run rather than handing it back
+            if not await self.store.start_attempt(inv.id, held.token):
+                raise _LeaseLost
+            inv.attempts += 1
+
+        try:
+            await self._execute(deployment_of(version), inv, inv.event or b"null", on_start=start)
+        except Unavailable as exc:
+            inv.status, inv.start, inv.output, inv.logs, inv.duration_ms = "failed", None, None, "", None
+            inv.finished_at = _now()
+            inv.error = {"type": "Unavailable", "message": f"no machine could run the call: {exc}", "stack": ""}
+        if inv.status == "succeeded":
+            await self._finish(inv, held)
+        elif inv.attempts <= version.max_retries:
+            delay = callbacks.backoff(inv.attempts, self.async_retry_base_s)
+            log.info("async invocation %s attempt %d %s; retrying in %.1f s", inv.id, inv.attempts, inv.status, delay)
+            if not await self.store.retry_later(
+                inv.id, token=held.token, not_before=_now() + timedelta(seconds=delay),
+                error=inv.error, start=inv.start, logs=inv.logs, logs_truncated=inv.logs_truncated,
+                duration_ms=inv.duration_ms,
+            ):
+                log.warning("async invocation %s: its attempt ended after lease %s was lost; no retry queued",
+                            inv.id, held.token)
+        else:
+            await self._give_up(inv, held)
+
+    async def _give_up(self, inv: InvocationRecord, held: _Held) -> None:
+        """After the last attempt: ``failed``; the error is the last attempt's (its type is the reason:
+        the function's exception, ``TimeoutError``, ``RuntimeExit``, ``NodeCrashed``…), its message left
+        as the function wrote it, plus ``attempts``: how often the call was tried."""
+        error = dict(inv.error or {"type": "Failed", "message": f"the call ended {inv.status}", "stack": ""})
+        error["attempts"] = inv.attempts
+        inv.status, inv.error = "failed", error
+        await self._finish(inv, held)
+
+    async def _finish(self, inv: InvocationRecord, held: _Held) -> None:
+        written = await self.store.finish_invocation(
+            inv.id, status=inv.status, start=inv.start, output=inv.output, error=inv.error, logs=inv.logs,
+            logs_truncated=inv.logs_truncated, duration_ms=inv.duration_ms, finished_at=inv.finished_at or _now(),
+            token=held.token, callback=inv.callback_url is not None,
+        )
+        if not written:
+            log.warning("async invocation %s: its attempt ended after lease %s was lost; the outcome is dropped",
+                        inv.id, held.token)
+        elif inv.callback_url is not None:
+            self.callbacks.wake()
 
 
 class CodeCache:
@@ -309,6 +561,13 @@ def deployment_of(record) -> Deployment:
         # Compiled runtimes run their built artifact; interpreted ones their code.
         code_sha256=record.artifact_sha256 or record.code_sha256,
     )
+
+
+def check_idempotency_key(key: str) -> str:
+    """An ``Idempotency-Key`` as given, if it is 1..256 printable ASCII characters; else ``InvalidRequest``."""
+    if not key.strip() or len(key) > IDEMPOTENCY_KEY_MAX or not all(" " <= ch <= "~" for ch in key):
+        raise InvalidRequest(f"the Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} printable ASCII characters")
+    return key
 
 
 def new_id() -> str:

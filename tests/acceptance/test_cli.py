@@ -74,11 +74,14 @@ def test_doctor_reports_bwrap_ok(nimbus_offline):
     assert result.code == 0, result
     lines = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith(("ok ", "missing "))}
     assert lines["bwrap"].startswith("ok"), result
-    for name in ("cgroups", "kvm", "firecracker", "jailer", "python3", "node", "go", "rust", "wasm",
-                 "wasm32-wasip1", "builder:sandbox", "builder:docker"):
+    for name in ("cgroups", "seccomp", "limits", "kvm", "firecracker", "jailer", "python3", "node", "go", "rust",
+                 "wasm", "wasm32-wasip1", "builder:sandbox", "builder:docker"):
         assert name in lines, f"doctor does not report {name}:\n{result}"
     assert "drivers: bwrap" in result.stdout
     assert lines["builder:sandbox"].startswith("ok"), result
+    assert lines["seccomp"].startswith("ok") and "EPERM" in lines["seccomp"], result
+    for resource in ("memory:", "pids:", "cpu:", "syscalls: seccomp filter", "result: 6 MiB", "logs: last 64 KiB"):
+        assert resource in lines["limits"], f"doctor's limits line lacks {resource!r}:\n{result}"
 
 
 def test_doctor_json(nimbus_offline):
@@ -89,7 +92,15 @@ def test_doctor_json(nimbus_offline):
     assert report["checks"]["bwrap"]["sandbox"] is True
     assert report["drivers"]["bwrap"] is True
     assert report["runtimes"]["python3"] is True
-    assert {"user namespaces", "cgroups", "kvm", "firecracker", "jailer", "node", "rust"} <= set(report["checks"])
+    assert {"user namespaces", "cgroups", "seccomp", "limits", "kvm", "firecracker", "jailer", "node",
+            "rust"} <= set(report["checks"])
+    assert report["checks"]["seccomp"]["ok"] is True
+    limits = report["checks"]["limits"]
+    writable = report["checks"]["cgroups"]["writable"]
+    # each limit names its mechanism: a cgroup controller where that one is writable, an rlimit (or none) where not
+    assert limits["memory"].startswith("cgroup") == ("memory" in writable), limits
+    assert limits["cpu"].startswith("cgroup") == ("cpu" in writable), limits
+    assert limits["syscalls"] == "seccomp filter", limits
     assert report["builders"]["sandbox"] is True and isinstance(report["builders"]["docker"], bool)
     assert report["runtimes"]["wasm"] is True
     for check in report["checks"].values():

@@ -735,8 +735,9 @@ async def test_two_claimers_never_take_the_same_invocation(database_url):
         claimed = {i.id: i for i in a + b}
         for inv in mine:
             got = claimed[inv.id]
-            assert (got.status, got.attempts, got.event) == ("running", 1, inv.event)
-            assert got.lease_owner and got.lease_expires_at > got.started_at
+            # A claim does not count an attempt (start_attempt does); its lease token names the claimer.
+            assert (got.status, got.attempts, got.event) == ("running", 0, inv.event)
+            assert got.lease_owner.startswith("node-") and got.lease_expires_at > datetime.now(UTC)
         assert await first.count_invocations(fn.id, status="queued") == 0
         await first.delete_function(fn.id)
     finally:
@@ -765,22 +766,25 @@ async def test_an_expired_lease_is_claimed_again_and_counts_an_attempt(store):
     await store.insert_invocation(inv)
     crashed, rescuer = unique("node"), unique("node")
 
-    assert inv.id in [i.id for i in await store.claim_async(crashed, limit=1000, lease_s=0.5)]
+    first = {i.id: i for i in await store.claim_async(crashed, limit=1000, lease_s=0.5)}[inv.id]
+    assert await store.start_attempt(inv.id, first.lease_owner)  # it reached a machine: one attempt
     assert inv.id not in [i.id for i in await store.claim_async(rescuer, limit=1000, lease_s=60)]
     await asyncio.sleep(0.6)
-    again = {i.id: i for i in await store.claim_async(rescuer, limit=1000, lease_s=60)}
-    assert (again[inv.id].attempts, again[inv.id].lease_owner) == (2, rescuer)
+    again = {i.id: i for i in await store.claim_async(rescuer, limit=1000, lease_s=60)}[inv.id]
+    assert again.attempts == 1 and again.lease_owner.startswith(f"{rescuer}:")
 
-    assert not await store.renew_lease(inv.id, crashed, 60)  # no longer its lease
+    assert not await store.renew_lease(inv.id, first.lease_owner, 60)  # no longer its lease
+    assert not await store.start_attempt(inv.id, first.lease_owner)
     before = (await store.get_invocation(inv.id)).lease_expires_at
-    assert await store.renew_lease(inv.id, rescuer, 120)
+    assert await store.renew_lease(inv.id, again.lease_owner, 120)
     assert (await store.get_invocation(inv.id)).lease_expires_at > before
+    assert await store.start_attempt(inv.id, again.lease_owner)
 
     await store.finish_invocation(inv.id, status="succeeded", start="warm", output=b"1", error=None, logs="",
                                   logs_truncated=False, duration_ms=3.0, finished_at=datetime.now(UTC))
     done = await store.get_invocation(inv.id)
     assert (done.status, done.attempts, done.lease_owner, done.lease_expires_at) == ("succeeded", 2, None, None)
-    assert not await store.renew_lease(inv.id, rescuer, 60)  # finished work has no lease to renew
+    assert not await store.renew_lease(inv.id, again.lease_owner, 60)  # finished work has no lease to renew
     await store.delete_function(fn.id)
 
 
@@ -799,12 +803,82 @@ async def test_release_owned_requeues_only_that_owners_work(store):
     assert await store.release_owned(restarting) == len(held)
     for inv in early:
         got = await store.get_invocation(inv.id)
-        assert (got.status, got.lease_owner, got.lease_expires_at, got.attempts) == ("queued", None, None, 1)
+        assert (got.status, got.lease_owner, got.lease_expires_at, got.attempts) == ("queued", None, None, 0)
     for inv in late:
         got = await store.get_invocation(inv.id)
-        assert (got.status, got.lease_owner) == ("running", other)
+        assert got.status == "running" and got.lease_owner.startswith(f"{other}:")
     assert await store.release_owned(restarting) == 0
     await store.delete_function(fn.id)
+
+
+# ---------------------------------------------------------------- fencing and backoff
+
+
+async def test_a_stale_lease_can_neither_start_finish_requeue_nor_renew(store):
+    fn = await create(store, max_retries=4)
+    assert (await store.get_version(fn.version_id)).max_retries == 4
+    inv = InvocationRecord(id=uuid.uuid4().hex, function_id=fn.id, function_name=fn.name, version=1,
+                           version_id=fn.version_id, mode="async", event=b"{}")
+    await store.insert_invocation(inv)
+
+    async def claim(owner, lease_s):
+        return {i.id: i for i in await store.claim_async(owner, limit=1000, lease_s=lease_s)}.get(inv.id)
+
+    stale = await claim("node-a", 0.2)
+    assert await store.start_attempt(inv.id, stale.lease_owner)
+    await asyncio.sleep(0.3)
+    fresh = await claim("node-a", 60)  # the same node claims it again: only the lease token tells them apart
+    assert stale.lease_owner != fresh.lease_owner and fresh.attempts == 1
+    outcome = dict(start="warm", output=b"1", error=None, logs="", logs_truncated=False, duration_ms=1.0,
+                   finished_at=datetime.now(UTC))
+    assert not await store.finish_invocation(inv.id, status="succeeded", token=stale.lease_owner, **outcome)
+    assert not await store.finish_invocation(inv.id, status="succeeded", token="node-a", **outcome)
+    assert not await store.retry_later(inv.id, token=stale.lease_owner, not_before=datetime.now(UTC),
+                                       error=None, start=None, logs="", logs_truncated=False, duration_ms=None)
+    assert not await store.start_attempt(inv.id, stale.lease_owner)
+    assert await store.release({inv.id: stale.lease_owner}) == 0
+    assert await store.renew_leases({inv.id: stale.lease_owner}, 60) == set()
+    assert await store.renew_leases({inv.id: fresh.lease_owner}, 60) == {inv.id}
+    got = await store.get_invocation(inv.id)
+    assert (got.status, got.lease_owner, got.attempts, got.output) == ("running", fresh.lease_owner, 1, None)
+
+    # Retried with a backoff: not claimable before not_before, claimable after.
+    assert await store.start_attempt(inv.id, fresh.lease_owner)
+    assert await store.retry_later(inv.id, token=fresh.lease_owner,
+                                   not_before=datetime.now(UTC) + timedelta(hours=1), error={"type": "E"},
+                                   start=None, logs="", logs_truncated=False, duration_ms=None)
+    assert await claim("node-b", 60) is None
+    async with store._write() as conn:
+        await conn.execute(tables.invocations.update().where(tables.invocations.c.id == inv.id)
+                           .values(not_before=datetime.now(UTC) - timedelta(seconds=1)))
+    third = await claim("node-b", 60)
+    assert (third.attempts, third.not_before, third.error) == (2, None, {"type": "E"})
+    assert await store.start_attempt(inv.id, third.lease_owner)
+    assert await store.finish_invocation(inv.id, status="succeeded", token=third.lease_owner, callback=True,
+                                         **outcome)
+    done = await store.get_invocation(inv.id)
+    assert (done.status, done.attempts, done.lease_owner, done.callback_status) == ("succeeded", 3, None, "pending")
+    await store.delete_function(fn.id)
+
+
+async def test_concurrent_inserts_of_one_idempotency_key_keep_one_row_per_tenant(database_url):
+    first, second = await Store.open(database_url), await Store.open(database_url)
+    try:
+        fn = await create(first)
+        key = unique("key")
+        tries = [invocation(fn, mode="async", idempotency_key=key) for _ in range(20)]
+        results = await asyncio.gather(*(
+            (first if n % 2 else second).insert_idempotent(inv) for n, inv in enumerate(tries)))
+        assert sum(created for _, created in results) == 1
+        assert len({record.id for record, _ in results}) == 1
+        assert await first.count_invocations(fn.id) == 1
+        # The key is the tenant's own: another tenant's use of it is another invocation.
+        elsewhere, created = await first.insert_idempotent(invocation(fn, tenant=unique("t"), idempotency_key=key))
+        assert created and (await first.get_by_idempotency_key(elsewhere.tenant, key)).id == elsewhere.id
+        await first.delete_function(fn.id)
+    finally:
+        await first.close()
+        await second.close()
 
 
 # ---------------------------------------------------------------- API keys

@@ -1,7 +1,8 @@
 """The HTTP API (DESIGN §3): FastAPI routers over the store and the scheduler.
 
 ``build_api`` makes the ASGI app; the composition root (``nimbus.app``) puts the running node's parts
-on ``app.state.node`` from its lifespan.
+on ``app.state.node`` from its lifespan. ``app.state.guard`` holds what authentication remembers (the
+key look-up cache and the rate-limit buckets), so the keys routes can forget a revoked key at once.
 """
 
 from contextlib import AbstractAsyncContextManager
@@ -10,15 +11,20 @@ from collections.abc import Callable
 from fastapi import FastAPI
 
 from nimbus import __version__
-from nimbus.gateway import functions, invocations, limits, problems, system
+from nimbus.gateway import auth, functions, invocations, keys, limits, problems, system
 
 
 def build_api(lifespan: Callable[[FastAPI], AbstractAsyncContextManager] | None = None) -> FastAPI:
     app = FastAPI(title="Nimbus", version=__version__, lifespan=lifespan,
                   description="Self-hosted serverless functions in sandboxed machines.")
+    auth.document(app)  # before problems: its pass turns the 401/403/429 this adds into problem documents
     problems.install(app)
     app.include_router(functions.router)
     app.include_router(invocations.router)
+    app.include_router(keys.router)
     app.include_router(system.router)
     app.add_middleware(limits.BodyLimit)
+    # Outermost: a caller without a valid key, or over its rate, is refused before anything else runs.
+    app.state.guard = auth.Guard()
+    app.add_middleware(auth.AuthMiddleware, guard=app.state.guard)
     return app

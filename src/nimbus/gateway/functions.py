@@ -4,12 +4,12 @@ import base64
 import binascii
 
 import orjson
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from starlette.responses import Response
 
 from nimbus import runtimes
 from nimbus.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
-from nimbus.gateway import schemas
+from nimbus.gateway import auth, schemas
 from nimbus.gateway.responses import JSON
 
 router = APIRouter(prefix="/api/v1", tags=["functions"])
@@ -108,7 +108,7 @@ async def create_function(body: schemas.FunctionCreate, request: Request) -> Res
     if runtimes.get(runtime).compiled:
         # A taken name answers 409 now, not after a build of minutes (the insert still decides races).
         try:
-            await node.store.get_function(body.name)
+            await node.store.get_function(body.name, auth.tenant(request))
         except NotFound:
             pass
         else:
@@ -117,6 +117,7 @@ async def create_function(body: schemas.FunctionCreate, request: Request) -> Res
     fn = await node.store.create_function(
         name=body.name, runtime=runtime, handler=handler, env=body.env or {}, memory_mb=body.memory_mb,
         timeout_s=body.timeout_s, concurrency=body.concurrency, code=code, code_kind=_code_kind(code),
+        max_retries=body.max_retries, tenant=auth.tenant(request),
         artifact_sha256=build.artifact_sha256 if build else None,
     )
     return JSON(schemas.function_view(fn, build), status_code=201,
@@ -128,23 +129,24 @@ async def list_functions(
     request: Request,
     runtime: str | None = Query(None, max_length=64),
     limit: int = Query(50, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=(1 << 63) - 1),  # a 64-bit integer: what SQLite and PostgreSQL take
 ) -> Response:
     runtime = runtimes.normalise(runtime) if runtime else None
-    fns, total = await _node(request).store.list_functions(runtime=runtime, limit=limit, offset=offset)
+    fns, total = await _node(request).store.list_functions(runtime=runtime, limit=limit, offset=offset,
+                                                            tenant=auth.tenant(request))
     return JSON({"functions": [schemas.function_view(f) for f in fns], "total": total, "limit": limit,
                  "offset": offset})
 
 
 @router.get("/functions/{name}", response_model=schemas.FunctionOut)
 async def get_function(name: str, request: Request) -> Response:
-    return JSON(schemas.function_view(await _node(request).store.get_function(name)))
+    return JSON(schemas.function_view(await _node(request).store.get_function(name, auth.tenant(request))))
 
 
 @router.put("/functions/{name}", response_model=schemas.FunctionOut)
 async def update_function(name: str, body: schemas.FunctionUpdate, request: Request) -> Response:
     node = _node(request)
-    current = await node.store.get_function(name)
+    current = await node.store.get_function(name, auth.tenant(request))
     runtime = runtimes.normalise(body.runtime) if body.runtime else current.runtime
     has_code = body.code is not None or body.code_base64 is not None
     if runtime != current.runtime and not has_code:
@@ -159,6 +161,7 @@ async def update_function(name: str, body: schemas.FunctionUpdate, request: Requ
         current.id, code=code, code_kind=_code_kind(code) if code is not None else None,
         runtime=runtime if runtime != current.runtime else None, handler=handler, env=body.env,
         memory_mb=body.memory_mb, timeout_s=body.timeout_s, concurrency=body.concurrency,
+        max_retries=body.max_retries, tenant=auth.tenant(request),
         artifact_sha256=build.artifact_sha256 if build else None,
     )
     node.pool.retire_function(fn.id, keep_version_id=fn.version_id)
@@ -168,7 +171,7 @@ async def update_function(name: str, body: schemas.FunctionUpdate, request: Requ
 @router.delete("/functions/{name}", status_code=204, responses={404: {"description": "no such function"}})
 async def delete_function(name: str, request: Request) -> Response:
     node = _node(request)
-    fn = await node.store.delete_function(name)
+    fn = await node.store.delete_function(name, auth.tenant(request))
     node.pool.retire_function(fn.id)
     return Response(status_code=204)
 
@@ -194,23 +197,43 @@ async def _event(request: Request) -> bytes:
     return event
 
 
+# A repeated key (per tenant) answers with the first invocation instead of running again.
+IDEMPOTENCY_KEY = Header(None, alias="Idempotency-Key", max_length=256, pattern=r"^[ -~]*[!-~][ -~]*$",
+                         description="1 to 256 printable ASCII characters; a repeat returns the first invocation")
+
+
 @router.post("/functions/{name}/invoke", response_model=schemas.InvokeOut, openapi_extra=EVENT_BODY,
-             responses={404: {}, 413: {}, 429: {"description": "queue full; see Retry-After"}, 503: {}})
-async def invoke(name: str, request: Request) -> Response:
+             responses={404: {}, 409: {"description": "Idempotency-Key used for another request"}, 413: {},
+                        429: {"description": "queue full; see Retry-After"}, 503: {}})
+async def invoke(name: str, request: Request, idempotency_key: str | None = IDEMPOTENCY_KEY) -> Response:
     node = _node(request)
-    fn = await node.store.get_function(name)
+    fn = await node.store.get_function(name, auth.tenant(request))
     event = await _event(request)
-    inv = await node.scheduler.invoke(fn, event)
+    inv = await node.scheduler.invoke(fn, event, idempotency_key=idempotency_key)
     return JSON(schemas.invoke_view(inv))
 
 
 @router.post("/functions/{name}/async", status_code=202, response_model=schemas.AsyncOut,
-             openapi_extra=EVENT_BODY, responses={404: {}, 413: {}, 503: {}})
-async def invoke_async(name: str, request: Request) -> Response:
+             openapi_extra=EVENT_BODY,
+             responses={404: {}, 409: {"description": "Idempotency-Key used for another request"}, 413: {},
+                        422: {"description": "invalid, or a callback URL NIMBUS_CALLBACK_ALLOW does not allow"},
+                        503: {}})
+async def invoke_async(
+    name: str,
+    request: Request,
+    idempotency_key: str | None = IDEMPOTENCY_KEY,
+    callback_header: str | None = Header(None, alias="X-Nimbus-Callback-Url", max_length=2048,
+                                         description="POSTed the result once the invocation ends"),
+    callback_query: str | None = Query(None, alias="callback_url", max_length=2048,
+                                       description="the same as the X-Nimbus-Callback-Url header"),
+) -> Response:
     node = _node(request)
-    fn = await node.store.get_function(name)
+    if callback_header and callback_query and callback_header != callback_query:
+        raise InvalidRequest("give the callback URL once: X-Nimbus-Callback-Url and callback_url differ")
+    fn = await node.store.get_function(name, auth.tenant(request))
     event = await _event(request)
-    inv = await node.scheduler.submit_async(fn, event)
+    inv = await node.scheduler.submit_async(fn, event, callback_url=callback_header or callback_query or None,
+                                            idempotency_key=idempotency_key)
     return JSON({"invocation_id": inv.id, "status": inv.status}, status_code=202,
                 headers={"Location": f"/api/v1/invocations/{inv.id}"})
 
@@ -218,6 +241,6 @@ async def invoke_async(name: str, request: Request) -> Response:
 @router.get("/functions/{name}/invocations", response_model=schemas.InvocationList)
 async def list_invocations(name: str, request: Request, limit: int = Query(50, ge=1, le=1000)) -> Response:
     node = _node(request)
-    fn = await node.store.get_function(name)
+    fn = await node.store.get_function(name, auth.tenant(request))
     invs = await node.store.list_invocations(fn.id, limit=limit)
     return JSON({"invocations": [schemas.invocation_view(i) for i in invs]})

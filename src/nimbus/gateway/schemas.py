@@ -7,6 +7,8 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from nimbus.runtimes import HANDLER_RE
+
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 ENV_MAX_BYTES = 4096  # Lambda's limit on a function's environment
@@ -16,16 +18,19 @@ RESERVED_ENV_KEYS = frozenset({"PATH", "HOME", "LANG"})
 MEMORY_MB = Field(128, ge=64, le=10240, description="memory limit of each machine, MiB")
 TIMEOUT_S = Field(30.0, gt=0, le=900, description="per-call time limit, seconds")
 CONCURRENCY = Field(10, ge=1, le=1000, description="machines this function may use at once")
+MAX_RETRIES = Field(2, ge=0, le=10, description="retries of a failed async invocation, with backoff")
 
 
 def _check_env(env: dict[str, str] | None) -> dict[str, str] | None:
     if env is None:
         return env
     for key in env:
-        if not ENV_KEY.match(key):
+        if not ENV_KEY.fullmatch(key):  # not match: its $ also matches before a trailing newline
             raise ValueError(f"environment variable name {key!r} must match {ENV_KEY.pattern}")
         if key in RESERVED_ENV_KEYS or key.startswith(RESERVED_ENV_PREFIXES):
             raise ValueError(f"environment variable {key!r} is reserved by the platform")
+        if "\0" in env[key]:  # no process environment can hold it: every call would fail to start
+            raise ValueError(f"environment variable {key!r} holds a NUL character")
     size = sum(len(k.encode()) + len(v.encode()) for k, v in env.items())
     if size > ENV_MAX_BYTES:
         raise ValueError(f"the environment is {size} bytes; the limit is {ENV_MAX_BYTES}")
@@ -37,21 +42,49 @@ class _Code(BaseModel):
 
     code: str | None = Field(None, description="source text (one file)")
     code_base64: str | None = Field(None, description="a file or artifact, base64-encoded")
-    handler: str | None = Field(None, max_length=256, description="module.function; default per runtime")
-    env: dict[str, str] | None = None
+    handler: str | None = Field(None, max_length=256, pattern=HANDLER_RE.pattern,
+                                 description="module.function; default per runtime")
+    env: dict[str, str] | None = Field(None, json_schema_extra={
+        # the names and values _check_env takes (all but its size limit), stated in the OpenAPI document
+        "propertyNames": {"pattern": ENV_KEY.pattern,
+                          "not": {"anyOf": [{"enum": sorted(RESERVED_ENV_KEYS)},
+                                            {"pattern": "^(" + "|".join(RESERVED_ENV_PREFIXES) + ")"}]}},
+        "additionalProperties": {"type": "string", "pattern": "^[^\\x00]*$"},
+    }, description=f"environment variables, at most {ENV_MAX_BYTES} bytes in all; some names are reserved")
 
     @field_validator("env")
     @classmethod
     def _env(cls, env: dict[str, str] | None) -> dict[str, str] | None:
         return _check_env(env)
 
+    @field_validator("*")
+    @classmethod
+    def _unicode(cls, value):
+        """JSON's "\\ud800" escape parses to a lone surrogate: text that cannot be stored or run."""
+        texts = [*value.keys(), *value.values()] if isinstance(value, dict) else [value]
+        for text in texts:
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    text.encode()
+                except UnicodeEncodeError:
+                    raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+        return value
+
 
 class FunctionCreate(_Code):
+    # the OpenAPI document states the "exactly one of code or code_base64" rule of _one_code
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["code"], "properties": {"code": {"type": "string"}}},
+        {"required": ["code_base64"], "properties": {"code_base64": {"type": "string"}}},
+    ]})
+
     name: str = Field(pattern=NAME_PATTERN, description="lower-case letters, digits and '-', starting with a letter")
-    runtime: str = Field(max_length=64, description="python3, nodejs, go, rust, wasm, or a versioned alias such as python3.11")
+    runtime: str = Field(max_length=64, examples=["python3", "nodejs", "go", "rust", "wasm"],
+                         description="python3, nodejs, go, rust, wasm, or a versioned alias such as python3.11")
     memory_mb: int = MEMORY_MB
     timeout_s: float = TIMEOUT_S
     concurrency: int = CONCURRENCY
+    max_retries: int = MAX_RETRIES
 
     @model_validator(mode="after")
     def _one_code(self) -> "FunctionCreate":
@@ -61,10 +94,17 @@ class FunctionCreate(_Code):
 
 
 class FunctionUpdate(_Code):
+    # the OpenAPI document states the rules of _something: not empty, and not both kinds of code
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1, "not": {
+        "required": ["code", "code_base64"],
+        "properties": {"code": {"type": "string"}, "code_base64": {"type": "string"}},
+    }})
+
     runtime: str | None = Field(None, max_length=64)
     memory_mb: int | None = Field(None, ge=64, le=10240)
     timeout_s: float | None = Field(None, gt=0, le=900)
     concurrency: int | None = Field(None, ge=1, le=1000)
+    max_retries: int | None = Field(None, ge=0, le=10)
 
     @model_validator(mode="after")
     def _something(self) -> "FunctionUpdate":
@@ -93,6 +133,7 @@ class FunctionOut(BaseModel):
     memory_mb: int
     timeout_s: float
     concurrency: int
+    max_retries: int = 2
     version: int
     code_sha256: str
     code_size: int
@@ -114,6 +155,7 @@ class ErrorOut(BaseModel):
     type: str
     message: str
     stack: str = ""
+    attempts: int | None = Field(None, description="async calls that failed for good: how often they were tried")
 
 
 class InvokeOut(BaseModel):
@@ -146,6 +188,9 @@ class InvocationOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     attempts: int
+    next_attempt_at: datetime | None = Field(None, description="a queued retry waits until then (backoff)")
+    callback_status: str | None = Field(None, description="pending | delivered | failed; null without callback_url")
+    callback_attempts: int = 0
 
 
 class InvocationList(BaseModel):
@@ -155,7 +200,8 @@ class InvocationList(BaseModel):
 def function_view(fn, build=None) -> dict:
     view = {
         "id": fn.id, "name": fn.name, "runtime": fn.runtime, "handler": fn.handler, "env": fn.env,
-        "memory_mb": fn.memory_mb, "timeout_s": fn.timeout_s, "concurrency": fn.concurrency, "version": fn.version,
+        "memory_mb": fn.memory_mb, "timeout_s": fn.timeout_s, "concurrency": fn.concurrency,
+        "max_retries": fn.max_retries, "version": fn.version,
         "code_sha256": fn.code_sha256, "code_size": fn.code_size, "artifact_sha256": fn.artifact_sha256,
         "artifact_size": fn.artifact_size, "created_at": fn.created_at, "updated_at": fn.updated_at,
     }
@@ -181,5 +227,6 @@ def invocation_view(inv) -> dict:
         "status": inv.status, "start": inv.start, "output": _output(inv.output), "error": inv.error,
         "logs": inv.logs, "logs_truncated": inv.logs_truncated, "duration_ms": inv.duration_ms,
         "created_at": inv.created_at, "started_at": inv.started_at, "finished_at": inv.finished_at,
-        "attempts": inv.attempts,
+        "attempts": inv.attempts, "next_attempt_at": inv.not_before if inv.status == "queued" else None,
+        "callback_status": inv.callback_status, "callback_attempts": inv.callback_attempts,
     }

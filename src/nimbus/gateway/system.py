@@ -1,4 +1,8 @@
-"""Health and metrics: what a load balancer and Prometheus ask."""
+"""Health and metrics: what a load balancer and Prometheus ask.
+
+With auth on, ``/health`` stays open (probes carry no key) and ``/metrics`` needs an admin key (its labels
+name every tenant's functions); ``gateway.auth`` enforces both before these handlers run.
+"""
 
 import asyncio
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 DEFAULT_TENANT = "default"
+DEFAULT_MAX_RETRIES = 2  # Lambda's default for async invocations
 
 MODES = ("sync", "async")
 STATUSES = ("queued", "running", "succeeded", "failed", "timed_out")
@@ -48,7 +49,7 @@ class FunctionRecord:
     """Compiled runtimes: the built artifact the machines run (``code_sha256`` stays the source). None for
     interpreted runtimes, which run the code itself."""
     artifact_size: int | None = None
-    max_retries: int = 2
+    max_retries: int = DEFAULT_MAX_RETRIES
     """How often a failed async invocation is tried again."""
 
 
@@ -78,7 +79,7 @@ class VersionRecord:
     artifact_sha256: str | None = None
     """Compiled runtimes: the built artifact this version runs; None for interpreted runtimes."""
     artifact_size: int | None = None
-    max_retries: int = 2
+    max_retries: int = DEFAULT_MAX_RETRIES
 
 
 @dataclass(slots=True, kw_only=True)

@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from nimbus.errors import Conflict, NimbusError, NotFound, StoreError
 from nimbus.store import tables
 from nimbus.store.records import (
+    DEFAULT_MAX_RETRIES,
     DEFAULT_TENANT,
     FINISHED_STATUSES,
     ApiKeyRecord,
@@ -86,6 +87,7 @@ _FUNCTION_COLUMNS = (
     _f.c.id, _f.c.name, _f.c.tenant, _v.c.runtime, _v.c.handler, _v.c.env, _v.c.memory_mb, _v.c.timeout_s,
     _v.c.concurrency, _f.c.version, _v.c.id.label("version_id"), _v.c.code_sha256, _v.c.code_size,
     _v.c.code_kind, _f.c.created_at, _f.c.updated_at, _v.c.artifact_sha256, _built.c.size.label("artifact_size"),
+    _v.c.max_retries,
 )
 _LATEST = _f.join(_v, sa.and_(_v.c.function_id == _f.c.id, _v.c.version == _f.c.version))
 _SELECT_LATEST = sa.select(*_FUNCTION_COLUMNS).select_from(
@@ -102,7 +104,7 @@ _NAME_TAKEN = sa.select(_f.c.id).where(_f.c.tenant == _tenant, _f.c.name == _key
 _GET_VERSION = sa.select(
     _v.c.id, _v.c.function_id, _f.c.name.label("function_name"), _f.c.tenant, _v.c.version, _v.c.runtime,
     _v.c.handler, _v.c.env, _v.c.memory_mb, _v.c.timeout_s, _v.c.concurrency, _v.c.code_sha256, _v.c.code_size,
-    _v.c.code_kind, _v.c.created_at, _v.c.artifact_sha256, _built.c.size.label("artifact_size"),
+    _v.c.code_kind, _v.c.created_at, _v.c.artifact_sha256, _built.c.size.label("artifact_size"), _v.c.max_retries,
 ).select_from(
     _v.join(_f, _f.c.id == _v.c.function_id).outerjoin(_built, _built.c.sha256 == _v.c.artifact_sha256)
 ).where(_v.c.id == _key)
@@ -134,7 +136,9 @@ _CLAIM_ASYNC = (
         .where(
             _i.c.mode == "async",
             sa.or_(
-                _i.c.status == "queued",
+                # Queued, and past its retry backoff if it has one.
+                sa.and_(_i.c.status == "queued",
+                        sa.or_(_i.c.not_before.is_(None), _i.c.not_before <= sa.bindparam("now"))),
                 # Its node died: the lease ran out without the call finishing or the lease being renewed.
                 sa.and_(_i.c.status == "running", _i.c.lease_expires_at < sa.bindparam("now")),
             ),
@@ -145,20 +149,65 @@ _CLAIM_ASYNC = (
     ))
     .values(
         status="running", lease_owner=sa.bindparam("owner"), lease_expires_at=sa.bindparam("expires"),
-        attempts=_i.c.attempts + 1, started_at=sa.bindparam("started"),
+        not_before=None,
     )
     .returning(*_i.c)
 )
+# A node's leases: its id alone (sync calls, callback deliveries) or its id and a claim's nonce (async work).
+_OWNED = sa.or_(_i.c.lease_owner == sa.bindparam("owner"),
+                _i.c.lease_owner.like(sa.bindparam("owner_like", type_=sa.String), escape="\\"))
 _RELEASE_OWNED = (
     _i.update()
-    .where(_i.c.mode == "async", _i.c.status == "running", _i.c.lease_owner == sa.bindparam("owner"))
-    .values(status="queued", lease_owner=None, lease_expires_at=None, started_at=None)
+    .where(_i.c.mode == "async", _i.c.status == "running", _OWNED)
+    .values(status="queued", lease_owner=None, lease_expires_at=None)
+)
+# A sync call with an Idempotency-Key is recorded as running before it runs; if its node stopped
+# meanwhile, nobody will finish it: say so, so a repeated key gets an answer instead of waiting forever.
+_ABANDON_OWNED_SYNC = (
+    _i.update()
+    .where(_i.c.mode == "sync", _i.c.status == "running", _OWNED)
+    .values(status="failed", lease_owner=None, lease_expires_at=None, finished_at=sa.bindparam("now"),
+            error={"type": "NodeStopped", "message": "the node running this call stopped before it finished",
+                   "stack": ""})
+)
+# Callback deliveries this node held when it stopped are free again at once.
+_RELEASE_OWNED_CALLBACKS = (
+    _i.update()
+    .where(_i.c.callback_status == "pending", _OWNED)
+    .values(lease_owner=None, lease_expires_at=None)
 )
 _RENEW_LEASE = (
     _i.update()
     .where(_i.c.id == _key, _i.c.lease_owner == sa.bindparam("owner"), _i.c.status == "running")
     .values(lease_expires_at=sa.bindparam("expires"))
 )
+# Every write that starts, ends or hands back an attempt is fenced by its lease token ("<node>:<nonce>",
+# new with every claim). A node whose lease ran out, and whose work another claim took, changes nothing
+# with a late write, even when the new claimer is the same node.
+_FENCE = (_i.c.id == _key, _i.c.status == "running", _i.c.lease_owner == sa.bindparam("token"))
+_FENCED_UPDATE = _i.update().where(*_FENCE)
+_CLAIM_CALLBACKS = (
+    _i.update()
+    .where(_i.c.id.in_(
+        sa.select(_i.c.id)
+        .where(
+            _i.c.callback_status == "pending",
+            sa.or_(_i.c.not_before.is_(None), _i.c.not_before <= sa.bindparam("now")),
+            sa.or_(_i.c.lease_expires_at.is_(None), _i.c.lease_expires_at < sa.bindparam("now")),
+        )
+        .order_by(_i.c.finished_at, _i.c.id)
+        .limit(sa.bindparam("limit", type_=sa.Integer))
+        .with_for_update(skip_locked=True)
+    ))
+    .values(lease_owner=sa.bindparam("owner"), lease_expires_at=sa.bindparam("expires"),
+            callback_attempts=_i.c.callback_attempts + 1)
+    .returning(*(c for c in _i.c if c.name != "event"))
+)
+_CALLBACK_DONE = _i.update().where(
+    _i.c.id == _key, _i.c.callback_status == "pending", _i.c.lease_owner == sa.bindparam("owner"),
+    _i.c.callback_attempts == sa.bindparam("attempt"),
+)
+_BY_IDEMPOTENCY_KEY = sa.select(_i).where(_i.c.tenant == _tenant, _i.c.idempotency_key == _key)
 _INVOCATION_FIELDS = tuple(f.name for f in fields(InvocationRecord))
 
 
@@ -551,6 +600,7 @@ class Store:
         code_kind: str,
         tenant: str = DEFAULT_TENANT,
         artifact_sha256: str | None = None,
+        max_retries: int = DEFAULT_MAX_RETRIES,
     ) -> FunctionRecord:
         """Create a function at version 1. ``Conflict`` if the tenant already has one with this name.
 
@@ -564,7 +614,7 @@ class Store:
             id=_new_id(), name=name, tenant=tenant, runtime=runtime, handler=handler, env=dict(env),
             memory_mb=memory_mb, timeout_s=float(timeout_s), concurrency=concurrency, version=1,
             version_id=_new_id(), code_sha256=sha, code_size=len(code), code_kind=code_kind, created_at=now,
-            updated_at=now, artifact_sha256=artifact_sha256,
+            updated_at=now, artifact_sha256=artifact_sha256, max_retries=max_retries,
         )
         with _boundary(f"create function {name!r}"):
             async with self._write() as conn:
@@ -601,6 +651,7 @@ class Store:
         timeout_s: float | None = None,
         concurrency: int | None = None,
         artifact_sha256: str | None = None,
+        max_retries: int | None = None,
     ) -> FunctionRecord:
         """Make version N+1 from the latest, with the given code and settings changed. ``NotFound``.
 
@@ -637,6 +688,7 @@ class Store:
                     code_kind=code_kind if code_kind is not None else current.code_kind,
                     created_at=current.created_at, updated_at=now,
                     artifact_sha256=built[0], artifact_size=built[1],
+                    max_retries=max_retries if max_retries is not None else current.max_retries,
                 )
                 if code is not None:
                     await self._put_artifact(conn, record.code_sha256, record.runtime, code, now)
@@ -825,6 +877,35 @@ class Store:
         """
         await self._inserts.insert({name: getattr(inv, name) for name in _INVOCATION_FIELDS})
 
+    async def insert_idempotent(self, inv: InvocationRecord) -> tuple[InvocationRecord, bool]:
+        """Record ``inv`` unless its tenant already has an invocation with its ``idempotency_key``.
+
+        Returns ``(record, created)``: ``inv`` itself and True, or the first invocation recorded under
+        the key and False. Concurrent inserts of one key, on any node, resolve to one row through the
+        unique index on (tenant, idempotency_key): the losers find the winner's row.
+        """
+        if inv.idempotency_key is None:
+            await self.insert_invocation(inv)
+            return inv, True
+        existing = await self.get_by_idempotency_key(inv.tenant, inv.idempotency_key)
+        if existing is not None:
+            return existing, False
+        try:
+            await self.insert_invocation(inv)
+        except Conflict:
+            existing = await self.get_by_idempotency_key(inv.tenant, inv.idempotency_key)
+            if existing is None:  # the id, not the key, was taken: not ours to explain away
+                raise
+            return existing, False
+        return inv, True
+
+    async def get_by_idempotency_key(self, tenant: str, key: str) -> InvocationRecord | None:
+        """The tenant's invocation recorded under this ``Idempotency-Key``, or None."""
+        with _boundary("look up an idempotency key"):
+            async with self._read() as conn:
+                row = (await conn.execute(_BY_IDEMPOTENCY_KEY, {"tenant": tenant, "key": key})).first()
+        return None if row is None else _invocation(row)
+
     async def finish_invocation(
         self,
         id: str,  # noqa: A002 - the record's own field name
@@ -837,20 +918,138 @@ class Store:
         logs_truncated: bool,
         duration_ms: float | None,
         finished_at: datetime,
-    ) -> None:
-        """Record the outcome of a call and drop its lease. ``NotFound`` if the invocation is gone."""
+        token: str | None = None,
+        callback: bool = False,
+        started_at: datetime | None = None,
+    ) -> bool:
+        """Record the outcome of a call and drop its lease.
+
+        Without ``token``: unconditional; ``NotFound`` if the invocation is gone. With the lease token a
+        claim handed out (``lease_owner`` of the claimed record): fenced, it writes only while that lease
+        still holds the row, and returns False when it no longer does (the lease ran out and the work was
+        claimed again, or was handed back). ``callback`` marks the result for delivery to the
+        invocation's ``callback_url``; ``started_at`` records when the call began.
+        """
         if status not in FINISHED_STATUSES:
             raise ValueError(f"{status!r} is not a finished status ({', '.join(sorted(FINISHED_STATUSES))})")
         values = {
-            "key": id, "status": status, "start": start, "output": output, "error": error, "logs": logs,
+            "status": status, "start": start, "output": output, "error": error, "logs": logs,
             "logs_truncated": logs_truncated, "duration_ms": duration_ms, "finished_at": finished_at,
-            "lease_owner": None, "lease_expires_at": None,
+            "lease_owner": None, "lease_expires_at": None, "not_before": None,
         }
+        if started_at is not None:
+            values["started_at"] = started_at
+        if callback:
+            values["callback_status"] = "pending"
         with _boundary(f"finish invocation {id!r}"):
+            if token is None:
+                async with self._write_one() as conn:
+                    result = await conn.execute(_UPDATE_INVOCATION, {"key": id, **values})
+                if result.rowcount == 0:
+                    raise NotFound(f"invocation {id!r} not found")
+                return True
             async with self._write_one() as conn:
-                result = await conn.execute(_UPDATE_INVOCATION, values)
-        if result.rowcount == 0:
-            raise NotFound(f"invocation {id!r} not found")
+                result = await conn.execute(_FENCED_UPDATE.values(**values), {"key": id, "token": token})
+        return result.rowcount == 1
+
+    async def start_attempt(self, id: str, token: str) -> bool:  # noqa: A002
+        """Count an attempt: the claimed call is about to reach a machine. Fenced by the lease token.
+
+        Attempts are counted here, not at the claim, so work a node had claimed but not started when it
+        died (or was stopped) is not charged an attempt it never made.
+        """
+        with _boundary(f"start invocation {id!r}"):
+            async with self._write_one() as conn:
+                result = await conn.execute(_FENCED_UPDATE.values(attempts=_i.c.attempts + 1, started_at=utcnow()),
+                                            {"key": id, "token": token})
+        return result.rowcount == 1
+
+    async def retry_later(
+        self,
+        id: str,  # noqa: A002
+        *,
+        token: str,
+        not_before: datetime,
+        error: dict | None,
+        start: str | None,
+        logs: str,
+        logs_truncated: bool,
+        duration_ms: float | None,
+    ) -> bool:
+        """Put a failed attempt back in the queue, not to be claimed before ``not_before`` (its backoff).
+
+        The failed attempt's outcome stays visible meanwhile (``error``, ``logs``…) under status
+        ``queued``. Fenced like ``finish_invocation``; False when the lease is no longer this one.
+        """
+        values = {
+            "status": "queued", "lease_owner": None, "lease_expires_at": None, "not_before": not_before,
+            "error": error, "start": start, "logs": logs, "logs_truncated": logs_truncated,
+            "duration_ms": duration_ms, "output": None,
+        }
+        with _boundary(f"queue invocation {id!r} for a retry"):
+            async with self._write_one() as conn:
+                result = await conn.execute(_FENCED_UPDATE.values(**values), {"key": id, "token": token})
+        return result.rowcount == 1
+
+    async def release(self, leases: dict[str, str]) -> int:
+        """Hand back leased async work at once (graceful shutdown): queued again, claimable by anyone.
+
+        ``leases`` maps invocation id to its lease token. Returns how many rows were handed back.
+        """
+        if not leases:
+            return 0
+        statement = _FENCED_UPDATE.values(status="queued", lease_owner=None, lease_expires_at=None)
+        with _boundary("hand back leases"):
+            async with self._write() as conn:
+                count = 0
+                for id_, token in leases.items():  # executemany's rowcount is not reliable on every driver
+                    count += (await conn.execute(statement, {"key": id_, "token": token})).rowcount
+        return count
+
+    async def renew_leases(self, leases: dict[str, str], lease_s: float) -> set[str]:
+        """Extend these leases (invocation id → lease token); the ids whose lease still holds."""
+        if not leases:
+            return set()
+        statement = (
+            _i.update()
+            .where(_i.c.id.in_(list(leases)), _i.c.lease_owner.in_(set(leases.values())), _i.c.status == "running")
+            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+            .returning(_i.c.id, _i.c.lease_owner)
+        )
+        with _boundary("renew leases"):
+            async with self._write_one() as conn:
+                rows = (await conn.execute(statement)).all()
+        return {id_ for id_, token in rows if leases.get(id_) == token}
+
+    # ------------------------------------------------------------ result callbacks
+
+    async def claim_callbacks(self, owner: str, *, limit: int, lease_s: float) -> list[InvocationRecord]:
+        """Take up to ``limit`` pending result deliveries, each leased to ``owner`` for ``lease_s``.
+
+        A finished invocation has no lease of its own, so its lease columns hold the delivery's, and
+        ``not_before`` the delivery's backoff. ``callback_attempts`` counts the claim. No event loaded.
+        """
+        if limit <= 0:
+            return []
+        now = utcnow()
+        params = {"now": now, "limit": limit, "owner": owner, "expires": now + timedelta(seconds=lease_s)}
+        with _boundary("claim result callbacks"):
+            async with self._write_one() as conn:
+                rows = (await conn.execute(_CLAIM_CALLBACKS, params)).all()
+        return [_invocation(row) for row in rows]
+
+    async def callback_done(self, id: str, *, owner: str, attempt: int, status: str,  # noqa: A002
+                            not_before: datetime | None = None) -> bool:
+        """Record a delivery's outcome: ``delivered``, ``failed`` (gave up), or ``pending`` again after
+        ``not_before``. Fenced by the delivery's lease; False when it is no longer this one."""
+        if status not in ("pending", "delivered", "failed"):
+            raise ValueError(f"{status!r} is not a callback status")
+        values = {"callback_status": status, "lease_owner": None, "lease_expires_at": None, "not_before": not_before}
+        with _boundary(f"record the callback of {id!r}"):
+            async with self._write_one() as conn:
+                result = await conn.execute(_CALLBACK_DONE.values(**values),
+                                            {"key": id, "owner": owner, "attempt": attempt})
+        return result.rowcount == 1
 
     async def get_invocation(self, id: str, tenant: str = DEFAULT_TENANT) -> InvocationRecord:  # noqa: A002
         """One invocation, with its event, output and logs. ``NotFound``."""
@@ -871,16 +1070,20 @@ class Store:
     async def claim_async(self, owner: str, *, limit: int, lease_s: float) -> list[InvocationRecord]:
         """Take up to ``limit`` async invocations to run, oldest first, leased to ``owner`` for ``lease_s``.
 
-        Claimable: ``queued``, or ``running`` under a lease that has run out (its node died). Each claimed
-        row becomes ``running`` with ``attempts`` one higher. No two claimers ever get the same row: on
-        PostgreSQL the candidates are picked ``FOR UPDATE SKIP LOCKED``; on SQLite the pick and the update
-        are one statement inside a ``BEGIN IMMEDIATE`` transaction.
+        Claimable: ``queued`` and past its ``not_before``, or ``running`` under a lease that has run out
+        (its node died). Each claimed row becomes ``running``; its ``lease_owner`` is the lease token
+        ``"<owner>:<nonce>"``, new with every claim, which fences every later write of this attempt
+        (``start_attempt``, ``finish_invocation``, ``retry_later``, ``release``). ``attempts`` is not
+        changed: ``start_attempt`` counts it. No two claimers ever get the same row: on PostgreSQL the
+        candidates are picked ``FOR UPDATE SKIP LOCKED``; on SQLite the pick and the update are one
+        statement, run under the write lock that SQLite holds for a whole statement (in-process, the
+        store's own lock serialises writers too).
         """
         if limit <= 0:
             return []
         now = utcnow()
-        params = {"now": now, "limit": limit, "owner": owner, "expires": now + timedelta(seconds=lease_s),
-                  "started": now}
+        params = {"now": now, "limit": limit, "owner": f"{owner}:{uuid.uuid4().hex[:12]}",
+                  "expires": now + timedelta(seconds=lease_s)}
         with _boundary("claim async invocations"):
             async with self._write_one() as conn:
                 rows = (await conn.execute(_CLAIM_ASYNC, params)).all()
@@ -888,18 +1091,24 @@ class Store:
         return sorted((_invocation(row) for row in rows), key=lambda inv: (inv.created_at, inv.id))
 
     async def release_owned(self, owner: str) -> int:
-        """Put back in the queue the async invocations ``owner`` was running; how many.
+        """Put back in the queue the async invocations node ``owner`` was running; how many.
 
         A node restarting after a crash hands back its own work at once instead of waiting for its
-        leases to run out.
+        leases to run out. An interrupted attempt that had started stays counted. Its pending result
+        deliveries are freed too, and its idempotent sync calls, which nobody can finish now, are
+        marked failed.
         """
+        like = owner.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        params = {"owner": owner, "owner_like": f"{like}:%"}
         with _boundary(f"release the leases of {owner!r}"):
-            async with self._write_one() as conn:
-                result = await conn.execute(_RELEASE_OWNED, {"owner": owner})
+            async with self._write() as conn:
+                result = await conn.execute(_RELEASE_OWNED, params)
+                await conn.execute(_ABANDON_OWNED_SYNC, {**params, "now": utcnow()})
+                await conn.execute(_RELEASE_OWNED_CALLBACKS, params)
         return result.rowcount
 
     async def renew_lease(self, id: str, owner: str, lease_s: float) -> bool:  # noqa: A002
-        """Extend ``owner``'s lease on a running invocation; False if the lease is no longer its own."""
+        """Extend the lease ``owner`` (a lease token) holds on a running invocation; False if it no longer does."""
         params = {"key": id, "owner": owner, "expires": utcnow() + timedelta(seconds=lease_s)}
         with _boundary(f"renew the lease on {id!r}"):
             async with self._write_one() as conn:
@@ -919,16 +1128,21 @@ class Store:
 
     # ------------------------------------------------------------ API keys
 
-    async def create_api_key(self, *, tenant: str, name: str, key_hash: str) -> ApiKeyRecord:
-        """Store a new key by its hash (the key itself is never stored). ``Conflict`` if the hash exists."""
-        record = ApiKeyRecord(id=_new_id(), tenant=tenant, name=name, key_hash=key_hash, created_at=utcnow())
+    async def create_api_key(self, *, tenant: str, name: str, key_hash: str, admin: bool = False,
+                             prefix: str = "") -> ApiKeyRecord:
+        """Store a new key by its hash and display prefix (the key itself is never stored).
+
+        ``Conflict`` if the hash exists.
+        """
+        record = ApiKeyRecord(id=_new_id(), tenant=tenant, name=name, key_hash=key_hash, created_at=utcnow(),
+                              admin=admin, prefix=prefix)
         with _boundary(f"create API key {name!r}"):
             async with self._write() as conn:
                 try:
                     await conn.execute(
                         _k.insert(),
                         {"id": record.id, "tenant": tenant, "name": name, "key_hash": key_hash,
-                         "created_at": record.created_at, "revoked_at": None},
+                         "created_at": record.created_at, "revoked_at": None, "admin": admin, "prefix": prefix},
                     )
                 except sa_exc.IntegrityError as exc:
                     if _integrity_kind(exc) == "unique":
@@ -947,11 +1161,27 @@ class Store:
             raise NotFound("no such API key")
         return _api_key(row)
 
-    async def list_api_keys(self, *, tenant: str | None = None) -> list[ApiKeyRecord]:
-        """Every key (revoked ones too), oldest first, of one tenant or all."""
+    async def get_api_key(self, id: str) -> ApiKeyRecord:  # noqa: A002
+        """One key by id, revoked or not. ``NotFound``."""
+        with _boundary(f"get API key {id!r}"):
+            async with self._read() as conn:
+                row = (await conn.execute(sa.select(_k).where(_k.c.id == id))).first()
+        if row is None:
+            raise NotFound(f"API key {id!r} not found")
+        return _api_key(row)
+
+    async def list_api_keys(self, *, tenant: str | None = None, admin: bool | None = None, live: bool = False,
+                            limit: int | None = None) -> list[ApiKeyRecord]:
+        """Keys oldest first: of one tenant or all, admin or not or both, revoked ones unless ``live``."""
         query = sa.select(_k).order_by(_k.c.created_at, _k.c.id)
         if tenant is not None:
             query = query.where(_k.c.tenant == tenant)
+        if admin is not None:
+            query = query.where(_k.c.admin == admin)
+        if live:
+            query = query.where(_k.c.revoked_at.is_(None))
+        if limit is not None:
+            query = query.limit(limit)
         with _boundary("list API keys"):
             async with self._read() as conn:
                 rows = (await conn.execute(query)).all()
@@ -977,5 +1207,5 @@ def _version_row(record: FunctionRecord) -> dict[str, Any]:
         "handler": record.handler, "env": record.env, "memory_mb": record.memory_mb,
         "timeout_s": record.timeout_s, "concurrency": record.concurrency, "code_sha256": record.code_sha256,
         "code_size": record.code_size, "code_kind": record.code_kind, "created_at": record.updated_at,
-        "artifact_sha256": record.artifact_sha256,
+        "artifact_sha256": record.artifact_sha256, "max_retries": record.max_retries,
     }
