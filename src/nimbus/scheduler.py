@@ -5,6 +5,8 @@ every other function behind it. Instead each admitted call runs in its own task 
 for its function's concurrency slot and then a node-wide worker slot. The "queue" is the set of
 admitted calls not yet running; when it is full, calls are refused with 429 rather than piling up.
 
+A plain sync call costs one store write: its finished row, written behind (``Store.record_invocation``;
+the caller already has its answer). A sync call with an Idempotency-Key is recorded before it runs.
 Async invocations are written to the store before their 202 and reach a machine only through
 ``claim_async``: a restart (or another node on PostgreSQL) finds them there. Durability rules:
 
@@ -186,7 +188,8 @@ class Scheduler:
     # ---------------------------------------------------------------- entry points
 
     async def invoke(self, fn, event: bytes, *, idempotency_key: str | None = None) -> InvocationRecord:
-        """Run a call now and return its finished record (written to the store once, at the end).
+        """Run a call now and return its finished record: one store write, at the end, written behind
+        (the caller has its answer; see ``Store.record_invocation``).
 
         With ``idempotency_key`` the call is recorded as running first, so a repeat of the key (on any
         node, even concurrent) finds it and gets its result instead of running it again.
@@ -199,7 +202,7 @@ class Scheduler:
             inv = self._sync_record(fn, dep)
             await self._execute(dep, inv, event)
             try:
-                await self.store.insert_invocation(inv)
+                await self.store.record_invocation(inv)
             except Exception:
                 log.exception("could not record invocation %s", inv.id)
             return inv

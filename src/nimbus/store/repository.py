@@ -10,6 +10,11 @@ How the two backends are kept honest:
 - **Round trips** are what a call costs (each one a hop to aiosqlite's thread, or a packet to
   PostgreSQL), so reads and lone write statements open no transaction, statements are built once, and
   invocation inserts arriving together are committed together.
+- **Finished sync invocations are written behind** (``record_invocation``): the caller already has its
+  answer, so its row waits in memory for a few milliseconds and goes out with the others of that
+  interval in one multi-row INSERT. Reads on this node see it meanwhile; ``close`` writes it out; a crash
+  loses at most the last interval's (plus, while the database is failing, the unwritten backlog's).
+  Async invocations and idempotent sync calls are never written behind: their rows must exist first.
 - **Writes on PostgreSQL** run concurrently from a pool; rows that must not change under a transaction
   are locked explicitly (``FOR UPDATE``, ``FOR KEY SHARE``), and async work is claimed with
   ``FOR UPDATE SKIP LOCKED`` so claimers on any number of nodes never take the same row.
@@ -20,6 +25,7 @@ How the two backends are kept honest:
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -62,6 +68,10 @@ ARTIFACT_PUT_TRIES = 3
 ERROR_DETAIL_MAX = 500
 DEFAULT_LIST_LIMIT = 50
 INSERT_BATCH_MAX = 256  # invocation rows per group-committed transaction
+DEFAULT_WRITE_BEHIND_MS = 5.0  # how long a finished sync invocation may wait in memory for its INSERT
+WRITE_BEHIND_MAX_PENDING = 10_000  # beyond this backlog (a failing database), callers wait for the flush
+WRITE_BEHIND_RETRY_MAX_S = 1.0  # a failing flush is retried with backoff, doubling up to this
+WRITE_BEHIND_CLOSE_TIMEOUT_S = 30.0  # how long close keeps retrying before it gives up on the rows (logged)
 
 # Execution option that makes the SQLite "begin" hook emit BEGIN IMMEDIATE (readers emit no BEGIN).
 _WRITE_OPTION = "nimbus_write"
@@ -421,12 +431,7 @@ class _InsertBatcher:
 
     async def _write(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
         try:
-            if len(batch) == 1:
-                async with self._store._write_one() as conn:
-                    await conn.execute(_INSERT_INVOCATION, batch[0][0])
-            else:
-                async with self._store._write() as conn:
-                    await conn.execute(_INSERT_INVOCATION, [values for values, _ in batch])
+            await self._store._insert_rows([values for values, _ in batch])
         except Exception as exc:
             if len(batch) > 1:
                 for item in batch:
@@ -441,6 +446,124 @@ class _InsertBatcher:
                 future.set_result(None)
 
 
+class _WriteBehind:
+    """Write-behind of finished sync invocations: ``put`` keeps the row and returns at once; a flusher
+    task commits what is pending every ``interval_s``, or as soon as ``max_rows`` are pending, as one
+    multi-row INSERT in one transaction.
+
+    Why: the caller of a sync call already has its answer, so making it wait for its own commit (or
+    paying one transaction per call) only costs latency and caps throughput. Rows stay readable here
+    until committed (``get``, ``of_function``), so this node reads its own writes. A flush that fails
+    is retried with backoff and logged; the rows stay pending meanwhile. A row is dropped only when the
+    database refuses it for good (its function was deleted, or the id is stored already), with a log line.
+    """
+
+    def __init__(self, store: "Store", interval_s: float, max_rows: int) -> None:
+        self._store = store
+        self.interval_s = interval_s
+        self.max_rows = max_rows
+        self._pending: dict[str, dict[str, Any]] = {}  # id → row, oldest first
+        self._inflight: dict[str, dict[str, Any]] = {}  # in a flush not yet committed
+        self._wake = asyncio.Event()  # flush before the interval is up: enough rows, or flush() asked
+        self._hurry = 0  # flush() calls waiting: skip the interval until they are done
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def backlog(self) -> int:
+        """Rows not committed yet."""
+        return len(self._pending) + len(self._inflight)
+
+    def put(self, values: dict[str, Any]) -> None:
+        self._pending[values["id"]] = values
+        if len(self._pending) >= self.max_rows:
+            self._wake.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="nimbus-store-write-behind")
+
+    def get(self, id_: str) -> dict[str, Any] | None:
+        return self._pending.get(id_) or self._inflight.get(id_)
+
+    def of_function(self, function_id: str) -> list[dict[str, Any]]:
+        return [values for rows in (self._inflight, self._pending) for values in rows.values()
+                if values["function_id"] == function_id]
+
+    def forget_function(self, function_id: str) -> None:
+        """Drop the pending rows of a function being deleted (its invocations go with it)."""
+        for id_ in [id_ for id_, values in self._pending.items() if values["function_id"] == function_id]:
+            del self._pending[id_]
+
+    async def flush(self) -> None:
+        """Commit every row put so far, retrying while the database fails."""
+        self._hurry += 1
+        try:
+            while self._task is not None:
+                self._wake.set()
+                await asyncio.shield(self._task)
+        finally:
+            self._hurry -= 1
+
+    async def close(self, timeout: float) -> None:
+        """Flush; after ``timeout`` s of failing, give up and log every row that is lost."""
+        try:
+            await asyncio.wait_for(self.flush(), timeout)
+        except TimeoutError:
+            lost = list(self._inflight) + list(self._pending)
+            if self._task is not None:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+            log.error("the store stopped with %d finished sync invocations still unwritten after %g s of "
+                      "failing writes; lost: %s", len(lost), timeout, ", ".join(lost))
+            self._pending.clear()
+            self._inflight.clear()
+
+    async def _run(self) -> None:
+        backoff = 0.0  # after a failed flush: how long to leave the database alone
+        try:
+            while self._pending:
+                if backoff:
+                    await asyncio.sleep(backoff)  # a full buffer does not cut it short: no hammering
+                elif len(self._pending) < self.max_rows and not self._hurry:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.interval_s)
+                self._wake.clear()
+                if await self._flush_once():
+                    backoff = 0.0
+                else:
+                    backoff = min(max(backoff * 2, self.interval_s, 0.01), WRITE_BEHIND_RETRY_MAX_S)
+        finally:
+            self._task = None
+
+    async def _flush_once(self) -> bool:
+        """Write up to ``max_rows`` pending rows; False (rows pending again) when the database failed."""
+        batch = dict(itertools.islice(self._pending.items(), self.max_rows))
+        for id_ in batch:
+            del self._pending[id_]
+        self._inflight.update(batch)
+        left = dict(batch)  # rows not committed, nor refused for good
+        try:
+            try:
+                await self._store._insert_rows(list(batch.values()))
+                left.clear()
+            except sa_exc.IntegrityError:
+                # One row or more is refused for good: find which, one transaction per row, keep the rest.
+                for id_, values in batch.items():
+                    try:
+                        await self._store._insert_rows([values])
+                    except sa_exc.IntegrityError as exc:
+                        log.warning("not recording sync invocation %s: %s", id_, _insert_error(exc, values))
+                    del left[id_]
+            return True
+        except Exception as exc:
+            log.error("could not write %d finished sync invocations (%s); they stay pending and are retried",
+                      len(left), _describe(exc))
+            return False
+        finally:
+            # Back in front of the newer rows, in one step with leaving _inflight: always readable.
+            self._pending = {**left, **self._pending}
+            for id_ in batch:
+                self._inflight.pop(id_, None)
+
+
 # ---------------------------------------------------------------- the store
 
 
@@ -451,7 +574,8 @@ class Store:
     when done. Every method is a coroutine and safe to call from many tasks of one event loop at once.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, write_behind_ms: float = DEFAULT_WRITE_BEHIND_MS,
+                 write_behind_rows: int = INSERT_BATCH_MAX) -> None:
         """Wrap an engine made by ``Store.open``; use that instead, it migrates and configures SQLite."""
         self._engine = engine
         self.dialect: str = engine.dialect.name
@@ -467,17 +591,26 @@ class Store:
             self._write_lock = None
             self._upsert = postgresql.insert
         self._inserts = _InsertBatcher(self)
+        # None: write-through (NIMBUS_WRITE_BEHIND_MS=0), and after close.
+        self._behind = (_WriteBehind(self, write_behind_ms / 1000, write_behind_rows)
+                        if write_behind_ms > 0 else None)
 
     # ------------------------------------------------------------ lifecycle
 
     @classmethod
-    async def open(cls, url: str | URL) -> "Store":
-        """Connect to ``url`` and apply any migrations it lacks (creating the SQLite file and its folder)."""
+    async def open(cls, url: str | URL, *, write_behind_ms: float = DEFAULT_WRITE_BEHIND_MS,
+                   write_behind_rows: int = INSERT_BATCH_MAX) -> "Store":
+        """Connect to ``url`` and apply any migrations it lacks (creating the SQLite file and its folder).
+
+        ``write_behind_ms``: how long ``record_invocation`` may keep a finished sync invocation in memory
+        before writing it (0: write it before returning); ``write_behind_rows``: at most this many rows
+        per flush, and a flush starts at once when they are pending.
+        """
         target = normalise_url(url)
         shown = target.render_as_string(hide_password=True)
         with _boundary(f"open the database {shown}"):
             engine = _create_engine(target)
-        store = cls(engine)
+        store = cls(engine, write_behind_ms=write_behind_ms, write_behind_rows=write_behind_rows)
         try:
             if store.dialect == "sqlite":
                 await store._use_wal(shown)
@@ -488,11 +621,36 @@ class Store:
         return store
 
     async def close(self) -> None:
-        """Finish pending writes and close every pooled connection. Safe to call twice."""
+        """Finish pending writes (write-behind rows included) and close every pooled connection.
+
+        Safe to call twice. Rows written behind that still fail after ``WRITE_BEHIND_CLOSE_TIMEOUT_S``
+        of retries are logged by id and lost.
+        """
+        behind, self._behind = self._behind, None  # from here on, sync rows are written through
         try:
+            if behind is not None:
+                await behind.close(WRITE_BEHIND_CLOSE_TIMEOUT_S)
             await self._inserts.drain()
         finally:
             await self._engine.dispose()
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Write every finished sync invocation kept by the write-behind now, retrying while the database
+        fails, for up to ``timeout`` s (None: until done). Whether all were written; the rest stay pending.
+        """
+        if self._behind is None:
+            return True
+        try:
+            await asyncio.wait_for(self._behind.flush(), timeout)
+        except TimeoutError:
+            log.warning("%d finished sync invocations are still unwritten after %g s", self._behind.backlog, timeout)
+            return False
+        return True
+
+    @property
+    def unwritten(self) -> int:
+        """Finished sync invocations kept in memory, not committed yet."""
+        return 0 if self._behind is None else self._behind.backlog
 
     async def __aenter__(self) -> "Store":
         return self
@@ -579,6 +737,15 @@ class Store:
         else:
             async with self._write_lock, self._autocommit.connect() as conn:
                 yield conn
+
+    async def _insert_rows(self, rows: list[dict[str, Any]]) -> None:
+        """INSERT invocation rows in one transaction (one executemany); raw SQLAlchemy errors."""
+        if len(rows) == 1:
+            async with self._write_one() as conn:
+                await conn.execute(_INSERT_INVOCATION, rows[0])
+        else:
+            async with self._write() as conn:
+                await conn.execute(_INSERT_INVOCATION, rows)
 
     def _read(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
         """A connection for reading; each statement sees the latest committed data."""
@@ -735,6 +902,10 @@ class Store:
         with _boundary(f"delete function {name_or_id!r}"):
             async with self._write() as conn:
                 function_id = await self._lock_function(conn, name_or_id, tenant)
+                if self._behind is not None:
+                    # Rows not sent yet go with it; one in a flush now either commits first (and is
+                    # deleted here) or finds the function gone and is dropped.
+                    self._behind.forget_function(function_id)
                 record = _function((await conn.execute(_FUNCTION_BY_ID, {"key": function_id})).one())
                 rows = (await conn.execute(
                     sa.select(_v.c.code_sha256, _v.c.artifact_sha256).where(_v.c.function_id == function_id)
@@ -876,6 +1047,26 @@ class Store:
         if the id is taken.
         """
         await self._inserts.insert({name: getattr(inv, name) for name in _INVOCATION_FIELDS})
+
+    async def record_invocation(self, inv: InvocationRecord) -> None:
+        """Record a finished sync invocation, written behind: kept in memory and committed with the
+        others of the next few milliseconds in one INSERT; readable on this node meanwhile.
+
+        Only for rows nothing updates later (a plain sync call): async and idempotent calls must be
+        in the store before they run, through ``insert_invocation``/``insert_idempotent``. Write-through
+        when write-behind is off or the store is closed. A backlog past ``WRITE_BEHIND_MAX_PENDING``
+        (a failing database) makes the caller wait for it, instead of growing without bound.
+        """
+        if inv.status not in FINISHED_STATUSES:
+            raise ValueError(f"only a finished invocation is written behind, not one {inv.status!r}")
+        values = {name: getattr(inv, name) for name in _INVOCATION_FIELDS}
+        behind = self._behind
+        if behind is None:
+            await self._inserts.insert(values)
+            return
+        if behind.backlog >= WRITE_BEHIND_MAX_PENDING:
+            await behind.flush()
+        behind.put(values)
 
     async def insert_idempotent(self, inv: InvocationRecord) -> tuple[InvocationRecord, bool]:
         """Record ``inv`` unless its tenant already has an invocation with its ``idempotency_key``.
@@ -1052,7 +1243,11 @@ class Store:
         return result.rowcount == 1
 
     async def get_invocation(self, id: str, tenant: str = DEFAULT_TENANT) -> InvocationRecord:  # noqa: A002
-        """One invocation, with its event, output and logs. ``NotFound``."""
+        """One invocation, with its event, output and logs (written behind or committed). ``NotFound``."""
+        if self._behind is not None:
+            values = self._behind.get(id)
+            if values is not None and values["tenant"] == tenant:
+                return InvocationRecord(**values)
         with _boundary(f"read invocation {id!r}"):
             async with self._read() as conn:
                 row = (await conn.execute(_GET_INVOCATION, {"key": id, "tenant": tenant})).first()
@@ -1061,11 +1256,18 @@ class Store:
         return _invocation(row)
 
     async def list_invocations(self, function_id: str, *, limit: int = DEFAULT_LIST_LIMIT) -> list[InvocationRecord]:
-        """A function's most recent invocations, newest first. Their ``event`` is not loaded (None)."""
+        """A function's most recent invocations, newest first, those written behind included. Their
+        ``event`` is not loaded (None)."""
         with _boundary("list invocations"):
             async with self._read() as conn:
                 rows = (await conn.execute(_LIST_INVOCATIONS, {"key": function_id, "limit": max(limit, 0)})).all()
-        return [_invocation(row) for row in rows]
+        listed = [_invocation(row) for row in rows]
+        unwritten = self._behind.of_function(function_id) if self._behind is not None else []
+        if not unwritten:
+            return listed
+        merged = {inv.id: inv for inv in listed}  # a row committed while we read is in both
+        merged.update((values["id"], InvocationRecord(**{**values, "event": None})) for values in unwritten)
+        return sorted(merged.values(), key=lambda inv: (inv.created_at, inv.id), reverse=True)[: max(limit, 0)]
 
     async def claim_async(self, owner: str, *, limit: int, lease_s: float) -> list[InvocationRecord]:
         """Take up to ``limit`` async invocations to run, oldest first, leased to ``owner`` for ``lease_s``.
@@ -1116,7 +1318,9 @@ class Store:
         return result.rowcount == 1
 
     async def count_invocations(self, function_id: str | None = None, status: str | None = None) -> int:
-        """How many invocations there are, of one function and/or in one status."""
+        """How many invocations there are, of one function and/or in one status (written-behind rows
+        are flushed first, so they count)."""
+        await self.flush()
         query = sa.select(sa.func.count()).select_from(_i)
         if function_id is not None:
             query = query.where(_i.c.function_id == function_id)
