@@ -24,6 +24,7 @@ from nimbus.scheduler import CodeCache, Scheduler
 from nimbus.store import Store
 
 log = logging.getLogger("nimbus")
+STORE_FLUSH_TIMEOUT_S = 10.0  # a failing database must not hold the shutdown up for long
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Node:
     async def start(cls, settings: Settings) -> "Node":
         home = settings.home.resolve()
         home.mkdir(parents=True, exist_ok=True)
-        store = await Store.open(settings.db_url)
+        store = await Store.open(settings.db_url, write_behind_ms=settings.write_behind_ms)
         driver = builds = None
         try:
             builds = compiler.create_compiler(
@@ -61,6 +62,8 @@ class Node:
                 CodeCache(store).load,
                 runtimes=settings.runtimes,
                 min_warm=settings.min_warm,
+                max_warm=settings.max_warm,
+                autoscale_window_s=settings.autoscale_window_s,
                 max_machines=settings.max_machines,
                 max_age_s=settings.max_age_s,
                 max_uses=settings.max_uses,
@@ -91,6 +94,9 @@ class Node:
 
     async def stop(self) -> None:
         await self.scheduler.close()
+        # No call finishes after this (HTTP drained, scheduler closed): write the sync results kept in
+        # memory now, not after the slow machine teardown, so a crash during it loses none of them.
+        await self.store.flush(timeout=STORE_FLUSH_TIMEOUT_S)  # store.close retries what is still left
         await self.compiler.close()  # kills builds still running: their requests are gone with the server
         await self.pool.close()
         await self.driver.close()

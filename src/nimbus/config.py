@@ -41,7 +41,11 @@ class Settings(BaseSettings):
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)
     database_url: str = Field("", description="default: SQLite at $NIMBUS_HOME/nimbus.db")
     driver: Literal["bwrap", "firecracker"] = "bwrap"
-    min_warm: int = Field(1, ge=0, le=64, description="blank machines kept booted per runtime")
+    min_warm: int = Field(1, ge=0, le=64, description="blank machines kept booted per runtime, at least")
+    max_warm: int = Field(8, ge=0, le=1024, description="blank machines kept booted per runtime, at most: "
+                          "the pool sizes itself in [min_warm, max_warm] from the recent warm and cold start rate")
+    autoscale_window_s: float = Field(30.0, gt=0, le=3600, description="time constant of the decayed start rate "
+                                      "the blank-machine target follows")
     max_machines: int = Field(64, ge=1, description="all machines on this node")
     max_age_s: float = Field(3600.0, gt=0, description="a machine older than this is recycled")
     max_uses: int = Field(10_000, ge=1, description="a machine that served this many calls is recycled")
@@ -49,6 +53,8 @@ class Settings(BaseSettings):
     health_interval_s: float = Field(10.0, gt=0, description="how often idle machines are pinged")
     queue_size: int = Field(DEFAULT_QUEUE_SIZE, ge=1, description="invocations waiting for a worker")
     workers: int = Field(DEFAULT_WORKERS, ge=1, description="invocations run at once on this node")
+    write_behind_ms: float = Field(5.0, ge=0, le=60_000, description="how long a finished sync invocation may wait "
+                                   "in memory to be written with others in one INSERT; 0: written before the reply")
     async_poll_s: float = Field(1.0, gt=0, description="how often the store is polled for async work")
     async_lease_s: float = Field(60.0, gt=0, description="lease on a claimed async invocation, renewed while it runs")
     async_retry_base_s: float = Field(1.0, gt=0, le=3600,
@@ -89,6 +95,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _warm_bounds(self) -> "Settings":
+        if self.max_warm < self.min_warm:
+            raise ValueError(f"NIMBUS_MAX_WARM ({self.max_warm}) must be at least NIMBUS_MIN_WARM ({self.min_warm})")
+        return self
 
     @model_validator(mode="after")
     def _refuse_open_without_auth(self) -> "Settings":

@@ -58,9 +58,16 @@ class _NodeCollector:
 
     def collect(self):
         machines = GaugeMetricFamily("nimbus_pool_machines", "Machines by runtime and state.", labels=["runtime", "state"])
+        targets = GaugeMetricFamily("nimbus_pool_target_blank",
+                                    "Blank machines the pool aims to keep per runtime (autoscaled within "
+                                    "[min_warm, max_warm]).", labels=["runtime"])
         for runtime, states in sorted(self._pool_stats().items()):
             for state, count in sorted(states.items()):
-                machines.add_metric([runtime, state], count)
+                if state == "target":  # a goal, not machines in a state
+                    targets.add_metric([runtime], count)
+                else:
+                    machines.add_metric([runtime, state], count)
         yield machines
+        yield targets
         yield GaugeMetricFamily("nimbus_queue_depth", "Invocations admitted and waiting for a machine.",
                                 value=self._queue_depth())

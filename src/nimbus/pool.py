@@ -5,12 +5,19 @@ pre-booted blank machine of the runtime that is then initialised (*warm*), a new
 A machine that has loaded one version's code serves only that version until it is destroyed: the
 rule that keeps one function from ever seeing another's memory, files or environment.
 
-Two loops run beside the calls: the pre-warm loop keeps ``min_warm`` blank machines per runtime, and
-the health loop pings idle machines and retires the old, the unhealthy and the long idle.
+Two loops run beside the calls: the pre-warm loop keeps each runtime's *target* of blank machines
+booted (and destroys the surplus), and the health loop pings idle machines and retires the old, the
+unhealthy and the long idle (``idle_ttl_s``).
+
+The target sizes itself (``Demand``): the call path only counts warm and cold starts; the pre-warm
+loop folds the counts into an exponentially decayed rate and applies Little's law — blank machines
+needed ≈ starts per second × seconds to boot a replacement, plus a Poisson margin — clamped to
+``[min_warm, max_warm]``.
 """
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -25,6 +32,11 @@ log = logging.getLogger("nimbus.pool")
 DEFAULT_INIT_TIMEOUT_S = 10.0
 PREWARM_INTERVAL_S = 1.0
 PREWARM_BACKOFF_MAX_S = 30.0
+DEFAULT_MAX_WARM = 8
+DEFAULT_AUTOSCALE_WINDOW_S = 30.0
+DEFAULT_BOOT_S = 0.1  # assumed boot time of a runtime's machine until one has been measured
+BOOT_WEIGHT = 0.2  # weight of the newest boot in the moving average of boot times
+MIN_STARTS = 2.0  # starts in the decayed window below which the rate counts as none
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +69,50 @@ class Lease:
 CodeLoader = Callable[[Deployment], Awaitable[bytes]]
 
 
+def blanks_needed(rate: float, boot_s: float, window_s: float) -> int:
+    """Blank machines that cover ``rate`` warm/cold starts per second when a replacement takes ``boot_s``.
+
+    Little's law gives the starts that arrive while one replacement boots (``load = rate × boot_s``);
+    ``load + √load`` adds the usual margin for Poisson arrivals (square-root staffing) so a burst does
+    not drain the stock. Fewer than ``MIN_STARTS`` left in the decayed window is no rate at all: 0 (else
+    one lone start would keep a blank machine booted for ever, and the target would never reach 0).
+    """
+    if rate * window_s < MIN_STARTS:
+        return 0
+    load = rate * boot_s
+    return math.ceil(load + math.sqrt(load))
+
+
+class Demand:
+    """One runtime's appetite for blank machines, estimated from its recent warm and cold starts.
+
+    The call path touches only ``arrivals`` (one increment per warm or cold start), so acquiring stays
+    O(1) and allocation-free; the pre-warm loop calls ``update`` to fold the count into ``rate`` (an
+    exponentially decayed rate with time constant ``window_s``) and recompute ``target``.
+    """
+
+    __slots__ = ("arrivals", "rate", "boot_s", "target", "_updated")
+
+    def __init__(self, target: int, now: float) -> None:
+        self.arrivals = 0
+        self.rate = 0.0
+        self.boot_s = DEFAULT_BOOT_S
+        self.target = target
+        self._updated = now
+
+    def booted(self, seconds: float) -> None:
+        """Fold one measured boot into the moving average (the lead time of a replacement)."""
+        self.boot_s += BOOT_WEIGHT * (max(0.0, seconds) - self.boot_s)
+
+    def update(self, now: float, window_s: float, low: int, high: int) -> int:
+        elapsed = max(0.0, now - self._updated)
+        self._updated = now
+        self.rate = self.rate * math.exp(-elapsed / window_s) + self.arrivals / window_s
+        self.arrivals = 0
+        self.target = min(high, max(low, blanks_needed(self.rate, self.boot_s, window_s)))
+        return self.target
+
+
 class Pool:
     """Owns every machine on the node and decides which one serves a call."""
 
@@ -67,17 +123,32 @@ class Pool:
         *,
         runtimes: list[str],
         min_warm: int = 1,
+        max_warm: int | None = None,
+        autoscale_window_s: float = DEFAULT_AUTOSCALE_WINDOW_S,
         max_machines: int = 64,
         max_age_s: float = 3600.0,
         max_uses: int = 10_000,
         idle_ttl_s: float = 300.0,
         health_interval_s: float = 10.0,
         blank_memory_mb: int = DEFAULT_MEMORY_MB,
+        prewarm_interval_s: float = PREWARM_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``max_warm`` defaults to ``max(min_warm, DEFAULT_MAX_WARM)``; ``clock`` drives the demand estimate."""
+        if max_warm is None:
+            max_warm = max(min_warm, DEFAULT_MAX_WARM)
+        if not 0 <= min_warm <= max_warm:
+            raise ValueError(f"need 0 <= min_warm ({min_warm}) <= max_warm ({max_warm})")
+        if autoscale_window_s <= 0:
+            raise ValueError("autoscale_window_s must be positive")
         self.driver = driver
         self._code_loader = code_loader
         self.runtimes = list(runtimes)
         self.min_warm = min_warm
+        self.max_warm = max_warm
+        self.autoscale_window_s = autoscale_window_s
+        self.prewarm_interval_s = prewarm_interval_s
+        self._clock = clock
         self.max_machines = max_machines
         self.max_age_s = max_age_s
         self.max_uses = max_uses
@@ -86,6 +157,7 @@ class Pool:
         self.blank_memory_mb = blank_memory_mb
 
         self._blank: dict[str, deque[Machine]] = {rt: deque() for rt in self.runtimes}
+        self._demand: dict[str, Demand] = {rt: Demand(min_warm, clock()) for rt in self.runtimes}
         self._idle: dict[str, deque[Lease]] = {}  # version_id -> leases, most recently used on the right
         self._booting: dict[str, int] = dict.fromkeys(self.runtimes, 0)
         self._pinging: dict[str, int] = dict.fromkeys(self.runtimes, 0)  # blanks out of their deque for a ping
@@ -95,6 +167,8 @@ class Pool:
         self._waiters: deque[asyncio.Future] = deque()
         self._refill = asyncio.Event()
         self._loops: list[asyncio.Task] = []
+        self._boots: set[asyncio.Task] = set()
+        self._boot_failures = 0  # consecutive failed pre-warm boots: the loop backs off
         self._reaping: set[asyncio.Task] = set()
         self._closing = False
         self.starts = {"cold": 0, "warm": 0, "hot": 0}
@@ -111,9 +185,10 @@ class Pool:
     async def close(self) -> None:
         """Stop the loops and destroy every machine not in use; busy ones die on release."""
         self._closing = True
-        for task in self._loops:
+        tasks = [*self._loops, *self._boots]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         for blanks in self._blank.values():
             while blanks:
                 self._discard(blanks.popleft())
@@ -157,6 +232,7 @@ class Pool:
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
+        began = self._clock()
         try:
             machine = await self.driver.create(MachineSpec(runtime=dep.runtime, memory_mb=dep.memory_mb))
         except MachineError as exc:
@@ -165,10 +241,16 @@ class Pool:
         except BaseException:
             self._slot_freed()
             raise
+        demand = self._demand.get(dep.runtime)
+        if demand is not None:
+            demand.booted(self._clock() - began)
         return await self._initialise(machine, dep, "cold")
 
     def release(self, lease: Lease, *, healthy: bool = True) -> None:
-        """Give a machine back: kept idle for its version, or destroyed when it should not serve again."""
+        """Give a machine back: kept idle for its version, or destroyed when it should not serve again.
+
+        The lease is the caller's no longer: a hot start hands the same object out again.
+        """
         machine, dep = lease.machine, lease.deployment
         self._busy[dep.runtime] -= 1
         now = time.monotonic()
@@ -199,11 +281,13 @@ class Pool:
         return destroyed
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Machines by runtime and state, for /health, /metrics and tests."""
+        """Machines by runtime and state, and ``target`` (blank machines aimed at), for /health, /metrics, tests."""
         out: dict[str, dict[str, int]] = {}
         for rt in set(self.runtimes) | set(self._busy):
             out[rt] = {"blank": len(self._blank.get(rt, ())), "booting": self._booting.get(rt, 0), "idle": 0,
                        "busy": self._busy.get(rt, 0)}
+            if rt in self._demand:
+                out[rt]["target"] = self._demand[rt].target
         for leases in self._idle.values():
             if leases:
                 rt = leases[0].deployment.runtime
@@ -213,6 +297,15 @@ class Pool:
     @property
     def total(self) -> int:
         return self._count
+
+    def autoscale(self) -> dict[str, int]:
+        """Fold the starts seen since the last round into each runtime's rate; the new blank targets.
+
+        The pre-warm loop calls this every round; tests call it with an injected clock.
+        """
+        now = self._clock()
+        return {rt: demand.update(now, self.autoscale_window_s, self.min_warm, self.max_warm)
+                for rt, demand in self._demand.items()}
 
     # ---------------------------------------------------------------- internals
 
@@ -231,7 +324,8 @@ class Pool:
             lease = leases.pop()
             if self._fresh(lease.machine, now):
                 self._busy[dep.runtime] = self._busy.get(dep.runtime, 0) + 1
-                return Lease(lease.machine, dep, "hot")
+                lease.deployment, lease.start = dep, "hot"  # reused: no allocation on the hot path
+                return lease
             self._discard(lease.machine)
         return None
 
@@ -272,6 +366,10 @@ class Pool:
         return None
 
     async def _initialise(self, machine: Machine, dep: Deployment, start: str) -> Lease:
+        if dep.memory_mb == self.blank_memory_mb:  # a start a blank machine could serve: demand for blanks
+            demand = self._demand.get(dep.runtime)
+            if demand is not None:
+                demand.arrivals += 1
         self._busy[dep.runtime] = self._busy.get(dep.runtime, 0) + 1
         try:
             code = await self._code_loader(dep)
@@ -330,32 +428,39 @@ class Pool:
     # ---------------------------------------------------------------- loops
 
     async def _prewarm_loop(self) -> None:
-        failures = 0
         while True:
             try:
-                await asyncio.wait_for(self._refill.wait(), PREWARM_INTERVAL_S)
+                await asyncio.wait_for(self._refill.wait(), self.prewarm_interval_s)
             except TimeoutError:
                 pass
+            if self._boot_failures:  # the driver is failing: back off rather than hammer it
+                await asyncio.sleep(min(PREWARM_BACKOFF_MAX_S, 0.5 * 2 ** min(self._boot_failures, 8)))
             self._refill.clear()
-            booted = await asyncio.gather(*self._prewarm_once())
-            if any(ok is False for ok in booted):
-                failures += 1
-                await asyncio.sleep(min(PREWARM_BACKOFF_MAX_S, 0.5 * 2**failures))
-            elif booted:
-                failures = 0
+            self._rebalance()
 
-    def _prewarm_once(self) -> list[Awaitable[bool]]:
-        boots = []
+    def _rebalance(self) -> None:
+        """One pre-warm round: new targets, then destroy surplus blanks or start boots for the deficit.
+
+        Boots run as tasks of their own, so a replacement starts as soon as a blank is taken, not after
+        the previous batch: the lead time the sizing rule assumes is one boot.
+        """
+        self.autoscale()
         for rt in self.runtimes:
-            deficit = self.min_warm - len(self._blank[rt]) - self._booting[rt] - self._pinging[rt]
-            while deficit > 0 and self._count < self.max_machines and not self._closing:
+            blanks = self._blank[rt]
+            surplus = len(blanks) + self._booting[rt] + self._pinging[rt] - self._demand[rt].target
+            while surplus > 0 and blanks:
+                self._discard(blanks.popleft())  # the oldest: nearest to max_age
+                surplus -= 1
+            while surplus < 0 and self._count < self.max_machines and not self._closing:
                 self._count += 1
                 self._booting[rt] += 1
-                boots.append(self._boot_blank(rt))
-                deficit -= 1
-        return boots
+                task = asyncio.create_task(self._boot_blank(rt), name=f"prewarm-{rt}")
+                self._boots.add(task)
+                task.add_done_callback(self._boots.discard)
+                surplus += 1
 
-    async def _boot_blank(self, runtime: str) -> bool:
+    async def _boot_blank(self, runtime: str) -> None:
+        began = self._clock()
         try:
             machine = await self.driver.create(MachineSpec(runtime=runtime, memory_mb=self.blank_memory_mb))
         except asyncio.CancelledError:
@@ -364,16 +469,18 @@ class Pool:
             raise
         except Exception as exc:
             self._booting[runtime] -= 1
+            self._boot_failures += 1
             self._slot_freed()
             log.warning("pre-warming a %s machine failed: %s", runtime, exc)
-            return False
+            return
         self._booting[runtime] -= 1
+        self._boot_failures = 0
+        self._demand[runtime].booted(self._clock() - began)
         if self._closing:
             self._discard(machine)
-            return True
+            return
         self._blank[runtime].append(machine)
         self._wake_one()
-        return True
 
     async def _health_loop(self) -> None:
         while True:

@@ -7,6 +7,7 @@ bookkeeping; tests/integration runs the same flows on real bwrap machines.
 import asyncio
 import itertools
 import time
+from types import SimpleNamespace
 
 import orjson
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from nimbus import protocol
 from nimbus.errors import InitFailed, MachineDied, MachineTimeout, Unavailable
 from nimbus.machines.base import MachineSpec
-from nimbus.pool import Deployment, Pool
+from nimbus.pool import Deployment, Pool, blanks_needed
 
 _ids = itertools.count(1)
 
@@ -71,10 +72,42 @@ class MemoryMachine:
             self.driver.destroyed.append(self)
 
 
+class FakeClock:
+    """Time that moves only when the test says so; the pool's demand estimate and the driver's boots use it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self._sleepers: list[tuple[float, asyncio.Future]] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    @property
+    def sleeping(self) -> int:
+        return sum(not fut.done() for _, fut in self._sleepers)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        due = [fut for at, fut in self._sleepers if at <= self.now]
+        self._sleepers = [(at, fut) for at, fut in self._sleepers if at > self.now]
+        for fut in due:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self.now + seconds, fut))
+        await fut
+
+
 class MemoryDriver:
     name = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, clock: FakeClock | None = None, boot_s: float = 0.0) -> None:
+        self.clock = clock  # with a clock, a machine takes boot_s of its time to start
+        self.boot_s = boot_s
         self.created: list[MemoryMachine] = []
         self.destroyed: list[MemoryMachine] = []
         self.pings_fail = False
@@ -83,6 +116,8 @@ class MemoryDriver:
 
     async def create(self, spec: MachineSpec) -> MemoryMachine:
         await asyncio.sleep(0)
+        if self.clock is not None:
+            await self.clock.sleep(self.boot_s)
         if self.fail_create:
             from nimbus.errors import MachineStartError
 
@@ -114,11 +149,13 @@ async def pool():
 
 
 async def run(pool: Pool, d: Deployment, event=b"{}"):
+    """One call; returns what the lease said (a lease is reused once released, so it is copied first)."""
     lease = await pool.acquire(d)
+    seen = SimpleNamespace(start=lease.start, machine=lease.machine)
     healthy = True
     try:
         reply, blob = await lease.machine.request({"type": protocol.EXEC}, event)
-        return lease, orjson.loads(blob)
+        return seen, orjson.loads(blob)
     except MachineTimeout:
         healthy = False
         raise
@@ -276,3 +313,120 @@ async def test_health_round_does_not_make_prewarm_overfill():
         assert p.stats()["python3"]["blank"] == 2 and len(driver.created) == 2
     finally:
         await p.close()
+
+
+# ---------------------------------------------------------------- the pool sizes itself
+
+
+async def until(check, tries: int = 500) -> None:
+    """Let the pool's loops run until ``check()`` holds (a generous bound, not a timing assertion)."""
+    for _ in range(tries):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    assert check()
+
+
+def autoscaled_pool(clock: FakeClock, *, min_warm=1, max_warm=8, boot_s=0.5, **kwargs) -> Pool:
+    return Pool(MemoryDriver(clock, boot_s), load_code, runtimes=["python3"], min_warm=min_warm, max_warm=max_warm,
+                autoscale_window_s=10, max_machines=256, health_interval_s=3600, clock=clock, **kwargs)
+
+
+async def cold_burst(p: Pool, clock: FakeClock, count: int, **dep_args) -> None:
+    """``count`` calls of new functions at once: each needs a machine that boots in ``boot_s``."""
+    calls = [asyncio.create_task(p.acquire(dep(f"burst{next(_ids)}", **dep_args))) for _ in range(count)]
+    await until(lambda: clock.sleeping >= count)
+    clock.advance(p.driver.boot_s)
+    for lease in await asyncio.gather(*calls):
+        p.release(lease)
+
+
+def test_blanks_needed_is_littles_law_with_a_poisson_margin():
+    """The sizing rule itself: starts during one boot (rate × boot), plus √ of that, rounded up."""
+    assert blanks_needed(rate=3.0, boot_s=0.5, window_s=10) == 3  # load 1.5 -> 1.5 + 1.22
+    assert blanks_needed(rate=100.0, boot_s=0.01, window_s=10) == 2  # load 1 -> 2
+    assert blanks_needed(rate=20.0, boot_s=0.5, window_s=10) == 14  # load 10 -> 13.2
+    assert blanks_needed(rate=0.15, boot_s=5.0, window_s=10) == 0  # under two starts in the window: no rate
+
+
+async def test_target_rises_under_a_burst_of_starts_and_decays_to_min_warm_when_idle():
+    """A burst of warm/cold starts raises the blank target; with no more starts it decays back to min_warm."""
+    clock = FakeClock()
+    p = autoscaled_pool(clock, min_warm=1)
+    try:
+        assert p.autoscale() == {"python3": 1}
+        await cold_burst(p, clock, 30)
+        # 30 starts in a 10 s window: 3 starts/s, boots measured at 0.5 s -> load 1.5 -> 3 blanks
+        assert p.autoscale() == {"python3": 3} and p.stats()["python3"]["target"] == 3
+        targets = []
+        for _ in range(8):
+            clock.advance(10)
+            targets.append(p.autoscale()["python3"])
+        assert targets == sorted(targets, reverse=True) and targets[0] == 2 and targets[-1] == 1, targets
+    finally:
+        await p.close()
+
+
+async def test_target_is_clamped_to_max_warm():
+    """However large the burst, the pool keeps no more than max_warm blank machines per runtime."""
+    clock = FakeClock()
+    p = autoscaled_pool(clock, min_warm=0, max_warm=2)
+    try:
+        await cold_burst(p, clock, 200)  # unclamped: 20 starts/s x 0.5 s -> 14
+        assert p.autoscale() == {"python3": 2}
+    finally:
+        await p.close()
+
+
+async def test_hot_starts_and_odd_sized_machines_do_not_raise_the_target():
+    """Only starts a blank machine could have served count: not hot ones, not other memory sizes."""
+    clock = FakeClock()
+    p = autoscaled_pool(clock, min_warm=0, boot_s=0.0)
+    try:
+        for _ in range(30):
+            await run(p, dep("same"))  # one cold start, 29 hot
+        p.driver.boot_s = 0.5
+        await cold_burst(p, clock, 30, memory_mb=512)  # blank machines are 128 MB: these never fit one
+        assert p.autoscale() == {"python3": 0}
+        await cold_burst(p, clock, 30)  # the same burst at the blank size does count
+        assert p.autoscale()["python3"] >= 1
+    finally:
+        await p.close()
+
+
+async def test_prewarm_loop_boots_up_to_the_target_and_destroys_the_surplus():
+    """The background loop, not the call path, moves the blank count to the target, both ways."""
+    clock = FakeClock()
+    p = autoscaled_pool(clock, min_warm=0, max_warm=8, prewarm_interval_s=0.01)
+    await p.start()
+    try:
+        await cold_burst(p, clock, 30)
+        await until(lambda: p.stats()["python3"]["booting"] == 3)  # target 3, as computed above
+        clock.advance(0.5)
+        await until(lambda: p.stats()["python3"]["blank"] == 3)
+        lease = await p.acquire(dep("warm"))
+        assert lease.start == "warm"
+        p.release(lease)
+        await until(lambda: p.stats()["python3"]["booting"] == 1)  # the taken blank is replaced
+        clock.advance(0.5)
+        await until(lambda: p.stats()["python3"]["blank"] == 3)
+        blanks = list(p._blank["python3"])
+        clock.advance(120)  # idle: the rate decays, the target falls to min_warm, the surplus goes
+        await until(lambda: p.stats()["python3"] == {"blank": 0, "booting": 0, "idle": 31, "busy": 0, "target": 0})
+        await p.drain_reaping()
+        assert all(not m.alive for m in blanks) and p.total == 31
+    finally:
+        await p.close()
+
+
+def test_max_warm_below_min_warm_is_refused():
+    """A ceiling under the floor is a configuration error, caught at start rather than ignored."""
+    from pydantic import ValidationError
+
+    from nimbus.config import Settings
+
+    with pytest.raises(ValidationError, match="MAX_WARM"):
+        Settings(min_warm=3, max_warm=2)
+    assert Settings(min_warm=2, max_warm=2).max_warm == 2
+    with pytest.raises(ValueError):
+        Pool(MemoryDriver(), load_code, runtimes=["python3"], min_warm=3, max_warm=2)
