@@ -432,7 +432,9 @@ def test_closing_the_agents_fds_loses_logs_not_the_agent(agent):
     """)
     reply, _ = agent.exec("close")
     assert reply["type"] == "result" and "closed the agent's log pipe" in reply["logs"], reply
-    assert agent.exec("again")[0]["logs"] == "before\nafter again\n"  # a new pipe catches everything again
+    # A new pipe catches everything again. "after close" may lead it: when the drain thread still held the
+    # old read end at the close, that line was written and is read late; it is this function's own output.
+    assert agent.exec("again")[0]["logs"].endswith("before\nafter again\n")
 
 
 # ---------------------------------------------------------------- python3: errors

@@ -1,0 +1,105 @@
+"""The issue's goals, and the table `make bench` prints: figure, value, floor, ratio, goal, met."""
+
+# key -> (goal as the issue states it, test on the row). A row whose value is None is "n/a".
+GOALS = {
+    "warm_p50_ms": ("<= 2.5x floor", lambda r: r["ratio"] <= 2.5),
+    "warm_throughput_rps_c32": (">= 0.40x floor", lambda r: r["ratio"] >= 0.40),
+    "warm_p99_ms_c32": ("<= 25 ms, 0 errors", lambda r: r["value"] <= 25 and r["errors"] == 0),
+    "hot_acquire_p50_us": ("<= 50 us", lambda r: r["value"] <= 50),
+    "cold_start_p50_ms": ("<= 1.5x floor", lambda r: r["ratio"] <= 1.5),
+    "template_cold_start_p50_ms": ("<= 0.3x floor", lambda r: r["ratio"] <= 0.3),
+    "idle_machine_pss_mib": ("<= 12 MiB", lambda r: r["value"] <= 12),
+    "idle_machines_healthy": ("500 all healthy", lambda r: r["healthy"] == r["machines"] >= 500),
+    "node_p50_with_idle_machines_ms": ("<= 1.2x floor", lambda r: r["ratio"] <= 1.2),
+}
+
+LABELS = {
+    "warm_p50_ms": "warm invoke p50, HTTP, c=1 (ms)",
+    "warm_throughput_rps_c32": "warm throughput, c=32 (req/s)",
+    "warm_p99_ms_c32": "warm p99, c=32 (ms)",
+    "hot_acquire_p50_us": "hot acquire from pool p50 (us)",
+    "cold_start_p50_ms": "cold start, no blank machine (ms)",
+    "template_cold_start_p50_ms": "cold start from template (ms)",
+    "idle_machine_pss_mib": "idle warm python3 machine PSS (MiB)",
+    "idle_machines_healthy": "N idle warm machines healthy",
+    "node_p50_with_idle_machines_ms": "node p50 with N idle (ms)",
+}
+
+
+def annotate(results: dict[str, dict]) -> None:
+    """Add ``goal`` and ``met`` to every row the issue sets a goal for."""
+    for key, row in results.items():
+        if key in GOALS:
+            text, test = GOALS[key]
+            row["goal"] = text
+            row["met"] = None if row.get("value") is None else bool(test(row))
+
+
+def _num(value, width: int) -> str:
+    if value is None:
+        return f"{'-':>{width}}"
+    if isinstance(value, str):
+        return f"{value:>{width}}"
+    return f"{value:{width}.3f}" if abs(value) < 1000 else f"{value:{width}.1f}"
+
+
+def render(results: dict[str, dict]) -> str:
+    lines = [f"{'figure':38} {'value':>12} {'floor':>10} {'ratio':>7}  {'goal':20} met"]
+    for key, row in results.items():
+        label = LABELS.get(key, key)
+        if row.get("value") is None:
+            value = row.get("note", "n/a")
+        elif key == "idle_machines_healthy":
+            value = f"{row['healthy']}/{row['machines']}"
+        else:
+            value = row["value"]
+        met = {True: "yes", False: "NO", None: "-"}[row.get("met")] if "goal" in row else ""
+        floor = row.get("floor")
+        ratio = f"{row['ratio']:6.2f}x" if row.get("ratio") is not None else f"{'-':>7}"
+        if isinstance(value, str) and len(value) > 12:
+            lines.append(f"{label:38} {value}")
+            lines[-1] += f"  {'':>7}  {row.get('goal', ''):20} {met}"
+            continue
+        lines.append(f"{label:38} {_num(value, 12)} {_num(floor, 10)} {ratio}  {row.get('goal', ''):20} {met}")
+    return "\n".join(lines)
+
+
+def details(results: dict[str, dict]) -> str:
+    """The second part of the report: what each floor is made of and the context of each figure."""
+    out = []
+    w = results.get("warm_p50_ms")
+    if w:
+        parts = w["floor_parts"]
+        out.append(f"warm p50 floor = ASGI echo p50 {parts['asgi_echo_p50_ms']:.3f} ms + framed socketpair round trip "
+                   f"{parts['socketpair_rtt_p50_ms']:.3f} ms")
+    p = results.get("warm_p99_ms_c32")
+    if p:
+        out.append(f"warm c=32: p50 {p['p50_ms']:.2f} ms, p99 {p['value']:.2f} ms, {p['errors']} errors of "
+                   f"{p['requests']} calls, starts {p['starts']} (ASGI echo at c=32: p50 {p['echo_p50_ms']:.2f} ms, p99 {p['echo_p99_ms']:.2f} ms)")
+    h = results.get("hot_acquire_p50_us")
+    if h:
+        out.append(f"hot acquire: p50 {h['value']:.2f} us, p99 {h['p99_us']:.2f} us, release p50 "
+                   f"{h['release_p50_us']:.2f} us ({h['samples']} acquire/release pairs, real Pool + bwrap machine)")
+    c = results.get("cold_start_p50_ms")
+    if c:
+        out.append(f"cold start: {c['samples']} calls of fresh functions (memory_mb 256, so no blank machine fits), "
+                   f"p90 {c['p90_ms']:.1f} ms; floor = bare bwrap p50 over {c['floor_samples']} runs")
+        parts = c.get("in_process")
+        if parts:
+            out.append(f"cold start in process (no HTTP, no store): driver.create p50 {parts['create_p50_ms']:.1f} ms "
+                       f"+ Init p50 {parts['init_p50_ms']:.1f} ms (cgroups: {parts['cgroups']}; seccomp: "
+                       f"{parts['seccomp']})")
+    m = results.get("idle_machine_pss_mib")
+    if m:
+        out.append(f"PSS: {m['machines_side_by_side']} initialised idle machines side by side, "
+                   f"{m['processes_per_machine']} processes each, PSS {m['pss_mib_each']} MiB, RSS p50 "
+                   f"{m['rss_mib_median']:.1f} MiB")
+    n = results.get("idle_machines_healthy")
+    if n:
+        out.append(f"N={n['machines']} idle initialised machines (one per function) beside the node's others "
+                   f"({n['node_machines']} in all): {n['healthy']} answered hot after {n['health_rounds_waited']} "
+                   f"health round(s); starts on the second call {n['second_call_starts']}; "
+                   f"mean PSS per machine on the node {n['node_pss_mib_per_machine']:.2f} MiB "
+                   f"({n['node_machine_trees']} machine trees, {n['node_pss_mib_total']:.0f} MiB in all); "
+                   f"filling took {n['fill_s']:.1f} s")
+    return "\n".join(out)
