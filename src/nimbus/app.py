@@ -43,7 +43,8 @@ class Node:
     async def start(cls, settings: Settings) -> "Node":
         home = settings.home.resolve()
         home.mkdir(parents=True, exist_ok=True)
-        store = await Store.open(settings.db_url, write_behind_ms=settings.write_behind_ms)
+        store = await Store.open(settings.db_url, write_behind_ms=settings.write_behind_ms,
+                                 function_cache_s=settings.function_cache_s)
         driver = builds = None
         try:
             builds = compiler.create_compiler(

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     workers: int = Field(DEFAULT_WORKERS, ge=1, description="invocations run at once on this node")
     write_behind_ms: float = Field(5.0, ge=0, le=60_000, description="how long a finished sync invocation may wait "
                                    "in memory to be written with others in one INSERT; 0: written before the reply")
+    function_cache_s: float = Field(1.0, ge=0, le=60, description="how long a sync invoke's function look-up is cached")
     async_poll_s: float = Field(1.0, gt=0, description="how often the store is polled for async work")
     async_lease_s: float = Field(60.0, gt=0, description="lease on a claimed async invocation, renewed while it runs")
     async_retry_base_s: float = Field(1.0, gt=0, le=3600,

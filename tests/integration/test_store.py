@@ -901,3 +901,27 @@ async def test_api_keys_are_found_by_hash_until_revoked(store):
     assert (await store.revoke_api_key(key.id)).revoked_at == revoked.revoked_at
     with pytest.raises(NotFound):
         await store.revoke_api_key(uuid.uuid4().hex)
+
+
+async def test_function_lookup_cache_sees_this_stores_changes_at_once_and_others_within_its_time(database_url):
+    """The invoke path's cache: a node's own update or delete is seen on the next call; another node's
+    change only after ``function_cache_s`` (here long, so the staleness is visible and bounded by design)."""
+    node_a = await Store.open(database_url, function_cache_s=3600)
+    node_b = await Store.open(database_url)
+    try:
+        fn = await create(node_a)
+        assert (await node_a.lookup_function(fn.name)).version == 1
+        await node_b.update_function(fn.name, memory_mb=256)  # another node's change
+        assert (await node_a.lookup_function(fn.name)).version == 1  # cached on node A
+        assert (await node_a.get_function(fn.name)).version == 2  # the store itself is current
+        await node_a.update_function(fn.name, memory_mb=512)  # node A's own change
+        assert (await node_a.lookup_function(fn.name)).memory_mb == 512
+        assert (await node_a.lookup_function(fn.id)).version == 3
+        with pytest.raises(NotFound):
+            await node_a.lookup_function(fn.name, tenant="someone-else")
+        await node_a.delete_function(fn.name)
+        with pytest.raises(NotFound):
+            await node_a.lookup_function(fn.name)
+    finally:
+        await node_b.close()
+        await node_a.close()

@@ -207,7 +207,7 @@ IDEMPOTENCY_KEY = Header(None, alias="Idempotency-Key", max_length=256, pattern=
                         429: {"description": "queue full; see Retry-After"}, 503: {}})
 async def invoke(name: str, request: Request, idempotency_key: str | None = IDEMPOTENCY_KEY) -> Response:
     node = _node(request)
-    fn = await node.store.get_function(name, auth.tenant(request))
+    fn = await node.store.lookup_function(name, auth.tenant(request))
     event = await _event(request)
     inv = await node.scheduler.invoke(fn, event, idempotency_key=idempotency_key)
     return JSON(schemas.invoke_view(inv))

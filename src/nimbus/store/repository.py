@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import fields
@@ -68,6 +69,8 @@ ARTIFACT_PUT_TRIES = 3
 ERROR_DETAIL_MAX = 500
 DEFAULT_LIST_LIMIT = 50
 INSERT_BATCH_MAX = 256  # invocation rows per group-committed transaction
+FUNCTION_CACHE_S = 1.0  # how stale the invoke path's function look-up may be for changes made by other nodes
+FUNCTION_CACHE_MAX = 10_000
 DEFAULT_WRITE_BEHIND_MS = 5.0  # how long a finished sync invocation may wait in memory for its INSERT
 WRITE_BEHIND_MAX_PENDING = 10_000  # beyond this backlog (a failing database), callers wait for the flush
 WRITE_BEHIND_RETRY_MAX_S = 1.0  # a failing flush is retried with backoff, doubling up to this
@@ -575,9 +578,11 @@ class Store:
     """
 
     def __init__(self, engine: AsyncEngine, *, write_behind_ms: float = DEFAULT_WRITE_BEHIND_MS,
-                 write_behind_rows: int = INSERT_BATCH_MAX) -> None:
+                 write_behind_rows: int = INSERT_BATCH_MAX, function_cache_s: float = FUNCTION_CACHE_S) -> None:
         """Wrap an engine made by ``Store.open``; use that instead, it migrates and configures SQLite."""
         self._engine = engine
+        self._function_cache_s = function_cache_s
+        self._functions: dict[tuple[str, str], tuple[float, FunctionRecord]] = {}
         self.dialect: str = engine.dialect.name
         """``sqlite`` or ``postgresql``."""
         if self.dialect == "sqlite":
@@ -598,7 +603,8 @@ class Store:
     # ------------------------------------------------------------ lifecycle
 
     @classmethod
-    async def open(cls, url: str | URL, *, write_behind_ms: float = DEFAULT_WRITE_BEHIND_MS,
+    async def open(cls, url: str | URL, *, function_cache_s: float = FUNCTION_CACHE_S,
+                   write_behind_ms: float = DEFAULT_WRITE_BEHIND_MS,
                    write_behind_rows: int = INSERT_BATCH_MAX) -> "Store":
         """Connect to ``url`` and apply any migrations it lacks (creating the SQLite file and its folder).
 
@@ -610,7 +616,8 @@ class Store:
         shown = target.render_as_string(hide_password=True)
         with _boundary(f"open the database {shown}"):
             engine = _create_engine(target)
-        store = cls(engine, write_behind_ms=write_behind_ms, write_behind_rows=write_behind_rows)
+        store = cls(engine, write_behind_ms=write_behind_ms, write_behind_rows=write_behind_rows,
+                    function_cache_s=function_cache_s)
         try:
             if store.dialect == "sqlite":
                 await store._use_wal(shown)
@@ -863,6 +870,7 @@ class Store:
                 await conn.execute(
                     _f.update().where(_f.c.id == record.id).values(version=record.version, updated_at=now)
                 )
+        self._functions.clear()  # this node sees its own change at once
         return record
 
     async def get_function(self, name_or_id: str, tenant: str = DEFAULT_TENANT) -> FunctionRecord:
@@ -873,6 +881,22 @@ class Store:
         if row is None:
             raise _not_found(name_or_id)
         return _function(row)
+
+    async def lookup_function(self, name_or_id: str, tenant: str = DEFAULT_TENANT) -> FunctionRecord:
+        """``get_function`` through a short-lived cache, for the invoke path: the look-up was the biggest
+        share of a warm call's CPU. Writes through this store clear it at once; a change made by another
+        node is seen within ``function_cache_s``. The record is shared: callers must not change it."""
+        key = (tenant, name_or_id)
+        hit = self._functions.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        fn = await self.get_function(name_or_id, tenant)
+        if self._function_cache_s > 0:
+            if len(self._functions) >= FUNCTION_CACHE_MAX:
+                self._functions.clear()
+            self._functions[key] = (now + self._function_cache_s, fn)
+        return fn
 
     async def list_functions(
         self,
@@ -925,6 +949,7 @@ class Store:
                     sa.select(_b.c.key).where(_b.c.artifact_sha256 == _a.c.sha256).exists(),
                 )
                 await conn.execute(_a.delete().where(_a.c.sha256.in_(shas), ~still_used))
+        self._functions.clear()  # this node sees its own change at once
         return record
 
     async def get_version(self, version_id: str) -> VersionRecord:
