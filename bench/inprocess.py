@@ -1,4 +1,5 @@
-"""In-process figures on the real Pool and the real bwrap driver: hot acquire and an idle machine's PSS."""
+"""In-process figures on the real Pool and the real bwrap driver: hot acquire, an idle machine's PSS, and
+where a cold start goes (``driver.create`` then Init) for a booted machine and for one forked from a template."""
 
 import asyncio
 import statistics
@@ -34,6 +35,8 @@ async def _cold_parts(driver: BwrapDriver, n: int) -> dict[str, float]:
     from nimbus.machines.base import MachineSpec
 
     create, init = [], []
+    warm_up = await driver.create(MachineSpec(runtime="python3", memory_mb=256))  # a template, if any, starts
+    await warm_up.stop()
     for i in range(n):
         t0 = time.perf_counter()
         machine = await driver.create(MachineSpec(runtime="python3", memory_mb=256))
@@ -95,7 +98,14 @@ async def _measure(n_acquire: int, n_pss: int) -> dict[str, dict]:
         for lease in leases + [lease]:
             pool.retire_function(lease.deployment.function_id)
         await pool.drain_reaping()
-        return {"hot_acquire_p50_us": hot, "idle_machine_pss_mib": memory, "cold_parts": await _cold_parts(driver, 10)}
+        boot = BwrapDriver(Path(tempfile.mkdtemp(prefix="nimbus-bench-boot-")), use_templates=False)
+        try:
+            booted = await _cold_parts(boot, 15)
+        finally:
+            await boot.close()
+        parts = {"boot": booted, "template": await _cold_parts(driver, 30) if driver.templates_on else None,
+                 "templates": driver.templates_note}
+        return {"hot_acquire_p50_us": hot, "idle_machine_pss_mib": memory, "cold_parts": parts}
     finally:
         await pool.close()
         await driver.close()

@@ -84,11 +84,18 @@ def details(results: dict[str, dict]) -> str:
     if c:
         out.append(f"cold start: {c['samples']} calls of fresh functions (memory_mb 256, so no blank machine fits), "
                    f"p90 {c['p90_ms']:.1f} ms; floor = bare bwrap p50 over {c['floor_samples']} runs")
+        if c.get("booted_p50_ms") is not None:
+            out.append(f"cold start over HTTP on a node with NIMBUS_TEMPLATES=off (every machine boots): p50 "
+                       f"{c['booted_p50_ms']:.1f} ms over {c['booted_samples']} calls")
         parts = c.get("in_process")
+        for kind in ("boot", "template"):
+            part = (parts or {}).get(kind)
+            if part:
+                out.append(f"cold start in process, {kind} (no HTTP, no store): driver.create p50 "
+                           f"{part['create_p50_ms']:.1f} ms + Init p50 {part['init_p50_ms']:.1f} ms "
+                           f"(cgroups: {part['cgroups']}; seccomp: {part['seccomp']})")
         if parts:
-            out.append(f"cold start in process (no HTTP, no store): driver.create p50 {parts['create_p50_ms']:.1f} ms "
-                       f"+ Init p50 {parts['init_p50_ms']:.1f} ms (cgroups: {parts['cgroups']}; seccomp: "
-                       f"{parts['seccomp']})")
+            out.append(f"templates: {parts['templates']}")
     m = results.get("idle_machine_pss_mib")
     if m:
         out.append(f"PSS: {m['machines_side_by_side']} initialised idle machines side by side, "

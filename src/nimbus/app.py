@@ -56,7 +56,9 @@ class Node:
                 images={"go": settings.builder_go_image, "rust": settings.builder_rust_image},
                 cache=compiler.StoreCache(store),
             )
-            driver = machines.load_driver(settings.driver, home)
+            options = {"use_templates": {"auto": None, "on": True, "off": False}[settings.templates]} \
+                if settings.driver == "bwrap" else {}
+            driver = machines.load_driver(settings.driver, home, **options)
             metrics = Metrics()
             pool = Pool(
                 driver,
@@ -128,6 +130,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await auth.ensure_first_admin_key(node.store)
             log.info("nimbus node ready on http://%s:%s (driver %s, store %s, auth %s)", settings.host,
                      settings.port, settings.driver, node.store.dialect, settings.auth)
+            note = getattr(node.driver, "templates_note", None)
+            if note:
+                log.info("template machines: %s", note)
             yield
         finally:
             await node.stop()

@@ -886,6 +886,15 @@ def _check_limits(cgroups_check: dict, seccomp_check: dict) -> dict:
     return _check("limits", ok, detail, **found, **caps)
 
 
+def _check_templates(cgroups_check: dict) -> dict:
+    """Whether the bwrap driver can fork machines from templates here (root and a cgroup tree)."""
+    if os.geteuid() != 0:
+        return _check("templates", False, "unavailable: the node is not root, so every machine boots its own bwrap")
+    if not cgroups_check.get("writable"):
+        return _check("templates", False, "unavailable: no writable cgroup tree, so every machine boots its own bwrap")
+    return _check("templates", True, "machines fork from a per-runtime template (NIMBUS_TEMPLATES=auto)")
+
+
 def _doctor_checks() -> list[dict]:
     cgroups_check, seccomp_check = _check_cgroups(), _check_seccomp()
     return [
@@ -894,6 +903,7 @@ def _doctor_checks() -> list[dict]:
         cgroups_check,
         seccomp_check,
         _check_limits(cgroups_check, seccomp_check),
+        _check_templates(cgroups_check),
         _check_kvm(),
         _check_binary("firecracker", ["--version"], "needed by the firecracker driver"),
         _check_binary("jailer", ["--version"], "needed by the firecracker driver"),

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
                           "the pool sizes itself in [min_warm, max_warm] from the recent warm and cold start rate")
     autoscale_window_s: float = Field(30.0, gt=0, le=3600, description="time constant of the decayed start rate "
                                       "the blank-machine target follows")
+    templates: Literal["auto", "on", "off"] = Field("auto", description="fork machines from a per-runtime template "
+                                                   "sandbox (bwrap on a root node with cgroups; auto: when possible)")
     max_machines: int = Field(64, ge=1, description="all machines on this node")
     max_age_s: float = Field(3600.0, gt=0, description="a machine older than this is recycled")
     max_uses: int = Field(10_000, ge=1, description="a machine that served this many calls is recycled")

@@ -120,9 +120,13 @@ if _WHY_NOT:
     pytestmark = [pytest.mark.sandbox, pytest.mark.skip(reason=_WHY_NOT)]
 
 
-@pytest.fixture
-async def driver(tmp_path, caplog):
-    d = bwrap.BwrapDriver(tmp_path / "home")
+@pytest.fixture(params=["template", "boot"])
+async def driver(request, tmp_path, caplog):
+    """Each test twice: machines forked from a template (where the host allows it), and booted ones."""
+    d = bwrap.BwrapDriver(tmp_path / "home", use_templates=None if request.param == "template" else False)
+    if request.param == "template" and not d.templates_on:
+        await d.close()
+        pytest.skip(f"no template machines here: {d.templates_note}")
     caplog.set_level(logging.WARNING)
     try:
         yield d
@@ -145,7 +149,8 @@ async def rlimit_driver(tmp_path, caplog):
 
 def assert_quiet(caplog) -> None:
     """No warnings from asyncio (a child reaped behind its watcher) or from the driver (a cgroup left)."""
-    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith(("asyncio", "nimbus"))]
+    records = [r for when in ("setup", "call", "teardown") for r in caplog.get_records(when)]
+    noisy = [r for r in records if r.levelno >= logging.WARNING and r.name.startswith(("asyncio", "nimbus"))]
     assert not noisy, [r.getMessage() for r in noisy]
 
 
@@ -245,13 +250,18 @@ def machine_cgroups(driver) -> set[Path]:
     return {p.parent for base in driver.hierarchy.bases for p in base.path.glob("*/cgroup.procs")}
 
 
-async def test_a_start_failure_says_why_and_leaves_nothing(driver):
+async def test_a_start_failure_says_why_and_leaves_nothing(driver, caplog):
     before = machine_cgroups(driver)
     driver.python = Path("/nonexistent/python3")
     with pytest.raises(MachineStartError, match="nonexistent"):
         await driver.create(MachineSpec(runtime="python3"))
     assert driver.machines == []
     assert machine_cgroups(driver) == before
+    if driver.templates_on:  # the template could not start either: said once, then machines boot
+        warned = [r.getMessage() for r in caplog.get_records("call") if r.levelno >= logging.WARNING]
+        assert len(warned) == 1 and "template did not start" in warned[0] and "nonexistent" in warned[0], warned
+        assert driver.templates == {}
+        caplog.clear()
 
 
 async def test_an_agent_that_does_not_answer_in_time_is_a_start_error(tmp_path):

@@ -31,11 +31,14 @@ def driver_class(name: str) -> type:
     return getattr(importlib.import_module(module_name), attr)
 
 
-def load_driver(name: str, home: Path) -> Driver:
-    """Build the driver registered as ``name``; its per-node state lives under ``home``."""
+def load_driver(name: str, home: Path, **options) -> Driver:
+    """Build the driver registered as ``name``; its per-node state lives under ``home``.
+
+    ``options`` are the driver's own keyword arguments (``use_templates`` for bwrap).
+    """
     from pathlib import Path
 
-    return driver_class(name)(Path(home))
+    return driver_class(name)(Path(home), **options)
 
 
 __all__ = ["DRIVERS", "driver_class", "load_driver"]

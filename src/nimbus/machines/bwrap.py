@@ -92,6 +92,10 @@ from nimbus.machines.base import DEFAULT_PING_TIMEOUT_S, DEFAULT_START_TIMEOUT_S
 
 log = logging.getLogger("nimbus.machines.bwrap")
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from nimbus.machines.template import Template
+
 SANDBOX_UID = 65534
 SANDBOX_GID = 65534
 SANDBOX_HOSTNAME = "nimbus"
@@ -116,6 +120,7 @@ STOP_GRACE_S = 1.0  # how long stop() lets the agent exit on its own after its c
 EXIT_WAIT_S = 5.0  # how long to wait for a SIGKILLed sandbox to be reaped before giving up on it
 DEATH_REPORT_WAIT_S = 1.0  # after EOF, how long to wait for the exit status to quote it
 CGROUP_REMOVE_TRIES = 40
+TEMPLATE_RETRY_S = 30.0  # after a template fails to start, its runtime's machines boot for this long
 CGROUP_REMOVE_PAUSE_S = 0.025
 
 # Which reply types answer which request type.
@@ -627,6 +632,7 @@ class BwrapDriver:
         use_cgroups: bool | None = None,
         use_seccomp: bool | None = None,
         start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+        use_templates: bool | None = None,
     ) -> None:
         self.home = Path(home)
         self.bwrap = bwrap_path or find_bwrap()
@@ -659,6 +665,20 @@ class BwrapDriver:
                 log.warning("no seccomp filter for machines: %s", exc)
         self._layout = self._sandbox_layout()
         self._wasm_layout = self._wasmtime_layout()
+        self._templates: dict[str, Template] = {}
+        self._template_failed: dict[str, float] = {}  # runtime → monotonic time of its last failed start
+        self._template_lock = asyncio.Lock()
+        self.templates_on = False
+        if use_templates is False:
+            self.templates_note = "disabled"
+        elif not self.privileged or self.hierarchy is None:
+            why = "the node is not root" if not self.privileged else "no cgroup tree"
+            if use_templates:
+                raise MachineStartError(f"template machines required but unavailable: {why}")
+            self.templates_note = f"unavailable ({why}): every machine boots its own bwrap"
+        else:
+            self.templates_on = True
+            self.templates_note = "on: machines fork from a per-runtime template"
 
     # ------------------------------------------------------------------ public
 
@@ -691,7 +711,13 @@ class BwrapDriver:
             raise MachineStartError("the bwrap driver is closed")
         if spec.network:
             raise MachineStartError("bwrap machines have no network (MachineSpec.network must be False)")
-        machine = BwrapMachine(self, spec)
+        template = await self._template(spec.runtime) if self.templates_on else None
+        if template is not None:
+            from nimbus.machines.template import TemplateMachine
+
+            machine: BwrapMachine = TemplateMachine(self, spec, template)
+        else:
+            machine = BwrapMachine(self, spec)
         self._machines[machine.id] = machine
         try:
             await machine.start()
@@ -708,6 +734,9 @@ class BwrapDriver:
         self._closed = True
         while self._machines:
             await asyncio.gather(*(m.kill() for m in list(self._machines.values())), return_exceptions=True)
+        for template in list(self._templates.values()):
+            await template.close()
+        self._templates.clear()
         if self.hierarchy is not None:
             self.hierarchy.close()
 
@@ -717,27 +746,93 @@ class BwrapDriver:
 
         ``seccomp_fd`` is an inherited descriptor of the seccomp program (see :meth:`open_seccomp`).
         """
-        tmp_bytes = str(max(spec.memory_mb, MIN_TMP_MB) << 20)
-        # As root the tmpfs mounts belong to root, and the agent runs as 65534: let it write.
-        perms = ["--perms", "1777"] if self.privileged else []
-        argv = [self.bwrap, *self._layout]
-        if spec.runtime == "wasm":
-            argv += self._wasm_layout
-        argv += [*perms, "--size", tmp_bytes, "--tmpfs", "/dev/shm", "--remount-ro", "/dev"]
-        argv += [*perms, "--size", tmp_bytes, "--tmpfs", "/tmp"]
-        argv += [*perms, "--size", str(TASK_DIR_MB << 20), "--tmpfs", TASK_DIR, "--chdir", TASK_DIR]
-        argv += ["--remount-ro", "/"]
+        argv = self._filesystem(spec.runtime, *self.tmpfs_bytes(spec))
         if seccomp_fd is not None:
             argv += ["--seccomp", str(seccomp_fd)]
         boot = self._prologue(spec, cgroup.controllers if cgroup is not None else frozenset()) + AGENT_BOOT
         argv += [str(self.python), "-I", "-S", "-c", boot, "--fd", str(fd), "--task-dir", TASK_DIR]
         return argv
 
+    def template_command(self, runtime: str, control_fd: int, seccomp_fd: int | None) -> list[str]:
+        """The bwrap command line of ``runtime``'s template (see :mod:`nimbus.machines.template`).
+
+        A machine's sandbox, but the process keeps root and ``CAP_SYS_ADMIN`` to build its children's
+        namespaces, and gets the seccomp program as a descriptor to install in each child itself.
+        """
+        from nimbus.machines.template import TEMPLATE_BOOT, TEMPLATE_CAPS
+
+        argv = self._filesystem(runtime, MIN_TMP_MB << 20, MIN_TMP_MB << 20)
+        caps = argv.index("--cap-drop") + 2  # the template layout is the root one: replace its --cap-add list
+        end = caps
+        while end < len(argv) and argv[end] == "--cap-add":
+            end += 2
+        argv[caps:end] = [arg for cap in TEMPLATE_CAPS for arg in ("--cap-add", cap)]
+        argv += [str(self.python), "-I", "-S", "-c", TEMPLATE_BOOT, "--control", str(control_fd),
+                 "--seccomp", "-" if seccomp_fd is None else str(seccomp_fd), "--runtime", runtime]
+        return argv
+
+    def tmpfs_bytes(self, spec: MachineSpec) -> tuple[int, int]:
+        """Sizes of a machine's ``/tmp`` (and ``/dev/shm``) and of its ``/var/task``."""
+        return max(spec.memory_mb, MIN_TMP_MB) << 20, TASK_DIR_MB << 20
+
+    def _filesystem(self, runtime: str, tmp_bytes: int, task_bytes: int) -> list[str]:
+        """bwrap and its arguments up to the command: namespaces, binds and the writable tmpfs mounts."""
+        # As root the tmpfs mounts belong to root, and the agent runs as 65534: let it write.
+        perms = ["--perms", "1777"] if self.privileged else []
+        argv = [self.bwrap, *self._layout]
+        if runtime == "wasm":
+            argv += self._wasm_layout
+        argv += [*perms, "--size", str(tmp_bytes), "--tmpfs", "/dev/shm", "--remount-ro", "/dev"]
+        argv += [*perms, "--size", str(tmp_bytes), "--tmpfs", "/tmp"]
+        argv += [*perms, "--size", str(task_bytes), "--tmpfs", TASK_DIR, "--chdir", TASK_DIR]
+        argv += ["--remount-ro", "/"]
+        return argv
+
     # ------------------------------------------------------------------ internals
+
+    async def _template(self, runtime: str) -> Template | None:
+        """``runtime``'s running template, started if need be; None (boot instead) if it cannot start."""
+        template = self._templates.get(runtime)
+        if template is not None and template.alive:
+            return template
+        if time.monotonic() - self._template_failed.get(runtime, -TEMPLATE_RETRY_S) < TEMPLATE_RETRY_S:
+            return None
+        async with self._template_lock:
+            template = self._templates.get(runtime)
+            if template is not None and template.alive:
+                return template
+            if template is not None:  # it died (its children with it): release what is left of it
+                log.warning("the %s template exited; starting another", runtime)
+                await self._templates.pop(runtime).close()
+            from nimbus.machines.template import Template
+
+            template = Template(self, runtime)
+            try:
+                await template.start()
+            except MachineStartError as exc:
+                self._template_failed[runtime] = time.monotonic()
+                log.warning("%s; booting %s machines for %gs", exc, runtime, TEMPLATE_RETRY_S)
+                return None
+            self._templates[runtime] = template
+            return template
+
+    @property
+    def templates(self) -> dict[str, Template]:
+        """The running template of each runtime that has one."""
+        return {runtime: t for runtime, t in self._templates.items() if t.alive}
 
     def _forget(self, machine: BwrapMachine) -> None:
         if self._machines.get(machine.id) is machine:
             del self._machines[machine.id]
+
+    def rlimits(self, spec: MachineSpec, enforced: frozenset[str]) -> list[tuple[str, int]]:
+        """The rlimits that stand in for the cgroup controllers not in ``enforced``: (name, value)."""
+        limits = []
+        if "memory" not in enforced:
+            limits.append(("RLIMIT_DATA", machine_memory_mb(spec) << 20))
+        if "pids" not in enforced and not self.privileged:
+            limits.append(("RLIMIT_NPROC", spec.pids_max))
+        return limits
 
     def _prologue(self, spec: MachineSpec, enforced: frozenset[str]) -> str:
         """Python the sandbox's first process runs before the agent: rlimits, then (as root) dropping root.
@@ -747,11 +842,7 @@ class BwrapDriver:
         not every process of the host user. Core dumps go off with them (the cgroup launcher does that
         with ``ulimit -c 0``).
         """
-        limits = []
-        if "memory" not in enforced:
-            limits.append(("RLIMIT_DATA", machine_memory_mb(spec) << 20))
-        if "pids" not in enforced and not self.privileged:
-            limits.append(("RLIMIT_NPROC", spec.pids_max))
+        limits = self.rlimits(spec, enforced)
         code = ""
         if limits:
             limits.append(("RLIMIT_CORE", 0))

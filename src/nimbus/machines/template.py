@@ -1,0 +1,310 @@
+"""Template machines for the bwrap driver: machines forked from a per-runtime sandbox, not booted.
+
+A :class:`Template` is one bwrap sandbox per runtime whose interpreter has already imported the guest
+agent (:mod:`nimbus.agent.template` says what runs inside and how each child isolates itself). Making
+a machine from it costs a ``fork`` and the child's own namespaces and mounts instead of a new bwrap,
+a new interpreter and the agent's imports. A :class:`TemplateMachine` is the same machine as a
+:class:`~nimbus.machines.bwrap.BwrapMachine` to the pool and the agent; only how it starts and how its
+end is learnt differ.
+
+Each child gets its own cgroup (the host creates it and opens its join files; the child writes itself
+in before anything else), its own pid, mount, network, IPC, UTS and cgroup namespaces, its own
+``/proc``, ``/tmp``, ``/dev/shm`` and ``/var/task``, and the same seccomp filter and uid 65534 as a
+booted machine. The template needs ``CAP_SYS_ADMIN`` for that, so it exists only on a root node, and
+only with a cgroup tree (the machine's cgroup is what counts and kills its processes); elsewhere the
+driver boots every machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import subprocess
+
+from nimbus.errors import MachineStartError
+from nimbus.machines.bwrap import EXIT_WAIT_S, STDERR_TAIL_BYTES, BwrapDriver, BwrapMachine
+
+log = logging.getLogger("nimbus.machines.template")
+
+TEMPLATE_BOOT = (
+    "import sys; sys.path.insert(0, '/opt/nimbus'); from nimbus.agent.template import main; main(sys.argv[1:])"
+)
+# What the template may do beyond a machine: make namespaces and mounts, and bring up loopback, for its children.
+TEMPLATE_CAPS = ("CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_SETUID", "CAP_SETGID")
+MAX_MESSAGE = 64 * 1024
+FORK_TIMEOUT_S = 5.0
+
+
+
+class _Output(asyncio.Protocol):
+    """Feeds a forked machine's stdout/stderr pipe into its ring buffer."""
+
+    def __init__(self, machine) -> None:
+        self.machine = machine
+
+    def data_received(self, data: bytes) -> None:
+        self.machine._feed(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.machine._output_closed.done():
+            self.machine._output_closed.set_result(None)
+
+
+class _TemplateWatch(asyncio.SubprocessProtocol):
+    """The template's own bwrap process: its output goes to the log, its end to every child."""
+
+    def __init__(self, template: Template) -> None:
+        self.template = template
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        self.template.output += data
+        del self.template.output[:-4096]
+
+    def process_exited(self) -> None:
+        if not self.template._process_exited.done():
+            self.template._process_exited.set_result(None)
+        self.template._ended()
+
+
+class Template:
+    """One template sandbox for ``runtime``; :meth:`fork` asks it for a machine."""
+
+    def __init__(self, driver: BwrapDriver, runtime: str) -> None:
+        self.driver = driver
+        self.runtime = runtime
+        self.output = bytearray()
+        self.pid: int | None = None
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._control: socket.socket | None = None
+        self._reader: asyncio.Task | None = None
+        self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._process_exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._forks: dict[str, asyncio.Future[int]] = {}
+        self._machines: dict[str, TemplateMachine] = {}
+        self._send_lock = asyncio.Lock()
+        self.closed = False
+
+    @property
+    def alive(self) -> bool:
+        return not self.closed and self._transport is not None and self._transport.get_returncode() is None
+
+    async def start(self) -> None:
+        """Spawn the template's bwrap and wait for its ``ready``."""
+        loop = asyncio.get_running_loop()
+        host_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        filter_fd = self.driver.open_seccomp()
+        try:
+            argv = self.driver.template_command(self.runtime, child_end.fileno(), filter_fd)
+            fds = (child_end.fileno(),) if filter_fd is None else (child_end.fileno(), filter_fd)
+            self._transport, _ = await loop.subprocess_exec(
+                lambda: _TemplateWatch(self), *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, pass_fds=fds, start_new_session=True, cwd="/",
+                env={"PATH": "/usr/bin:/bin"},
+            )
+        except BaseException:
+            host_end.close()
+            raise
+        finally:
+            child_end.close()
+            if filter_fd is not None:
+                os.close(filter_fd)
+        self.pid = self._transport.get_pid()
+        host_end.setblocking(False)
+        self._control = host_end
+        self._reader = asyncio.create_task(self._read_loop(), name=f"template-{self.runtime}")
+        try:
+            async with asyncio.timeout(self.driver.start_timeout_s):
+                await asyncio.shield(self._ready)
+        except BaseException as exc:
+            await self.close()
+            note = self.output.decode(errors="replace").strip()
+            raise MachineStartError(f"the {self.runtime} template did not start: {exc!r}"
+                                    + (f"; its output ends: {note}" if note else "")) from None
+
+    async def fork(self, machine: TemplateMachine, channel: int, output: int, joins: list[int]) -> int:
+        """Ask for a child for ``machine``; its pid in the template's pid namespace once forked."""
+        if not self.alive:
+            raise MachineStartError(f"the {self.runtime} template is not running")
+        request = {"op": "fork", "id": machine.id, "tmp_bytes": machine.tmp_bytes, "task_bytes": machine.task_bytes,
+                   "rlimits": machine.rlimits}
+        waiter = asyncio.get_running_loop().create_future()
+        self._forks[machine.id] = waiter
+        self._machines[machine.id] = machine
+        try:
+            async with self._send_lock:
+                await self._send(json.dumps(request).encode(), [channel, output, *joins])
+            async with asyncio.timeout(FORK_TIMEOUT_S):
+                return await waiter
+        except BaseException:
+            self._machines.pop(machine.id, None)
+            raise
+        finally:
+            self._forks.pop(machine.id, None)
+
+    async def _send(self, data: bytes, fds: list[int]) -> None:
+        while True:
+            try:
+                socket.send_fds(self._control, [data], fds)
+                return
+            except BlockingIOError:  # the template is behind on its queue: rare, and brief
+                await asyncio.sleep(0.001)
+
+    def forget(self, machine: TemplateMachine) -> None:
+        if self._machines.get(machine.id) is machine:
+            del self._machines[machine.id]
+
+    async def _read_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                data = await loop.sock_recv(self._control, MAX_MESSAGE)
+                if not data:
+                    break
+                self._dispatch(json.loads(data))
+        except (OSError, ValueError) as exc:
+            if not self.closed:
+                log.warning("%s template: control channel failed: %s", self.runtime, exc)
+        finally:
+            self._ended()
+
+    def _dispatch(self, message: dict) -> None:
+        op, machine_id = message.get("op"), message.get("id")
+        if op == "ready":
+            if not self._ready.done():
+                self._ready.set_result(None)
+        elif op == "forked":
+            waiter = self._forks.get(machine_id)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(int(message["pid"]))
+        elif op == "failed":
+            waiter = self._forks.get(machine_id)
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(MachineStartError(f"the template could not fork: {message.get('error')}"))
+        elif op == "exited":
+            machine = self._machines.pop(machine_id, None)
+            if machine is not None:
+                machine._ended(message.get("status"))
+
+    def _ended(self) -> None:
+        """The template is gone (or its channel is): its children died with it (PDEATHSIG)."""
+        self.closed = True
+        if not self._ready.done():
+            self._ready.set_exception(MachineStartError("the template exited"))
+            self._ready.exception()  # retrieved: start() reports it with the output
+        for waiter in self._forks.values():
+            if not waiter.done():
+                waiter.set_exception(MachineStartError(f"the {self.runtime} template exited"))
+        for machine in list(self._machines.values()):
+            machine._ended(None)
+        self._machines.clear()
+
+    async def close(self) -> None:
+        """End the template (its children die with it) and release its channel."""
+        self.closed = True
+        if self._transport is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._transport.kill()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._process_exited), EXIT_WAIT_S)
+            except TimeoutError:
+                log.error("the %s template (pid %s) did not exit after SIGKILL", self.runtime, self.pid)
+            self._transport.close()
+        if self._reader is not None and self._reader is not asyncio.current_task():
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        if self._control is not None:
+            self._control.close()
+        self._ended()
+
+
+class TemplateMachine(BwrapMachine):
+    """A :class:`BwrapMachine` forked by a :class:`Template` instead of booted by bwrap."""
+
+    def __init__(self, driver: BwrapDriver, spec, template: Template) -> None:
+        super().__init__(driver, spec)
+        self.template = template
+        self.tmp_bytes, self.task_bytes = driver.tmpfs_bytes(spec)
+        self.rlimits: list[tuple[str, int]] = []
+        self._status: int | None = None
+        self._inner_pid: int | None = None
+        self._output_transport: asyncio.ReadTransport | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._status
+
+    def _feed(self, data: bytes) -> None:
+        tail = self._tail
+        tail += data
+        del tail[:-STDERR_TAIL_BYTES]
+
+    def _ended(self, status: int | None) -> None:
+        self._status = status if status is not None else self._status
+        if not self._exited.done():
+            self._exited.set_result(None)
+
+    async def _spawn(self, fd: int) -> None:
+        if self._cgroup is None:
+            raise MachineStartError("a template machine needs a cgroup")
+        self.rlimits = [*self._driver.rlimits(self.spec, self._cgroup.controllers), ("RLIMIT_CORE", 0)]
+        loop = asyncio.get_running_loop()
+        read_end, write_end = os.pipe()
+        joins: list[int] = []
+        try:
+            joins = self._cgroup.open_join_files()
+            self._output_transport, _ = await loop.connect_read_pipe(lambda: _Output(self),
+                                                                     os.fdopen(read_end, "rb", buffering=0))
+            read_end = -1
+            inner_pid = await self.template.fork(self, fd, write_end, joins)
+        finally:
+            for extra in (write_end, *joins):
+                os.close(extra)
+            if read_end >= 0:
+                os.close(read_end)
+        self._inner_pid = inner_pid
+
+    async def start(self) -> None:
+        await super().start()
+        self.pid = self._find_host_pid()  # for the record (diagnostics, PSS); kills go through the cgroup
+
+    def _kill_now(self) -> None:
+        """SIGKILL every process of the machine through its cgroup (C1's death takes the rest too)."""
+        self._killed = True
+        if self._cgroup is not None:
+            try:
+                self._cgroup.kill()
+            except OSError as exc:
+                log.warning("machine %s: cgroup kill failed: %s", self.id, exc)
+
+    def _find_host_pid(self) -> int | None:
+        """The host pid of the child the template forked: in the machine's cgroup, two pid namespaces deep."""
+        for pid in sorted(self._cgroup.pids() if self._cgroup is not None else ()):
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("NSpid:"):
+                            ids = line.split()[1:]
+                            if len(ids) == 2 and int(ids[1]) == self._inner_pid:
+                                return pid
+                            break
+        return None
+
+    async def _stop_process(self) -> None:
+        if self._output_transport is None:
+            return
+        self._kill_now()
+        if self._inner_pid is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._exited), EXIT_WAIT_S)
+            except TimeoutError:
+                log.error("machine %s: its template child did not exit after SIGKILL", self.id)
+        self._output_transport.close()
+        self.template.forget(self)
+
+
+__all__ = ["Template", "TemplateMachine", "TEMPLATE_BOOT", "TEMPLATE_CAPS"]
