@@ -11,7 +11,7 @@ from collections.abc import Callable
 from fastapi import FastAPI
 
 from nimbus import __version__
-from nimbus.gateway import auth, functions, invocations, keys, limits, problems, system
+from nimbus.gateway import auth, fast, functions, invocations, keys, limits, problems, system
 
 
 def build_api(lifespan: Callable[[FastAPI], AbstractAsyncContextManager] | None = None) -> FastAPI:
@@ -23,6 +23,7 @@ def build_api(lifespan: Callable[[FastAPI], AbstractAsyncContextManager] | None 
     app.include_router(invocations.router)
     app.include_router(keys.router)
     app.include_router(system.router)
+    app.add_middleware(fast.FastInvoke)  # innermost of ours: behind the key check and the body cap
     app.add_middleware(limits.BodyLimit)
     # Outermost: a caller without a valid key, or over its rate, is refused before anything else runs.
     app.state.guard = auth.Guard()

@@ -3,20 +3,19 @@
 import base64
 import binascii
 
-import orjson
 from fastapi import APIRouter, Header, Query, Request
 from starlette.responses import Response
 
 from nimbus import runtimes
 from nimbus.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
-from nimbus.gateway import auth, schemas
+from nimbus.gateway import auth, fast, schemas
 from nimbus.gateway.responses import JSON
 
 router = APIRouter(prefix="/api/v1", tags=["functions"])
 
 SOURCE_MAX = 512 << 10  # source text
 ARTIFACT_MAX = 50 << 20  # decoded code_base64
-EVENT_MAX = 6 << 20  # Lambda's synchronous payload limit
+EVENT_MAX = fast.EVENT_MAX
 
 EVENT_BODY = {
     "requestBody": {
@@ -187,14 +186,7 @@ async def _event(request: Request) -> bytes:
         if size > EVENT_MAX:
             raise PayloadTooLarge(f"the event is over {EVENT_MAX} bytes")
         chunks.append(chunk)
-    event = b"".join(chunks)
-    if not event.strip():
-        return b"{}"
-    try:
-        orjson.loads(event)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"the event is not valid JSON: {exc}") from None
-    return event
+    return fast.check_event(b"".join(chunks))
 
 
 # A repeated key (per tenant) answers with the first invocation instead of running again.
@@ -206,6 +198,7 @@ IDEMPOTENCY_KEY = Header(None, alias="Idempotency-Key", max_length=256, pattern=
              responses={404: {}, 409: {"description": "Idempotency-Key used for another request"}, 413: {},
                         429: {"description": "queue full; see Retry-After"}, 503: {}})
 async def invoke(name: str, request: Request, idempotency_key: str | None = IDEMPOTENCY_KEY) -> Response:
+    """Calls without an Idempotency-Key are answered by ``fast.FastInvoke`` before they get here."""
     node = _node(request)
     fn = await node.store.lookup_function(name, auth.tenant(request))
     event = await _event(request)

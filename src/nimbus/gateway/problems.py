@@ -40,14 +40,19 @@ def problem(status: int, detail: str, *, title: str | None = None, headers: dict
     return Response(dumps(body), status_code=status, media_type=PROBLEM_TYPE, headers=headers)
 
 
-async def _nimbus_error(request: Request, exc: errors.NimbusError) -> Response:
+def for_error(exc: errors.NimbusError, method: str, path: str) -> Response:
+    """The problem document for one of Nimbus's own errors (also used by the fast invoke path)."""
     status = next(code for kind, code in STATUS_OF if isinstance(exc, kind))
     headers = None
     if isinstance(exc, errors.Overloaded):
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
     if status >= 500 and status != 503:
-        log.error("request %s %s failed: %s", request.method, request.url.path, exc)
+        log.error("request %s %s failed: %s", method, path, exc)
     return problem(status, str(exc), headers=headers)
+
+
+async def _nimbus_error(request: Request, exc: errors.NimbusError) -> Response:
+    return for_error(exc, request.method, request.url.path)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:

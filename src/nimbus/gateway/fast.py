@@ -1,0 +1,94 @@
+"""The sync invoke path as a plain ASGI handler: the call a node serves most, without the framework.
+
+``POST /api/v1/functions/{name}/invoke`` is the hot path: routing, dependency injection, a ``Request``
+object and response classes cost more of a warm call than the sandbox round trip does (measured with
+``python -m bench.profile``). :class:`FastInvoke` sits inside the auth and body-limit middleware, so
+keys, rate limits and the body cap apply as to any route, and answers that one request itself:
+same checks, same JSON, same problem documents (``problems.for_error``). Anything else, including an
+invoke with an ``Idempotency-Key`` (whose header the route validates), goes on to FastAPI, whose route
+stays the documented one in ``/openapi.json``.
+"""
+
+import orjson
+
+from nimbus.errors import InvalidRequest, NimbusError, PayloadTooLarge
+from nimbus.gateway import problems, schemas
+from nimbus.gateway.responses import dumps
+
+PREFIX = "/api/v1/functions/"
+SUFFIX = "/invoke"
+EVENT_MAX = 6 << 20  # Lambda's synchronous payload limit
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+def invoke_name(scope) -> str | None:
+    """The function name when ``scope`` is a sync invoke this handler takes, else None."""
+    if scope["type"] != "http" or scope["method"] != "POST":
+        return None
+    path = scope["path"]
+    if not path.startswith(PREFIX) or not path.endswith(SUFFIX):
+        return None
+    name = path[len(PREFIX):-len(SUFFIX)]
+    if not name or "/" in name:
+        return None
+    for header, _ in scope["headers"]:
+        if header == b"idempotency-key":
+            return None
+    return name
+
+
+async def read_event(scope, receive) -> bytes:
+    """The request body as the event: at most ``EVENT_MAX`` bytes of JSON (empty means ``{}``)."""
+    for header, value in scope["headers"]:
+        if header == b"content-length" and value.isdigit() and int(value) > EVENT_MAX:
+            raise PayloadTooLarge(f"the event is {value.decode()} bytes; the limit is {EVENT_MAX}")
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > EVENT_MAX:
+            raise PayloadTooLarge(f"the event is over {EVENT_MAX} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    event = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return check_event(event)
+
+
+def check_event(event: bytes) -> bytes:
+    """``event`` if it is JSON, ``{}`` if it is blank; ``InvalidRequest`` otherwise."""
+    if not event.strip():
+        return b"{}"
+    try:
+        orjson.loads(event)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the event is not valid JSON: {exc}") from None
+    return event
+
+
+class FastInvoke:
+    """ASGI middleware: serves sync invokes directly, hands every other request to ``app``."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        name = invoke_name(scope)
+        if name is None:
+            await self.app(scope, receive, send)
+            return
+        node = scope["app"].state.node
+        try:
+            fn = await node.store.lookup_function(name, scope["state"]["nimbus.principal"].tenant)
+            event = await read_event(scope, receive)
+            inv = await node.scheduler.invoke(fn, event)
+        except NimbusError as exc:
+            await problems.for_error(exc, scope["method"], scope["path"])(scope, receive, send)
+            return
+        body = dumps(schemas.invoke_view(inv))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
