@@ -51,22 +51,24 @@ def measure(base: str, body: bytes, floor_ms: float, n_seq: int) -> dict[str, di
     """Build time (first and cached) and warm p50 of an echo function in each compiled runtime."""
     out: dict[str, dict] = {}
     sources = {"go": GO_SOURCE, "rust": RUST_SOURCE, "wasm": WASM_ECHO}
+    client = httpx.Client(timeout=900)  # one client: building one per call would be timed too
+    client.get(f"{base}/health")
     for runtime, code in sources.items():
         names = [f"{runtime}-{uuid.uuid4().hex[:6]}-{i}" for i in range(2)]
         timings = []
         for name in names:
             t = time.perf_counter()
-            r = httpx.post(f"{base}/api/v1/functions", timeout=900,
-                           json={"name": name, "runtime": runtime, "code": code})
+            r = client.post(f"{base}/api/v1/functions", json={"name": name, "runtime": runtime, "code": code})
             timings.append(time.perf_counter() - t)
             if r.status_code != 201:
                 print(f"{runtime}: not measured ({r.status_code}: {r.json().get('detail', '')[:200]})")
                 break
         else:
-            cached = httpx.get(f"{base}/api/v1/functions/{names[1]}").json()
+            cached = client.get(f"{base}/api/v1/functions/{names[1]}").json()
             warm = p50_ms(sequential(f"{base}/api/v1/functions/{names[0]}/invoke", body, n_seq))
             out[f"{runtime}_first_build_s"] = {"value": timings[0]}
             out[f"{runtime}_cached_deploy_ms"] = {"value": timings[1] * 1000,
                                                   "same_artifact": cached["artifact_sha256"] is not None}
             out[f"{runtime}_warm_p50_ms"] = {"value": warm, "floor": floor_ms, "ratio": warm / floor_ms}
+    client.close()
     return out

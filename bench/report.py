@@ -107,6 +107,7 @@ def details(results: dict[str, dict]) -> str:
                    f"({n['node_machines']} in all): {n['healthy']} answered hot after {n['health_rounds_waited']} "
                    f"health round(s); starts on the second call {n['second_call_starts']}; "
                    f"mean PSS per machine on the node {n['node_pss_mib_per_machine']:.2f} MiB "
-                   f"({n['node_machine_trees']} machine trees, {n['node_pss_mib_total']:.0f} MiB in all); "
+                   f"({n['node_machine_trees']} machines, {n.get('node_templates', 0)} template(s) counted in, "
+                   f"{n['node_pss_mib_total']:.0f} MiB in all); "
                    f"filling took {n['fill_s']:.1f} s")
     return "\n".join(out)
