@@ -270,16 +270,12 @@ class TemplateMachine(BwrapMachine):
 
     async def start(self) -> None:
         await super().start()
-        self.pid = self._find_host_pid()  # for the record (diagnostics, PSS); kills go through the cgroup
-
-    def _kill_now(self) -> None:
-        """SIGKILL every process of the machine through its cgroup (C1's death takes the rest too)."""
-        self._killed = True
-        if self._cgroup is not None:
-            try:
-                self._cgroup.kill()
-            except OSError as exc:
-                log.warning("machine %s: cgroup kill failed: %s", self.id, exc)
+        # The machine's first process: what kill() signals besides the cgroup (its death takes the
+        # rest, through PR_SET_PDEATHSIG), through a pidfd that cannot hit a recycled pid.
+        self.pid = self._find_host_pid()
+        if self.pid is not None:
+            with contextlib.suppress(OSError):
+                self._pidfd = os.pidfd_open(self.pid)
 
     def _find_host_pid(self) -> int | None:
         """The host pid of the child the template forked: in the machine's cgroup, two pid namespaces deep."""
@@ -305,6 +301,9 @@ class TemplateMachine(BwrapMachine):
                 log.error("machine %s: its template child did not exit after SIGKILL", self.id)
         self._output_transport.close()
         self.template.forget(self)
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
 
 
 __all__ = ["Template", "TemplateMachine", "TEMPLATE_BOOT", "TEMPLATE_CAPS"]
