@@ -37,6 +37,7 @@ DEFAULT_AUTOSCALE_WINDOW_S = 30.0
 DEFAULT_BOOT_S = 0.1  # assumed boot time of a runtime's machine until one has been measured
 BOOT_WEIGHT = 0.2  # weight of the newest boot in the moving average of boot times
 MIN_STARTS = 2.0  # starts in the decayed window below which the rate counts as none
+PACKAGE_FILENAME = "package.zip"  # a name ending in .zip: the agent unpacks it into the task directory
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,7 @@ class Deployment:
     timeout_s: float
     concurrency: int
     code_sha256: str
+    package: bool = False  # the code is a zip of many files, which the agent unpacks
 
 
 @dataclass(slots=True, eq=False)
@@ -377,7 +379,7 @@ class Pool:
                 "type": protocol.INIT,
                 "runtime": dep.runtime,
                 "handler": dep.handler,
-                "filename": runtimes.get(dep.runtime).machine_filename(dep.handler),
+                "filename": PACKAGE_FILENAME if dep.package else runtimes.get(dep.runtime).machine_filename(dep.handler),
                 "env": dep.env,
                 "memory_mb": dep.memory_mb,
                 "timeout_s": dep.timeout_s,

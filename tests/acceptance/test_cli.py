@@ -251,6 +251,32 @@ def test_redeploy_makes_version_2_and_ls_get_show_it(nimbus, tmp_path):
     assert fn["handler"] == "main.handler" and len(fn["code_sha256"]) == 64
 
 
+def test_deploy_a_folder_as_a_package(nimbus, tmp_path):
+    """A folder is zipped, leaving out what .gitignore and .nimbusignore list (and .git, __pycache__)."""
+    project = tmp_path / "my-api"
+    (project / "helpers").mkdir(parents=True)
+    (project / "app.py").write_text(
+        "import os\nfrom helpers.text import shout\n\n"
+        "def handler(event, context):\n"
+        "    here = os.path.dirname(__file__)\n"
+        "    return {'said': shout(event['word']), 'files': sorted(os.listdir(here))}\n")
+    (project / "helpers" / "__init__.py").write_text("")
+    (project / "helpers" / "text.py").write_text("def shout(word):\n    return word.upper() + '!'\n")
+    (project / ".gitignore").write_text("*.log\nscratch/\n")
+    (project / ".nimbusignore").write_text("tests/\n")
+    for left_out in ("debug.log", "scratch/notes.txt", "tests/test_app.py", ".git/config", "__pycache__/app.pyc"):
+        (project / left_out).parent.mkdir(parents=True, exist_ok=True)
+        (project / left_out).write_text("not deployed")
+    result = nimbus("deploy", str(project), "--name", "cli-pkg", "--runtime", "python3", "--handler", "app.handler")
+    assert result.code == 0, result
+    assert "packed 4 files" in result.stderr, result
+    fn = nimbus("get", "cli-pkg").json()
+    assert fn["code_kind"] == "zip" and fn["handler"] == "app.handler"
+    result = nimbus("invoke", "cli-pkg", "--data", '{"word": "hey"}')
+    assert result.code == 0, result
+    assert result.json()["output"] == {"said": "HEY!", "files": [".gitignore", "app.py", "helpers"]}
+
+
 def test_deploy_settings_and_env(nimbus, tmp_path):
     _deploy(nimbus, tmp_path, "cli-env", WITH_ENV, "--env", "GREETING=bonjour", "--memory", "256",
             "--timeout", "5", "--concurrency", "2")

@@ -118,6 +118,7 @@ class PythonRuntime:
     def load(self) -> None:
         """Import the handler's module (its top level runs once per machine) and find the function."""
         module_name, function_name = self.spec.handler_parts
+        module_name = module_name.replace("/", ".")  # "api/app.handler" names the module api.app
         sys.dont_write_bytecode = True  # a machine imports its code once: a cache would only cost a write
         if self.spec.task_dir not in sys.path:
             sys.path.insert(0, self.spec.task_dir)

@@ -1,12 +1,13 @@
 """Functions: create, read, list, update, delete; and the two ways to invoke one."""
 
+import asyncio
 import base64
 import binascii
 
 from fastapi import APIRouter, Header, Query, Request
 from starlette.responses import Response
 
-from nimbus import runtimes
+from nimbus import packages, runtimes
 from nimbus.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from nimbus.gateway import auth, fast, schemas
 from nimbus.gateway.responses import JSON
@@ -48,8 +49,8 @@ def _source(body: schemas._Code, runtime: str) -> bytes:
             raise InvalidRequest("code_base64 is not valid base64") from None
         if len(code) > ARTIFACT_MAX:
             raise PayloadTooLarge(f"the artifact is {len(code)} bytes; the limit is {ARTIFACT_MAX}")
-        if code.startswith(b"PK\x03\x04"):
-            raise InvalidRequest(f"zip packages are not supported for {runtime} yet; send one source file")
+        if packages.is_zip(code):
+            return code  # a package: checked with its handler by _check_code
         if runtime == "wasm" and code.startswith(WASM_MAGIC):
             return code  # a prebuilt module: the compiler validates it
         try:
@@ -68,8 +69,12 @@ def _handler(handler: str | None, runtime: str) -> str:
     return handler
 
 
-def _check_syntax(runtime: str, code: bytes, handler: str) -> None:
-    """Refuse Python that does not parse now, with the line, rather than on every call later."""
+async def _check_code(runtime: str, code: bytes, handler: str) -> None:
+    """Refuse a bad package (which entry, and why), or Python that does not parse (which line), now
+    rather than on every call later."""
+    if packages.is_zip(code):
+        await asyncio.to_thread(packages.check, code, runtime, handler)  # reads every entry: off the loop
+        return
     if runtime != "python3":
         return
     try:
@@ -81,6 +86,8 @@ def _check_syntax(runtime: str, code: bytes, handler: str) -> None:
 
 
 def _code_kind(code: bytes) -> str:
+    if packages.is_zip(code):
+        return "zip"
     return "module" if code.startswith(WASM_MAGIC) else "source"
 
 
@@ -103,7 +110,7 @@ async def create_function(body: schemas.FunctionCreate, request: Request) -> Res
     runtime = runtimes.normalise(body.runtime)
     handler = _handler(body.handler, runtime)
     code = _source(body, runtime)
-    _check_syntax(runtime, code, handler)
+    await _check_code(runtime, code, handler)
     if runtimes.get(runtime).compiled:
         # A taken name answers 409 now, not after a build of minutes (the insert still decides races).
         try:
@@ -153,8 +160,8 @@ async def update_function(name: str, body: schemas.FunctionUpdate, request: Requ
     handler = _handler(body.handler or current.handler, runtime) if (body.handler or body.runtime) else None
     code = _source(body, runtime) if has_code else None
     if code is not None or handler is not None:
-        _check_syntax(runtime, code if code is not None else await node.store.get_code(current.code_sha256),
-                      handler or current.handler)
+        await _check_code(runtime, code if code is not None else await node.store.get_code(current.code_sha256),
+                          handler or current.handler)
     build = await _build(node, runtime, code) if code is not None else None
     fn = await node.store.update_function(
         current.id, code=code, code_kind=_code_kind(code) if code is not None else None,

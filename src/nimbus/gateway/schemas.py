@@ -137,6 +137,7 @@ class FunctionOut(BaseModel):
     version: int
     code_sha256: str
     code_size: int
+    code_kind: str = Field("source", description="source (one file), zip (a package), or module (prebuilt wasm)")
     artifact_sha256: str | None = Field(None, description="compiled runtimes: the built artifact the machines run")
     artifact_size: int | None = None
     build: BuildOut | None = None
@@ -202,7 +203,8 @@ def function_view(fn, build=None) -> dict:
         "id": fn.id, "name": fn.name, "runtime": fn.runtime, "handler": fn.handler, "env": fn.env,
         "memory_mb": fn.memory_mb, "timeout_s": fn.timeout_s, "concurrency": fn.concurrency,
         "max_retries": fn.max_retries, "version": fn.version,
-        "code_sha256": fn.code_sha256, "code_size": fn.code_size, "artifact_sha256": fn.artifact_sha256,
+        "code_sha256": fn.code_sha256, "code_size": fn.code_size, "code_kind": fn.code_kind,
+        "artifact_sha256": fn.artifact_sha256,
         "artifact_size": fn.artifact_size, "created_at": fn.created_at, "updated_at": fn.updated_at,
     }
     if build is not None:

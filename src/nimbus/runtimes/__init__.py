@@ -41,7 +41,9 @@ RUNTIMES: dict[str, Runtime] = {
                     artifact="module.cwasm"),
 }
 
-HANDLER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_.-]*)*\.[A-Za-z_$][A-Za-z0-9_$]*$")
+# module.function; the module may be dotted (pkg.mod, python3) or a path (lib/index, a package's file).
+HANDLER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(/[A-Za-z_][A-Za-z0-9_.-]*)*"
+                        r"\.[A-Za-z_$][A-Za-z0-9_$]*$")
 
 
 def normalise(name: str) -> str:
