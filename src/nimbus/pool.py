@@ -16,6 +16,7 @@ needed ≈ starts per second × seconds to boot a replacement, plus a Poisson ma
 """
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -37,6 +38,7 @@ DEFAULT_AUTOSCALE_WINDOW_S = 30.0
 DEFAULT_BOOT_S = 0.1  # assumed boot time of a runtime's machine until one has been measured
 BOOT_WEIGHT = 0.2  # weight of the newest boot in the moving average of boot times
 MIN_STARTS = 2.0  # starts in the decayed window below which the rate counts as none
+PING_WAIT_S = 0.1  # how long a call waits for its idle machine to come back from a health ping
 PACKAGE_FILENAME = "package.zip"  # a name ending in .zip: the agent unpacks it into the task directory
 
 
@@ -163,6 +165,8 @@ class Pool:
         self._idle: dict[str, deque[Lease]] = {}  # version_id -> leases, most recently used on the right
         self._booting: dict[str, int] = dict.fromkeys(self.runtimes, 0)
         self._pinging: dict[str, int] = dict.fromkeys(self.runtimes, 0)  # blanks out of their deque for a ping
+        self._idle_pinging: dict[str, int] = {}  # version id → its idle machines out for a ping
+        self._pings_done: asyncio.Future[None] | None = None  # resolved when the running health round ends
         self._busy: dict[str, int] = {}  # runtime -> machines serving a call
         self._retired: dict[str, str | None] = {}  # function_id -> the version still allowed, if any
         self._count = 0  # machines alive or booting: the figure max_machines bounds
@@ -215,6 +219,7 @@ class Pool:
         Raises ``InitFailed`` when the function's code does not load (the call fails, the machine is
         destroyed), ``Unavailable`` when no machine can be started.
         """
+        waited_for_ping = False
         while True:
             if self._closing:
                 raise Unavailable("the node is shutting down")
@@ -222,6 +227,13 @@ class Pool:
             if lease is not None:
                 self.starts["hot"] += 1
                 return lease
+            if self._idle_pinging.get(dep.version_id) and self._pings_done is not None and not waited_for_ping:
+                # Its idle machine is out for a health ping (well under a millisecond when healthy):
+                # waiting for it is cheaper than any start. Once, and bounded, for a ping that hangs.
+                waited_for_ping = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._pings_done), PING_WAIT_S)
+                continue
             machine = self._take_blank(dep)
             if machine is not None:
                 return await self._initialise(machine, dep, "warm")
@@ -511,26 +523,35 @@ class Pool:
                 leases.remove(lease)
                 if self._fresh(lease.machine, now) and now - lease.idle_since < self.idle_ttl_s:
                     checks.append(("idle", version_id, lease))
+                    self._idle_pinging[version_id] = self._idle_pinging.get(version_id, 0) + 1
                 else:
                     self._discard(lease.machine)
                     destroyed += 1
             if not leases:
                 self._idle.pop(version_id, None)
         machines = [item[2] if item[0] == "blank" else item[2].machine for item in checks]
+        done = self._pings_done = asyncio.get_running_loop().create_future()
         try:
-            answers = await asyncio.gather(*(m.ping() for m in machines))
+            answers = await asyncio.gather(*(m.ping() for m in machines), return_exceptions=True)
         finally:
             for kind, key, _ in checks:
                 if kind == "blank":
                     self._pinging[key] -= 1
+                elif self._idle_pinging[key] > 1:
+                    self._idle_pinging[key] -= 1
+                else:
+                    del self._idle_pinging[key]
         for (kind, key, item), machine, ok in zip(checks, machines, answers, strict=True):
-            if not ok or self._closing:
+            if ok is not True or self._closing:
                 self._discard(machine)
                 destroyed += 1
             elif kind == "blank":
                 self._blank[key].append(item)
             else:
                 self._idle.setdefault(key, deque()).appendleft(item)
+        if self._pings_done is done:
+            self._pings_done = None
+        done.set_result(None)  # callers that found their idle machine out for a ping look again
         if destroyed:
             self._refill.set()
         return destroyed

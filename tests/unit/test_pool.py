@@ -297,6 +297,32 @@ async def test_machine_start_failure_is_unavailable_and_frees_the_slot(pool):
     assert pool.total == 0
 
 
+async def test_a_call_waits_for_its_idle_machine_to_come_back_from_a_ping(pool):
+    lease = await pool.acquire(dep())
+    machine = lease.machine
+    pool.release(lease)
+    pool.driver.ping_delay = 0.02
+    check = asyncio.create_task(pool.check_health())
+    await asyncio.sleep(0.005)  # the round has the idle machine out for its ping
+    assert pool.stats()["python3"]["idle"] == 0
+    again = await pool.acquire(dep())
+    assert again.start == "hot" and again.machine is machine and len(pool.driver.created) == 1
+    pool.release(again)
+    await check
+
+
+async def test_a_ping_that_hangs_holds_a_call_back_only_briefly(pool):
+    lease = await pool.acquire(dep())
+    pool.release(lease)
+    pool.driver.ping_delay = 30  # a machine that does not answer its ping
+    check = asyncio.create_task(pool.check_health())
+    await asyncio.sleep(0.005)
+    other = await pool.acquire(dep())  # waits PING_WAIT_S once, then starts a machine of its own
+    assert other.start == "cold" and other.machine is not lease.machine
+    pool.release(other)
+    check.cancel()
+
+
 async def test_health_round_does_not_make_prewarm_overfill():
     driver = MemoryDriver()
     p = Pool(driver, load_code, runtimes=["python3"], min_warm=2, max_machines=8, health_interval_s=3600)
