@@ -120,8 +120,12 @@ STOP_GRACE_S = 1.0  # how long stop() lets the agent exit on its own after its c
 EXIT_WAIT_S = 5.0  # how long to wait for a SIGKILLed sandbox to be reaped before giving up on it
 DEATH_REPORT_WAIT_S = 1.0  # after EOF, how long to wait for the exit status to quote it
 CGROUP_REMOVE_TRIES = 40
-TEMPLATE_RETRY_S = 30.0  # after a template fails to start, its runtime's machines boot for this long
 CGROUP_REMOVE_PAUSE_S = 0.025
+TEMPLATE_RETRY_S = 30.0  # after a template fails to start, its runtime's machines boot for this long
+# What the sandbox's first process keeps on a root node: enough to drop to uid 65534, nothing else.
+MACHINE_CAPS = ("CAP_SETUID", "CAP_SETGID")
+# A template also makes its children's namespaces and mounts and brings up their loopback.
+TEMPLATE_CAPS = ("CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_SETUID", "CAP_SETGID")
 
 # Which reply types answer which request type.
 REPLIES = {
@@ -664,6 +668,7 @@ class BwrapDriver:
                 self.seccomp_note = f"unavailable ({exc})"
                 log.warning("no seccomp filter for machines: %s", exc)
         self._layout = self._sandbox_layout()
+        self._template_layout: list[str] | None = None  # made with the first template
         self._wasm_layout = self._wasmtime_layout()
         self._templates: dict[str, Template] = {}
         self._template_failed: dict[str, float] = {}  # runtime → monotonic time of its last failed start
@@ -759,14 +764,11 @@ class BwrapDriver:
         A machine's sandbox, but the process keeps root and ``CAP_SYS_ADMIN`` to build its children's
         namespaces, and gets the seccomp program as a descriptor to install in each child itself.
         """
-        from nimbus.machines.template import TEMPLATE_BOOT, TEMPLATE_CAPS
+        from nimbus.machines.template import TEMPLATE_BOOT
 
-        argv = self._filesystem(runtime, MIN_TMP_MB << 20, MIN_TMP_MB << 20)
-        caps = argv.index("--cap-drop") + 2  # the template layout is the root one: replace its --cap-add list
-        end = caps
-        while end < len(argv) and argv[end] == "--cap-add":
-            end += 2
-        argv[caps:end] = [arg for cap in TEMPLATE_CAPS for arg in ("--cap-add", cap)]
+        if self._template_layout is None:
+            self._template_layout = self._sandbox_layout(TEMPLATE_CAPS)
+        argv = self._filesystem(runtime, MIN_TMP_MB << 20, MIN_TMP_MB << 20, self._template_layout)
         argv += [str(self.python), "-I", "-S", "-c", TEMPLATE_BOOT, "--control", str(control_fd),
                  "--seccomp", "-" if seccomp_fd is None else str(seccomp_fd), "--runtime", runtime]
         return argv
@@ -775,11 +777,12 @@ class BwrapDriver:
         """Sizes of a machine's ``/tmp`` (and ``/dev/shm``) and of its ``/var/task``."""
         return max(spec.memory_mb, MIN_TMP_MB) << 20, TASK_DIR_MB << 20
 
-    def _filesystem(self, runtime: str, tmp_bytes: int, task_bytes: int) -> list[str]:
+    def _filesystem(self, runtime: str, tmp_bytes: int, task_bytes: int,
+                    layout: list[str] | None = None) -> list[str]:
         """bwrap and its arguments up to the command: namespaces, binds and the writable tmpfs mounts."""
         # As root the tmpfs mounts belong to root, and the agent runs as 65534: let it write.
         perms = ["--perms", "1777"] if self.privileged else []
-        argv = [self.bwrap, *self._layout]
+        argv = [self.bwrap, *(self._layout if layout is None else layout)]
         if runtime == "wasm":
             argv += self._wasm_layout
         argv += [*perms, "--size", str(tmp_bytes), "--tmpfs", "/dev/shm", "--remount-ro", "/dev"]
@@ -855,13 +858,16 @@ class BwrapDriver:
             code += f"import os;os.setgroups([]);os.setgid({SANDBOX_GID});os.setuid({SANDBOX_UID});del os;"
         return code
 
-    def _sandbox_layout(self) -> list[str]:
-        """The part of the bwrap command line shared by every machine (computed once)."""
+    def _sandbox_layout(self, caps: tuple[str, ...] = MACHINE_CAPS) -> list[str]:
+        """The part of the bwrap command line shared by every machine (computed once).
+
+        ``caps``: what the sandbox's process keeps on a root node (a template keeps more).
+        """
         if self.privileged:
             # No user namespace: it could only map the sandbox to host uid 0. Namespaces by name
             # (--unshare-all would add a root-mapped user namespace); the agent drops to 65534 itself.
             args = ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-                    "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+                    "--cap-drop", "ALL", *(arg for cap in caps for arg in ("--cap-add", cap))]
         else:
             args = ["--unshare-all", "--unshare-user", "--disable-userns",
                     "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_GID)]

@@ -33,8 +33,6 @@ log = logging.getLogger("nimbus.machines.template")
 TEMPLATE_BOOT = (
     "import sys; sys.path.insert(0, '/opt/nimbus'); from nimbus.agent.template import main; main(sys.argv[1:])"
 )
-# What the template may do beyond a machine: make namespaces and mounts, and bring up loopback, for its children.
-TEMPLATE_CAPS = ("CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_SETUID", "CAP_SETGID")
 MAX_MESSAGE = 64 * 1024
 FORK_TIMEOUT_S = 5.0
 
@@ -306,4 +304,4 @@ class TemplateMachine(BwrapMachine):
             self._pidfd = None
 
 
-__all__ = ["Template", "TemplateMachine", "TEMPLATE_BOOT", "TEMPLATE_CAPS"]
+__all__ = ["Template", "TemplateMachine", "TEMPLATE_BOOT"]
