@@ -557,7 +557,6 @@ def test_wasm_deadline_interrupts_a_spinning_module(agent, cwasm):
     reply, _ = agent.exec({}, deadline_ms=300)
     error = assert_error(reply, "TimeoutError", fatal=True)
     assert "300 ms" in error["message"] and "blocked" not in error["message"]
-    assert 250 <= reply["duration_ms"] < 5000
     assert_alive(agent)
 
 
