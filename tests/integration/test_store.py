@@ -925,3 +925,57 @@ async def test_function_lookup_cache_sees_this_stores_changes_at_once_and_others
     finally:
         await node_b.close()
         await node_a.close()
+
+
+# ---------------------------------------------------------------- layers and gc
+
+
+async def test_layers_are_listed_per_tenant_and_collected_only_when_no_version_uses_them(store, database_url):
+    manifest = f"six=={uuid.uuid4().int % 1000}\n".encode()
+    layer = await put_build(store, manifest, runtime="python3", toolchain="python3.11 x86_64 glibc-2.36",
+                            kind="layer", artifact=b"\x1f\x8b" + uuid.uuid4().bytes * 32)
+    assert (await store.get_build(layer.key)).kind == "layer"
+    fn = await create(store, layer_sha256=layer.artifact_sha256)
+    assert fn.layer_sha256 == layer.artifact_sha256
+    assert (await store.get_function(fn.name)).layer_sha256 == layer.artifact_sha256
+    assert (await store.get_version(fn.version_id)).layer_sha256 == layer.artifact_sha256
+    mine = {item.sha256: item for item in await store.list_layers()}
+    assert mine[layer.artifact_sha256].functions == [fn.name]
+    assert mine[layer.artifact_sha256].platform == "python3.11 x86_64 glibc-2.36"
+    assert layer.artifact_sha256 not in {item.sha256 for item in await store.list_layers("someone-else")}
+    assert layer.artifact_sha256 in {item.sha256 for item in await store.list_layers(None)}
+    assert layer.artifact_sha256 in await store.layer_shas()
+
+    # Settings-only versions keep the layer; new code without one drops it, but version 1 still uses it.
+    assert (await store.update_function(fn.id, memory_mb=256)).layer_sha256 == layer.artifact_sha256
+    updated = await store.update_function(fn.id, code=b"def handler(e, c): return 2\n", code_kind="source")
+    assert updated.layer_sha256 is None
+    await store.collect_garbage(grace_s=0)
+    assert await store.get_build(layer.key) is not None
+    assert await store.get_code(layer.artifact_sha256)
+
+    await store.delete_function(fn.id)
+    assert await store.get_build(layer.key) is not None  # the cache outlives the function until gc
+    assert (await store.collect_garbage(grace_s=3600))["layers"] == 0  # too young
+    freed = await store.collect_garbage(grace_s=0)
+    assert freed["layers"] >= 1 and freed["artifacts"] >= 1 and freed["bytes"] >= len(b"\x1f\x8b") + 32 * 16
+    assert await store.get_build(layer.key) is None
+    assert await artifact_rows(database_url, layer.artifact_sha256) == []
+    assert layer.artifact_sha256 not in {item.sha256 for item in await store.list_layers(None)}
+    assert layer.artifact_sha256 not in await store.layer_shas()
+
+
+async def test_gc_keeps_compiled_builds_a_version_runs_and_removes_unused_ones(store, database_url):
+    used, unused = await put_build(store), await put_build(store)
+    fn = await create(store, runtime="go", handler="main", artifact_sha256=used.artifact_sha256)
+    freed = await store.collect_garbage(grace_s=0)
+    assert freed["builds"] >= 1
+    assert await store.get_build(used.key) is not None
+    assert await store.get_build(unused.key) is None
+    assert await artifact_rows(database_url, unused.artifact_sha256) == []
+    assert await store.get_code(fn.code_sha256)  # the function's own code stays
+
+
+async def test_a_version_cannot_name_a_layer_that_is_not_stored(store):
+    with pytest.raises(NotFound):
+        await create(store, layer_sha256="ab" * 32)

@@ -51,6 +51,9 @@ class FunctionRecord:
     artifact_size: int | None = None
     max_retries: int = DEFAULT_MAX_RETRIES
     """How often a failed async invocation is tried again."""
+    layer_sha256: str | None = None
+    """Packages with requirements.txt or package.json: the archive of the dependency layer its machines
+    mount read-only. None when the function has no dependencies."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -80,6 +83,8 @@ class VersionRecord:
     """Compiled runtimes: the built artifact this version runs; None for interpreted runtimes."""
     artifact_size: int | None = None
     max_retries: int = DEFAULT_MAX_RETRIES
+    layer_sha256: str | None = None
+    """The dependency layer this version's machines mount; None when it has none."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -101,6 +106,8 @@ class BuildRecord:
     duration_ms: float
     """How long the original build took; a cache hit costs none of it."""
     created_at: datetime
+    kind: str = "artifact"
+    """``artifact`` (compiled code) or ``layer`` (a function's resolved dependencies)."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -159,3 +166,23 @@ class ApiKeyRecord:
     revoked_at: datetime | None = None
     admin: bool = False
     prefix: str = ""
+
+
+@dataclass(slots=True, kw_only=True)
+class LayerRecord:
+    """A dependency layer as ``GET /api/v1/layers`` shows it: its build and the functions that use it."""
+
+    sha256: str
+    """The layer archive's sha256: what versions reference and nodes unpack."""
+    key: str | None
+    """The build-cache key (sha256 of runtime, platform and requirements); None once pruned by gc."""
+    runtime: str
+    platform: str
+    """What the layer was resolved for (interpreter or node version, machine, libc)."""
+    size: int
+    """Bytes of the archive."""
+    log: str
+    duration_ms: float
+    created_at: datetime
+    functions: list[str] = field(default_factory=list)
+    """Names of the functions (of the asking tenant) with a version that mounts it."""

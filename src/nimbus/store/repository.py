@@ -52,6 +52,7 @@ from nimbus.store.records import (
     BuildRecord,
     FunctionRecord,
     InvocationRecord,
+    LayerRecord,
     VersionRecord,
     utcnow,
 )
@@ -100,7 +101,7 @@ _FUNCTION_COLUMNS = (
     _f.c.id, _f.c.name, _f.c.tenant, _v.c.runtime, _v.c.handler, _v.c.env, _v.c.memory_mb, _v.c.timeout_s,
     _v.c.concurrency, _f.c.version, _v.c.id.label("version_id"), _v.c.code_sha256, _v.c.code_size,
     _v.c.code_kind, _f.c.created_at, _f.c.updated_at, _v.c.artifact_sha256, _built.c.size.label("artifact_size"),
-    _v.c.max_retries,
+    _v.c.max_retries, _v.c.layer_sha256,
 )
 _LATEST = _f.join(_v, sa.and_(_v.c.function_id == _f.c.id, _v.c.version == _f.c.version))
 _SELECT_LATEST = sa.select(*_FUNCTION_COLUMNS).select_from(
@@ -118,11 +119,19 @@ _GET_VERSION = sa.select(
     _v.c.id, _v.c.function_id, _f.c.name.label("function_name"), _f.c.tenant, _v.c.version, _v.c.runtime,
     _v.c.handler, _v.c.env, _v.c.memory_mb, _v.c.timeout_s, _v.c.concurrency, _v.c.code_sha256, _v.c.code_size,
     _v.c.code_kind, _v.c.created_at, _v.c.artifact_sha256, _built.c.size.label("artifact_size"), _v.c.max_retries,
+    _v.c.layer_sha256,
 ).select_from(
     _v.join(_f, _f.c.id == _v.c.function_id).outerjoin(_built, _built.c.sha256 == _v.c.artifact_sha256)
 ).where(_v.c.id == _key)
 
 _GET_CODE = sa.select(_a.c.content).where(_a.c.sha256 == _key)
+# An artifact something still needs: a version's code, built artifact or layer, or a build-cache row.
+_STILL_USED = sa.or_(
+    sa.select(_v.c.id).where(_v.c.code_sha256 == _a.c.sha256).exists(),
+    sa.select(_v.c.id).where(_v.c.artifact_sha256 == _a.c.sha256).exists(),
+    sa.select(_v.c.id).where(_v.c.layer_sha256 == _a.c.sha256).exists(),
+    sa.select(_b.c.key).where(_b.c.artifact_sha256 == _a.c.sha256).exists(),
+)
 # FOR KEY SHARE: a concurrent delete cannot collect the artifact before our version references it.
 _ARTIFACT_PRESENT = sa.select(_a.c.sha256).where(_a.c.sha256 == _key).with_for_update(read=True, key_share=True)
 # The same lock on a built artifact a new version is to reference, and its size for the record.
@@ -130,8 +139,16 @@ _ARTIFACT_SIZE = sa.select(_a.c.size).where(_a.c.sha256 == _key).with_for_update
 
 _GET_BUILD = sa.select(
     _b.c.key, _b.c.runtime, _b.c.toolchain, _b.c.source_sha256, _b.c.artifact_sha256,
-    _a.c.size.label("artifact_size"), _b.c.log, _b.c.duration_ms, _b.c.created_at,
+    _a.c.size.label("artifact_size"), _b.c.log, _b.c.duration_ms, _b.c.created_at, _b.c.kind,
 ).select_from(_b.join(_a, _a.c.sha256 == _b.c.artifact_sha256)).where(_b.c.key == _key)
+
+_LIST_LAYERS = sa.select(
+    _b.c.key, _b.c.runtime, _b.c.toolchain, _b.c.artifact_sha256, _a.c.size, _b.c.log, _b.c.duration_ms,
+    _b.c.created_at,
+).select_from(_b.join(_a, _a.c.sha256 == _b.c.artifact_sha256)).where(_b.c.kind == "layer").order_by(
+    _b.c.created_at.desc())
+_LAYER_USERS = sa.select(_v.c.layer_sha256, _f.c.name, _f.c.tenant).distinct().select_from(
+    _v.join(_f, _f.c.id == _v.c.function_id)).where(_v.c.layer_sha256.is_not(None))
 
 _INSERT_INVOCATION = _i.insert()
 _GET_INVOCATION = sa.select(_i).where(_i.c.id == _key, _i.c.tenant == _tenant)
@@ -775,12 +792,14 @@ class Store:
         tenant: str = DEFAULT_TENANT,
         artifact_sha256: str | None = None,
         max_retries: int = DEFAULT_MAX_RETRIES,
+        layer_sha256: str | None = None,
     ) -> FunctionRecord:
         """Create a function at version 1. ``Conflict`` if the tenant already has one with this name.
 
         The code is stored once per sha256: functions with identical bytes share one artifact.
-        ``artifact_sha256`` (compiled runtimes) names the built artifact the machines run, already stored
-        by ``put_build``; ``NotFound`` if there is no such artifact.
+        ``artifact_sha256`` (compiled runtimes) names the built artifact the machines run, and
+        ``layer_sha256`` the dependency layer they mount, both already stored by ``put_build``;
+        ``NotFound`` if there is no such artifact.
         """
         now = utcnow()
         sha = await _sha256(code)
@@ -788,7 +807,7 @@ class Store:
             id=_new_id(), name=name, tenant=tenant, runtime=runtime, handler=handler, env=dict(env),
             memory_mb=memory_mb, timeout_s=float(timeout_s), concurrency=concurrency, version=1,
             version_id=_new_id(), code_sha256=sha, code_size=len(code), code_kind=code_kind, created_at=now,
-            updated_at=now, artifact_sha256=artifact_sha256, max_retries=max_retries,
+            updated_at=now, artifact_sha256=artifact_sha256, max_retries=max_retries, layer_sha256=layer_sha256,
         )
         with _boundary(f"create function {name!r}"):
             async with self._write() as conn:
@@ -797,6 +816,8 @@ class Store:
                     raise Conflict(f"function {name!r} already exists")
                 if artifact_sha256 is not None:
                     record.artifact_size = await self._hold_artifact(conn, artifact_sha256)
+                if layer_sha256 is not None:
+                    await self._hold_artifact(conn, layer_sha256)
                 await self._put_artifact(conn, sha, runtime, code, now)
                 try:
                     await conn.execute(
@@ -826,13 +847,14 @@ class Store:
         concurrency: int | None = None,
         artifact_sha256: str | None = None,
         max_retries: int | None = None,
+        layer_sha256: str | None = None,
     ) -> FunctionRecord:
         """Make version N+1 from the latest, with the given code and settings changed. ``NotFound``.
 
         The built artifact goes with the code: new code runs ``artifact_sha256`` (None: it is interpreted),
         no new code keeps the latest version's artifact, unless ``artifact_sha256`` names a new one (the
-        same source rebuilt, say for another toolchain). A named artifact must exist (``put_build``), else
-        ``NotFound``.
+        same source rebuilt, say for another toolchain). The dependency layer goes with the code the same
+        way. A named artifact or layer must exist (``put_build``), else ``NotFound``.
         """
         now = utcnow()
         sha = await _sha256(code) if code is not None else None
@@ -848,6 +870,11 @@ class Store:
                 else:
                     # Nothing to lock: the current version references it, and we hold the function's lock.
                     built = (current.artifact_sha256, current.artifact_size)
+                if layer_sha256 is not None:
+                    await self._hold_artifact(conn, layer_sha256)
+                    layer = layer_sha256
+                else:
+                    layer = None if code is not None else current.layer_sha256
                 record = FunctionRecord(
                     id=current.id, name=current.name, tenant=current.tenant,
                     runtime=runtime if runtime is not None else current.runtime,
@@ -863,6 +890,7 @@ class Store:
                     created_at=current.created_at, updated_at=now,
                     artifact_sha256=built[0], artifact_size=built[1],
                     max_retries=max_retries if max_retries is not None else current.max_retries,
+                    layer_sha256=layer,
                 )
                 if code is not None:
                     await self._put_artifact(conn, record.code_sha256, record.runtime, code, now)
@@ -932,7 +960,8 @@ class Store:
                     self._behind.forget_function(function_id)
                 record = _function((await conn.execute(_FUNCTION_BY_ID, {"key": function_id})).one())
                 rows = (await conn.execute(
-                    sa.select(_v.c.code_sha256, _v.c.artifact_sha256).where(_v.c.function_id == function_id)
+                    sa.select(_v.c.code_sha256, _v.c.artifact_sha256, _v.c.layer_sha256)
+                    .where(_v.c.function_id == function_id)
                 )).all()
                 shas = sorted({sha for row in rows for sha in row if sha is not None})
                 await conn.execute(_i.delete().where(_i.c.function_id == function_id))
@@ -943,12 +972,7 @@ class Store:
                 # and the DELETE below (a new snapshot) then sees its row and keeps the artifact.
                 await conn.execute(sa.select(_a.c.sha256).where(_a.c.sha256.in_(shas)).with_for_update())
                 # A build row keeps its artifact too: the cache outlives the function (`nimbus gc` prunes it).
-                still_used = sa.or_(
-                    sa.select(_v.c.id).where(_v.c.code_sha256 == _a.c.sha256).exists(),
-                    sa.select(_v.c.id).where(_v.c.artifact_sha256 == _a.c.sha256).exists(),
-                    sa.select(_b.c.key).where(_b.c.artifact_sha256 == _a.c.sha256).exists(),
-                )
-                await conn.execute(_a.delete().where(_a.c.sha256.in_(shas), ~still_used))
+                await conn.execute(_a.delete().where(_a.c.sha256.in_(shas), ~_STILL_USED))
         self._functions.clear()  # this node sees its own change at once
         return record
 
@@ -982,6 +1006,7 @@ class Store:
         artifact: bytes,
         log: str,
         duration_ms: float,
+        kind: str = "artifact",
     ) -> BuildRecord:
         """Store a build's artifact (shared with any identical bytes) and its cache row, in one transaction.
 
@@ -997,11 +1022,12 @@ class Store:
         record = BuildRecord(
             key=key, runtime=runtime, toolchain=toolchain, source_sha256=source_sha256,
             artifact_sha256=await _sha256(artifact), artifact_size=len(artifact), log=log,
-            duration_ms=float(duration_ms), created_at=now,
+            duration_ms=float(duration_ms), created_at=now, kind=kind,
         )
         insert = self._upsert(_b).values(
             key=key, runtime=runtime, toolchain=toolchain, source_sha256=source_sha256,
             artifact_sha256=record.artifact_sha256, log=log, duration_ms=record.duration_ms, created_at=now,
+            kind=kind,
         ).on_conflict_do_nothing(index_elements=[_b.c.key])
         with _boundary(f"store build {key!r}"):
             try:
@@ -1028,6 +1054,76 @@ class Store:
             async with self._read() as conn:
                 row = (await conn.execute(_GET_BUILD, {"key": key})).first()
         return None if row is None else _build(row)
+
+    # ------------------------------------------------------------ layers and garbage
+
+    async def list_layers(self, tenant: str | None = DEFAULT_TENANT) -> list[LayerRecord]:
+        """Dependency layers, newest first, each with the names of ``tenant``'s functions that mount it.
+
+        A tenant sees the layers its own functions use; ``tenant=None`` (an admin) sees every layer, the
+        unused ones too, with every tenant's function names as ``tenant/name``.
+        """
+        with _boundary("list layers"):
+            async with self._read() as conn:
+                rows = (await conn.execute(_LIST_LAYERS)).all()
+                users = (await conn.execute(_LAYER_USERS)).all()
+        names: dict[str, set[str]] = {}
+        for sha, name, owner in users:
+            if tenant is None:
+                names.setdefault(sha, set()).add(name if owner == DEFAULT_TENANT else f"{owner}/{name}")
+            elif owner == tenant:
+                names.setdefault(sha, set()).add(name)
+        return [
+            LayerRecord(sha256=row.artifact_sha256, key=row.key, runtime=row.runtime, platform=row.toolchain,
+                        size=row.size, log=row.log, duration_ms=row.duration_ms, created_at=row.created_at,
+                        functions=sorted(names.get(row.artifact_sha256, ())))
+            for row in rows
+            if tenant is None or row.artifact_sha256 in names
+        ]
+
+    async def collect_garbage(self, *, grace_s: float = 0.0) -> dict[str, int]:
+        """Remove build-cache rows (compiled artifacts and layers) that no version uses, then every artifact
+        nothing references; only what is older than ``grace_s``, so a deploy between its build and its
+        version insert keeps what it just stored. Returns counts of builds, layers, artifacts and bytes freed.
+        """
+        cutoff = utcnow() - timedelta(seconds=max(0.0, grace_s))
+        used = sa.or_(
+            sa.select(_v.c.id).where(_v.c.code_sha256 == _b.c.artifact_sha256).exists(),
+            sa.select(_v.c.id).where(_v.c.artifact_sha256 == _b.c.artifact_sha256).exists(),
+            sa.select(_v.c.id).where(_v.c.layer_sha256 == _b.c.artifact_sha256).exists(),
+        )
+        with _boundary("collect garbage"):
+            async with self._write() as conn:
+                stale = (await conn.execute(
+                    sa.select(_b.c.key, _b.c.kind).where(_b.c.created_at < cutoff, ~used)
+                )).all()
+                keys = [row.key for row in stale]
+                if keys:
+                    await conn.execute(_b.delete().where(_b.c.key.in_(keys), ~used))
+                candidates = sa.select(_a.c.sha256).where(_a.c.created_at < cutoff, ~_STILL_USED)
+                # Lock first (a deploy about to reference one holds FOR KEY SHARE: wait for it), then delete
+                # in a statement of its own, which sees what that deploy committed.
+                shas = list((await conn.scalars(candidates.with_for_update())).all())
+                freed = 0
+                if shas:
+                    freed = int(await conn.scalar(
+                        sa.select(sa.func.coalesce(sa.func.sum(_a.c.size), 0)).where(_a.c.sha256.in_(shas))) or 0)
+                    result = await conn.execute(_a.delete().where(_a.c.sha256.in_(shas), ~_STILL_USED))
+                    removed = result.rowcount
+                else:
+                    removed = 0
+        return {"builds": sum(row.kind != "layer" for row in stale), "layers": sum(row.kind == "layer" for row in stale),
+                "artifacts": removed, "bytes": freed}
+
+    async def layer_shas(self) -> set[str]:
+        """The sha256 of every layer the store still holds (a node keeps only these unpacked)."""
+        with _boundary("list layers"):
+            async with self._read() as conn:
+                rows = await conn.scalars(
+                    sa.select(_v.c.layer_sha256).where(_v.c.layer_sha256.is_not(None))
+                    .union(sa.select(_b.c.artifact_sha256).where(_b.c.kind == "layer"))
+                )
+                return set(rows.all())
 
     # ------------------------------------------------------------ helpers
 
@@ -1437,4 +1533,5 @@ def _version_row(record: FunctionRecord) -> dict[str, Any]:
         "timeout_s": record.timeout_s, "concurrency": record.concurrency, "code_sha256": record.code_sha256,
         "code_size": record.code_size, "code_kind": record.code_kind, "created_at": record.updated_at,
         "artifact_sha256": record.artifact_sha256, "max_retries": record.max_retries,
+        "layer_sha256": record.layer_sha256,
     }

@@ -10,7 +10,8 @@ Layout (DESIGN §7):
   the machines run, one row per version.
 - ``artifacts``: code and built bytes by sha256, shared by every version and build with the same bytes.
 - ``builds``: the build cache, sha256(runtime, toolchain, source) → artifact, so identical code deployed
-  again (on any node sharing the database) is not built again.
+  again (on any node sharing the database) is not built again. Dependency layers are builds too
+  (``kind = 'layer'``): sha256(runtime, platform, requirements) → the layer's archive.
 - ``invocations``: one row per call; async calls carry their event and a lease.
 - ``api_keys``: hashed keys per tenant.
 """
@@ -111,10 +112,13 @@ function_versions = sa.Table(
     sa.Column("artifact_sha256", sa.String(SHA256), sa.ForeignKey("artifacts.sha256"), nullable=True),
     # Async invocations that fail are tried again this many times (migration 0003).
     sa.Column("max_retries", sa.Integer, nullable=False, server_default=sa.text("2")),
+    # Packages with requirements.txt / package.json: the dependency layer machines mount (migration 0004).
+    sa.Column("layer_sha256", sa.String(SHA256), sa.ForeignKey("artifacts.sha256"), nullable=True),
     sa.UniqueConstraint("function_id", "version"),
     # Deleting a function asks whether anyone else still uses each of its artifacts.
     sa.Index(None, "code_sha256"),
     sa.Index(None, "artifact_sha256"),
+    sa.Index(None, "layer_sha256"),
 )
 
 builds = sa.Table(
@@ -130,6 +134,8 @@ builds = sa.Table(
     sa.Column("log", sa.Text, nullable=False, server_default=""),
     sa.Column("duration_ms", sa.Float, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # "artifact" (a compiled function) or "layer" (resolved dependencies); migration 0004.
+    sa.Column("kind", sa.String(16), nullable=False, server_default="artifact"),
     # Deleting a function asks whether a build still names each of its artifacts.
     sa.Index(None, "artifact_sha256"),
 )
