@@ -215,6 +215,24 @@ def test_init_rejects_a_path_as_filename(agent):
     assert_error(agent.init("x", filename="../evil.py"), "InvalidInit", fatal=True)
 
 
+@pytest.mark.parametrize("layer", ["/tmp", "/opt/layer/", "opt/layer", "", 1, True, ["/opt/layer"]])
+def test_init_refuses_any_layer_but_opt_layer(agent, layer):
+    error = assert_error(agent.init("def handler(event):\n    return 1\n", layer=layer), "InvalidInit", fatal=True)
+    assert "/opt/layer" in error["message"]
+
+
+@pytest.mark.parametrize("fields", [{}, {"layer": None}], ids=["absent", "null"])
+def test_init_without_a_layer_leaves_the_path_alone(agent, fields):
+    started(agent, "import sys\ndef handler(event):\n    return sys.path\n", **fields)
+    assert "/opt/layer" not in agent.invoke({})
+
+
+def test_a_python_layer_comes_after_the_task_dir_and_the_standard_library(agent):
+    started(agent, "import sys\ndef handler(event):\n    return sys.path\n", layer="/opt/layer")
+    path = agent.invoke({})
+    assert path[0] == str(agent.task_dir) and path[-1] == "/opt/layer" and path.count("/opt/layer") == 1, path
+
+
 def test_second_init_is_refused(agent):
     started(agent, "def handler(event):\n    return 'first'\n")
     reply = agent.init("def handler(event):\n    return 'second'\n")
@@ -722,3 +740,35 @@ def test_node_child_ends_with_the_agent(agent):
     assert agent.wait() == 0
     with pytest.raises(ProcessLookupError):
         os.kill(node_pid, 0)
+
+
+NODE_LAYER_PROBE = (
+    "const fs = require('fs');\n"
+    "exports.handler = async () => {\n"
+    "  let link = null;\n"
+    "  try { link = fs.readlinkSync('node_modules'); } catch (err) { link = err.code; }\n"
+    "  return { link, nodePath: process.env.NODE_PATH || null };\n"
+    "};\n"
+)
+
+
+@needs_node
+def test_node_layer_is_linked_into_the_task_dir_and_on_node_path(agent):
+    node_started(agent, NODE_LAYER_PROBE, layer="/opt/layer")
+    assert agent.invoke({}) == {"link": "/opt/layer", "nodePath": "/opt/layer"}
+
+
+@needs_node
+def test_node_layer_keeps_the_functions_own_node_modules_and_node_path(agent, tmp_path):
+    package = tmp_path / "package.zip"
+    with zipfile.ZipFile(package, "w") as archive:
+        archive.writestr("index.js", NODE_LAYER_PROBE)
+        archive.writestr("node_modules/own/index.js", "module.exports = 1;\n")
+    node_started(agent, package.read_bytes(), filename="package.zip", layer="/opt/layer", env={"NODE_PATH": "/tmp/x"})
+    assert agent.invoke({}) == {"link": "EINVAL", "nodePath": "/tmp/x:/opt/layer"}
+
+
+@needs_node
+def test_node_without_a_layer_gets_no_link(agent):
+    node_started(agent, NODE_LAYER_PROBE)
+    assert agent.invoke({}) == {"link": "ENOENT", "nodePath": None}

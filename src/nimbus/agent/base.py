@@ -18,6 +18,9 @@ ERROR_TYPE_MAX = 256  # characters of an error's type
 # under protocol.HEADER_MAX even when every character needs a 12-byte JSON escape.
 ERROR_TEXT_MAX = 16 * 1024
 COMPILED_RUNTIMES = frozenset({"go", "rust", "wasm"})  # built into an artifact; the handler field is ignored
+# Where the machine mounts the function's dependency layer, read-only: the one value the init header's
+# "layer" may have. As nimbus.machines.base.LAYER_DIR (the agent imports nothing else of the host).
+LAYER_DIR = "/opt/layer"
 
 
 def clip(text: str, limit: int) -> str:
@@ -73,6 +76,16 @@ def _number(header: dict, key: str, default: float) -> float:
     return value
 
 
+def _layer(header: dict) -> str | None:
+    """The layer directory the init header names (absent or null: none); only :data:`LAYER_DIR` is valid."""
+    value = header.get("layer")
+    if value is None:
+        return None
+    if value != LAYER_DIR:
+        raise InvocationError("InvalidInit", f"init field 'layer' must be {LAYER_DIR!r} when present")
+    return LAYER_DIR
+
+
 def _env(header: dict) -> dict:
     env = header.get("env") or {}
     if not isinstance(env, dict):
@@ -86,7 +99,8 @@ def _env(header: dict) -> dict:
 class FunctionSpec:
     """The function version a machine serves, read (and checked) from the ``init`` header."""
 
-    __slots__ = ("runtime", "handler", "filename", "env", "memory_mb", "timeout_s", "name", "version", "task_dir")
+    __slots__ = ("runtime", "handler", "filename", "env", "memory_mb", "timeout_s", "name", "version", "task_dir",
+                 "layer")
 
     def __init__(self, header: dict, task_dir: str) -> None:
         self.runtime = _text(header, "runtime")
@@ -102,6 +116,7 @@ class FunctionSpec:
         self.name = _text(header, "function_name", "function")
         self.version = str(header.get("function_version", "$LATEST"))
         self.task_dir = task_dir
+        self.layer = _layer(header)  # the dependency layer's directory, or None
         if self.runtime not in COMPILED_RUNTIMES and "." not in self.handler.strip("."):
             raise InvocationError("InvalidInit", f"handler {self.handler!r} must look like 'module.function'")
         if "/" in self.filename or "\0" in self.filename or self.filename in (".", ".."):

@@ -6,16 +6,35 @@ both in ``nimbus.protocol`` frames (:class:`nimbus.agent.child.FramedChild`); it
 agent's, so its output lands in the same captured log as Python's would. If the child dies during a call
 (``process.exit``, a crash, the OOM killer) the call fails with ``RuntimeExit`` and the machine is marked
 dead.
+
+A function with a dependency layer (the contents of a ``node_modules`` directory, at ``/opt/layer``)
+finds its packages through ``NODE_PATH`` from CommonJS, and through a ``node_modules`` symlink to the
+layer in the task directory from ES modules, whose resolution ignores ``NODE_PATH``. A function that
+ships its own ``node_modules`` keeps it: its ES modules then see only that.
 """
 
 import os
 
 from nimbus import protocol
-from nimbus.agent.base import RESULT_MAX, Call, FunctionSpec, check_result_size
+from nimbus.agent.base import RESULT_MAX, Call, FunctionSpec, InvocationError, check_result_size
 from nimbus.agent.child import FramedChild, reported_error
 
 NODE = "node"  # found on PATH
 RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node_runner.js")
+
+
+def use_layer(spec: FunctionSpec) -> None:
+    """Make the layer's packages resolvable for the node child about to start (see the module docstring)."""
+    modules = os.path.join(spec.task_dir, "node_modules")
+    if not os.path.lexists(modules):
+        try:
+            os.symlink(spec.layer, modules)
+        except OSError as exc:
+            raise InvocationError("LayerUnavailable", f"cannot link {modules} to the layer: {exc}",
+                                  fatal=True) from None
+    # After any NODE_PATH of the function's own: its entries win, as its own node_modules does.
+    own = os.environ.get("NODE_PATH")
+    os.environ["NODE_PATH"] = f"{own}{os.pathsep}{spec.layer}" if own else spec.layer
 
 
 class NodeRuntime:
@@ -27,6 +46,8 @@ class NodeRuntime:
 
     def load(self) -> None:
         """Start node and have it import the handler."""
+        if self.spec.layer is not None:
+            use_layer(self.spec)
         self.child.start([NODE, RUNNER], search_path=True)
         request = {
             "type": protocol.INIT,

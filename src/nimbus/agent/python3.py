@@ -122,6 +122,10 @@ class PythonRuntime:
         sys.dont_write_bytecode = True  # a machine imports its code once: a cache would only cost a write
         if self.spec.task_dir not in sys.path:
             sys.path.insert(0, self.spec.task_dir)
+        # The layer is the function's site-packages: after its own modules and the standard library, as
+        # site-packages come in any Python. Its files are read-only; bytecode it ships is used as is.
+        if self.spec.layer is not None and self.spec.layer not in sys.path:
+            sys.path.append(self.spec.layer)
         importlib.invalidate_caches()
         try:
             module = importlib.import_module(module_name)

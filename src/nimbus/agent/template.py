@@ -11,8 +11,10 @@ re-isolates itself before it accepts any code:
    cgroup namespaces. C1 stays behind only to wait and report how the machine ended.
 2. (C2, pid 1 of the new pid namespace) mounts made private, then a fresh ``/proc`` and
    ``/dev/pts``, and fresh size-capped tmpfs on ``/tmp``, ``/dev/shm`` and ``/var/task``, so no file
-   or pty of a sibling or of the template is reachable; loopback brought up in the empty network namespace; stdout and stderr sent
-   to the machine's own output pipe. C2 then only reaps orphans, as bwrap's init does.
+   or pty of a sibling or of the template is reachable; the function's dependency layer, when it has
+   one, attached read-only at ``/opt/layer`` (the host cloned it, since the template's sandbox cannot
+   see it: :mod:`nimbus.machines.mounts`); loopback brought up in the empty network namespace; stdout
+   and stderr sent to the machine's own output pipe. C2 then only reaps orphans, as bwrap's init does.
 3. (C3, the agent) uid and gid 65534 with no groups, which clears every capability; the seccomp
    filter installed (``no_new_privs`` is inherited from bwrap); a clean environment; then
    :func:`nimbus.agent.main.main` on the channel it was sent.
@@ -22,8 +24,9 @@ the machine. The template itself runs only this module, never function code; it 
 capabilities (``CAP_SYS_ADMIN``) that steps 1-2 need, and no child keeps them past step 3.
 
 Control messages are JSON in ``SOCK_SEQPACKET`` datagrams. Host → template: ``{"op": "fork", "id",
-"tmp_bytes", "task_bytes", "rlimits": [[name, value], …]}`` with the descriptors channel, output and
-then one cgroup join file per controller. Template → host: ``{"op": "ready"}`` once,
+"tmp_bytes", "task_bytes", "rlimits": [[name, value], …], "layer": true (optional)}`` with the
+descriptors channel, output, one cgroup join file per controller, then (with ``"layer"``) the detached
+layer mount. Template → host: ``{"op": "ready"}`` once,
 ``{"op": "forked", "id"}`` or ``{"op": "failed", "id", "error"}`` per fork, and
 ``{"op": "exited", "id", "status"}`` when a machine ends (a negative status: killed by that signal).
 """
@@ -50,6 +53,9 @@ CLONE_NEWNET = 0x40000000
 NAMESPACES = CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWNET
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+SYS_MOVE_MOUNT = 429  # the same number on every architecture but alpha
+AT_FDCWD = -100
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
 PR_SET_PDEATHSIG = 1
 PR_SET_SECCOMP = 22
 PR_SET_NO_NEW_PRIVS = 38
@@ -62,6 +68,7 @@ MAX_FDS = 8
 SANDBOX_UID = SANDBOX_GID = 65534
 SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
 TASK_DIR = "/var/task"
+LAYER_DIR = "/opt/layer"  # as nimbus.machines.base.LAYER_DIR (the agent imports nothing else of the host)
 CHANNEL_FD_MIN = 10
 EXIT_SETUP = 71  # a child could not isolate itself (EX_OSERR); the reason is on its output
 
@@ -78,6 +85,12 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
     enc = (lambda s: None if s is None else s.encode())
     _check(_libc.mount(enc(source), target.encode(), enc(fstype), ctypes.c_ulong(flags), enc(data)),
            f"mount {target}")
+
+
+def _attach(fd: int, target: str) -> None:
+    """Attach the detached mount ``fd`` (an ``open_tree`` clone) at ``target`` in this mount namespace."""
+    _check(_libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH),
+           f"move_mount {target}")
 
 
 def _prctl(option: int, arg: int) -> None:
@@ -105,8 +118,11 @@ def _exit_status(status: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def _fresh_filesystems(request: dict) -> None:
-    """Step 2: this mount namespace's own /proc, /dev/pts, /tmp, /dev/shm and /var/task."""
+def _fresh_filesystems(request: dict, layer: int | None) -> None:
+    """Step 2: this mount namespace's own /proc, /dev/pts, /tmp, /dev/shm and /var/task, and its layer.
+
+    ``layer``: the detached read-only mount of the function's layer, attached at /opt/layer and closed.
+    """
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates back to the template
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     for name in PROC_READ_ONLY:
@@ -121,6 +137,9 @@ def _fresh_filesystems(request: dict) -> None:
     _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, tmp)
     _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, tmp)
     _mount("tmpfs", TASK_DIR, "tmpfs", MS_NOSUID | MS_NODEV, f"size={int(request['task_bytes'])},mode=1777")
+    if layer is not None:
+        _attach(layer, LAYER_DIR)  # after "/" went private: the mount stays in this namespace
+        os.close(layer)
 
 
 def _loopback_up() -> None:
@@ -147,6 +166,7 @@ def _become_agent(request: dict, channel: int, program: bytes) -> None:
 def _machine(request: dict, fds: list[int], program: bytes, template_pid: int) -> None:
     """Run in C1, just forked: isolate, then become the machine's init and agent. Never returns."""
     channel, output, *joins = fds
+    layer = joins.pop() if request.get("layer") else None
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())  # the template blocks SIGCHLD around fork()
@@ -180,11 +200,13 @@ def _machine(request: dict, fds: list[int], program: bytes, template_pid: int) -
     if init:
         os.close(channel)
         os.close(output)
+        if layer is not None:
+            os.close(layer)
         _, status = os.waitpid(init, 0)
         os._exit(_exit_status(status))
     try:  # C2: pid 1 here
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        _fresh_filesystems(request)
+        _fresh_filesystems(request, layer)
         _loopback_up()
         null = os.open("/dev/null", os.O_RDONLY)  # lands on 0, which step 1 closed
         if null != 0:
@@ -247,8 +269,10 @@ class Template:
 
     def fork(self, request: dict, fds: list[int]) -> None:
         machine_id = str(request.get("id"))
-        if len(fds) < 2:
-            self.send({"op": "failed", "id": machine_id, "error": f"{len(fds)} descriptors sent, 2 or more needed"})
+        needed = 3 if request.get("layer") else 2
+        if len(fds) < needed:
+            self.send({"op": "failed", "id": machine_id,
+                       "error": f"{len(fds)} descriptors sent, {needed} or more needed"})
             return
         # SIGCHLD waits until the child is on record, or a machine that dies at once would go unreported.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
@@ -275,6 +299,8 @@ class Template:
                 request = json.loads(data)
                 if request.get("op") != "fork":
                     raise ValueError(f"unknown op {request.get('op')!r}")
+                if flags & socket.MSG_CTRUNC:  # some descriptors were dropped: which is which is unknown
+                    raise ValueError(f"more than {MAX_FDS} descriptors sent")
                 self.fork(request, fds)
             except (ValueError, TypeError, OSError) as exc:
                 self.send({"op": "failed", "id": str(locals().get("request", {}).get("id")), "error": str(exc)})

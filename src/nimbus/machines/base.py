@@ -14,17 +14,28 @@ DEFAULT_VCPUS = 1
 DEFAULT_PIDS_MAX = 256
 DEFAULT_START_TIMEOUT_S = 10.0
 DEFAULT_PING_TIMEOUT_S = 2.0
+# Where a machine sees its function's dependency layer, read-only (the agent's copy of this constant is
+# nimbus.agent.base.LAYER_DIR; the Init header names it under "layer").
+LAYER_DIR = "/opt/layer"
 
 
 @dataclass(frozen=True, slots=True)
 class MachineSpec:
-    """What a machine must be: which runtime it boots and the limits it runs under."""
+    """What a machine must be: which runtime it boots, the limits it runs under, and what it mounts.
+
+    ``layer`` is the absolute host path of the function's unpacked dependency layer (pip ``--target``
+    output for python3, the contents of a ``node_modules`` directory for nodejs), which the machine sees
+    read-only at :data:`LAYER_DIR`; None for a function without one, whose machine sees an empty
+    :data:`LAYER_DIR` there. The layer is fixed when the machine is made: a blank machine made without
+    one can serve only functions without one.
+    """
 
     runtime: str
     memory_mb: int = DEFAULT_MEMORY_MB
     vcpus: int = DEFAULT_VCPUS
     pids_max: int = DEFAULT_PIDS_MAX
     network: bool = False
+    layer: str | None = None
 
 
 @runtime_checkable
@@ -72,3 +83,7 @@ class Driver(Protocol):
 
     async def close(self) -> None:
         """Kill every machine this driver still owns and release shared resources."""
+
+
+__all__ = ["DEFAULT_MEMORY_MB", "DEFAULT_PIDS_MAX", "DEFAULT_PING_TIMEOUT_S", "DEFAULT_START_TIMEOUT_S",
+           "DEFAULT_VCPUS", "LAYER_DIR", "Driver", "Machine", "MachineSpec"]

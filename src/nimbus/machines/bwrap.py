@@ -12,6 +12,10 @@ cleared environment (PATH, HOME=/tmp, LANG only) and sees only:
   ``/opt/nimbus/site/wasmtime`` (read-only; the agent's wasm runtime puts ``/opt/nimbus/site`` on its
   path). Compiled functions (``go``, ``rust``) need nothing more: their executable is written to the
   ``/var/task`` tmpfs, which is mounted without ``noexec``;
+* the function's dependency layer (``MachineSpec.layer``), alone, read-only at ``/opt/layer``; an empty
+  read-only directory there for a function without one. ``/opt/node_modules`` is a symlink to it, so
+  that an ES module in a nodejs layer finds its sibling packages (ESM resolution ignores ``NODE_PATH``
+  and walks up from the file's real path);
 * ``/etc/ld.so.cache``, ``/etc/localtime`` and a minimal passwd, group, hosts and nsswitch.conf
   written by the driver (never the host's shadow or passwd files);
 * fresh ``/proc`` and ``/dev``, private size-capped tmpfs on ``/tmp``, ``/dev/shm`` and ``/var/task``;
@@ -88,7 +92,7 @@ from nimbus import protocol
 from nimbus.agent.base import RESULT_MAX
 from nimbus.errors import MachineDied, MachineStartError, MachineTimeout, ProtocolError
 from nimbus.machines import cgroups, seccomp
-from nimbus.machines.base import DEFAULT_PING_TIMEOUT_S, DEFAULT_START_TIMEOUT_S, MachineSpec
+from nimbus.machines.base import DEFAULT_PING_TIMEOUT_S, DEFAULT_START_TIMEOUT_S, LAYER_DIR, MachineSpec
 
 log = logging.getLogger("nimbus.machines.bwrap")
 
@@ -103,6 +107,9 @@ SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "
 OPT_DIR = "/opt/nimbus"
 TASK_DIR = "/var/task"
 WASMTIME_SITE = f"{OPT_DIR}/site"  # as nimbus.agent.wasm.WASMTIME_SITE
+# Where node's upward node_modules search from inside the layer (/opt/layer/<pkg>/…) looks next: a
+# link to the layer itself, so a layer package finds its siblings as it did in its own node_modules.
+LAYER_MODULES_LINK = "/opt/node_modules"
 TASK_DIR_MB = 256  # unpacked code, as Lambda's 250 MB; tmpfs pages count against the memory cgroup
 MIN_TMP_MB = 16  # /tmp and /dev/shm are sized like the machine's memory, with this floor
 # A wasm function's memory_mb caps its linear memory (the agent sets it in wasmtime); the engine and its
@@ -684,6 +691,16 @@ class BwrapDriver:
         else:
             self.templates_on = True
             self.templates_note = "on: machines fork from a per-runtime template"
+        # A template's child gets its layer as a detached mount the node clones (nimbus.machines.mounts);
+        # where the kernel cannot make one, machines with a layer boot instead.
+        self.layer_templates = False
+        if self.templates_on:
+            from nimbus.machines import mounts
+
+            why = mounts.unsupported(str(self.home / "bwrap"))
+            self.layer_templates = why is None
+            if why is not None:
+                self.templates_note += f"; machines with a layer boot (cannot clone mounts: {why})"
 
     # ------------------------------------------------------------------ public
 
@@ -716,7 +733,10 @@ class BwrapDriver:
             raise MachineStartError("the bwrap driver is closed")
         if spec.network:
             raise MachineStartError("bwrap machines have no network (MachineSpec.network must be False)")
-        template = await self._template(spec.runtime) if self.templates_on else None
+        if spec.layer is not None:
+            check_layer(spec.layer)
+        forkable = self.templates_on and (spec.layer is None or self.layer_templates)
+        template = await self._template(spec.runtime) if forkable else None
         if template is not None:
             from nimbus.machines.template import TemplateMachine
 
@@ -751,7 +771,7 @@ class BwrapDriver:
 
         ``seccomp_fd`` is an inherited descriptor of the seccomp program (see :meth:`open_seccomp`).
         """
-        argv = self._filesystem(spec.runtime, *self.tmpfs_bytes(spec))
+        argv = self._filesystem(spec.runtime, *self.tmpfs_bytes(spec), layer=spec.layer)
         if seccomp_fd is not None:
             argv += ["--seccomp", str(seccomp_fd)]
         boot = self._prologue(spec, cgroup.controllers if cgroup is not None else frozenset()) + AGENT_BOOT
@@ -778,13 +798,18 @@ class BwrapDriver:
         return max(spec.memory_mb, MIN_TMP_MB) << 20, TASK_DIR_MB << 20
 
     def _filesystem(self, runtime: str, tmp_bytes: int, task_bytes: int,
-                    layout: list[str] | None = None) -> list[str]:
-        """bwrap and its arguments up to the command: namespaces, binds and the writable tmpfs mounts."""
+                    layout: list[str] | None = None, layer: str | None = None) -> list[str]:
+        """bwrap and its arguments up to the command: namespaces, binds and the writable tmpfs mounts.
+
+        ``layer``: the host directory to bind read-only over the empty ``/opt/layer`` of the layout.
+        """
         # As root the tmpfs mounts belong to root, and the agent runs as 65534: let it write.
         perms = ["--perms", "1777"] if self.privileged else []
         argv = [self.bwrap, *(self._layout if layout is None else layout)]
         if runtime == "wasm":
             argv += self._wasm_layout
+        if layer is not None:
+            argv += ["--ro-bind", layer, LAYER_DIR]
         argv += [*perms, "--size", str(tmp_bytes), "--tmpfs", "/dev/shm", "--remount-ro", "/dev"]
         argv += [*perms, "--size", str(tmp_bytes), "--tmpfs", "/tmp"]
         argv += [*perms, "--size", str(task_bytes), "--tmpfs", TASK_DIR, "--chdir", TASK_DIR]
@@ -884,8 +909,12 @@ class BwrapDriver:
         etc = self._etc_files()
         # bwrap makes missing parents of mount points 0700, which the agent (uid 65534 when the node is
         # root) could not cross: make them first, world-readable.
-        for parent in _parents([inside for _, inside in binds] + [inside for _, inside in etc] + [TASK_DIR]):
+        mount_points = [inside for _, inside in binds] + [inside for _, inside in etc] + [TASK_DIR, LAYER_DIR]
+        for parent in _parents(mount_points):
             args += ["--perms", "0755", "--dir", parent]
+        # The mount point of a function's layer: empty, and read-only with the root, when it has none.
+        args += ["--perms", "0755", "--dir", LAYER_DIR]
+        args += ["--symlink", os.path.relpath(LAYER_DIR, os.path.dirname(LAYER_MODULES_LINK)), LAYER_MODULES_LINK]
         for host, inside in binds:
             args += ["--ro-bind", host, inside]
         for name in _MERGED_USR_DIRS:
@@ -927,6 +956,15 @@ class BwrapDriver:
         return files
 
 
+def check_layer(path: str) -> None:
+    """Refuse a ``MachineSpec.layer`` that is not an absolute path to a directory on the host."""
+    if not os.path.isabs(path):
+        raise MachineStartError(f"the layer {path!r} is not an absolute path")
+    if not os.path.isdir(path):
+        why = "is not a directory" if os.path.lexists(path) else "does not exist"
+        raise MachineStartError(f"the layer {path} {why}")
+
+
 def _parents(paths: list[str]) -> list[str]:
     """Every directory above ``paths`` (not ``/``), parents before children, each once."""
     out: list[str] = []
@@ -939,4 +977,4 @@ def _parents(paths: list[str]) -> list[str]:
 
 
 __all__ = ["BwrapDriver", "BwrapMachine", "describe_exit", "enforcement", "find_bwrap", "base_python",
-           "wasmtime_package"]
+           "check_layer", "wasmtime_package"]

@@ -13,6 +13,10 @@ in before anything else), its own pid, mount, network, IPC, UTS and cgroup names
 booted machine. The template needs ``CAP_SYS_ADMIN`` for that, so it exists only on a root node, and
 only with a cgroup tree (the machine's cgroup is what counts and kills its processes); elsewhere the
 driver boots every machine.
+
+A function's dependency layer is a host directory the template's sandbox cannot see: the node clones it
+into a detached read-only mount (:mod:`nimbus.machines.mounts`), a new one per machine since a clone
+attaches once, sends it with the fork request, and the child attaches it at ``/opt/layer``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import socket
 import subprocess
 
 from nimbus.errors import MachineStartError
+from nimbus.machines import mounts
 from nimbus.machines.bwrap import EXIT_WAIT_S, STDERR_TAIL_BYTES, BwrapDriver, BwrapMachine
 
 log = logging.getLogger("nimbus.machines.template")
@@ -35,7 +40,6 @@ TEMPLATE_BOOT = (
 )
 MAX_MESSAGE = 64 * 1024
 FORK_TIMEOUT_S = 5.0
-
 
 
 class _Output(asyncio.Protocol):
@@ -123,18 +127,27 @@ class Template:
             raise MachineStartError(f"the {self.runtime} template did not start: {exc!r}"
                                     + (f"; its output ends: {note}" if note else "")) from None
 
-    async def fork(self, machine: TemplateMachine, channel: int, output: int, joins: list[int]) -> int:
-        """Ask for a child for ``machine``; its pid in the template's pid namespace once forked."""
+    async def fork(self, machine: TemplateMachine, channel: int, output: int, joins: list[int],
+                   layer: int | None = None) -> int:
+        """Ask for a child for ``machine``; its pid in the template's pid namespace once forked.
+
+        ``layer``: a detached mount (:func:`nimbus.machines.mounts.read_only_clone`) the child attaches
+        at ``/opt/layer``; sent last, and flagged in the request.
+        """
         if not self.alive:
             raise MachineStartError(f"the {self.runtime} template is not running")
         request = {"op": "fork", "id": machine.id, "tmp_bytes": machine.tmp_bytes, "task_bytes": machine.task_bytes,
                    "rlimits": machine.rlimits}
+        fds = [channel, output, *joins]
+        if layer is not None:
+            request["layer"] = True
+            fds.append(layer)
         waiter = asyncio.get_running_loop().create_future()
         self._forks[machine.id] = waiter
         self._machines[machine.id] = machine
         try:
             async with self._send_lock:
-                await self._send(json.dumps(request).encode(), [channel, output, *joins])
+                await self._send(json.dumps(request).encode(), fds)
             async with asyncio.timeout(FORK_TIMEOUT_S):
                 return await waiter
         except BaseException:
@@ -253,15 +266,23 @@ class TemplateMachine(BwrapMachine):
         loop = asyncio.get_running_loop()
         read_end, write_end = os.pipe()
         joins: list[int] = []
+        layer: int | None = None
         try:
+            if self.spec.layer is not None:
+                try:
+                    layer = mounts.read_only_clone(self.spec.layer)
+                except OSError as exc:
+                    raise MachineStartError(f"cannot clone its layer: {exc}") from exc
             joins = self._cgroup.open_join_files()
             self._output_transport, _ = await loop.connect_read_pipe(lambda: _Output(self),
                                                                      os.fdopen(read_end, "rb", buffering=0))
             read_end = -1
-            inner_pid = await self.template.fork(self, fd, write_end, joins)
+            inner_pid = await self.template.fork(self, fd, write_end, joins, layer)
         finally:
             for extra in (write_end, *joins):
                 os.close(extra)
+            if layer is not None:  # the template has its own copy once sent; an unsent clone just goes
+                os.close(layer)
             if read_end >= 0:
                 os.close(read_end)
         self._inner_pid = inner_pid
