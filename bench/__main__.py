@@ -21,11 +21,14 @@ Profile the warm path with ``python -m bench.profile`` (py-spy; see bench/profil
 
 import argparse
 import asyncio
+import base64
+import io
 import json
 import statistics
 import tempfile
 import time
 import uuid
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -54,6 +57,7 @@ from bench.loadgen import concurrent, sequential
 BODY = b'{"hello": "world"}'
 CONCURRENCY = 32
 HEALTH_INTERVAL_S = 10.0
+LAYER_REQUIREMENTS = "six==1.16.0\n"
 COLD_GAP_S = 0.05  # between creating a function and its first call: arrivals, not a burst  # the node's default; the N-machines figure waits for a round to pass
 
 
@@ -150,11 +154,23 @@ def idle_machines(base: str, node_pid: int, invoke_url: str, args) -> tuple[dict
     return row_healthy, row_p50
 
 
-def http_cold_starts(home: Path, n: int, templates: str) -> tuple[list[float], int]:
+def layered_package() -> str:
+    """A python3 package whose requirements.txt makes a dependency layer, and whose handler imports from it."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("main.py", "import six\n\ndef handler(event, context):\n    return six.PY3\n")
+        archive.writestr("requirements.txt", LAYER_REQUIREMENTS)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def http_cold_starts(home: Path, n: int, templates: str, *, layered: bool = False,
+                     deploys: list[float] | None = None) -> tuple[list[float], int]:
     """Cold starts over HTTP on a fresh node (NIMBUS_TEMPLATES=``templates``); (times, calls not cold).
 
     Each call is the first of a new function with memory_mb 256, a size no blank machine has, so a
     machine is made for it; a fresh node keeps the figure clear of the other runs' machines and load.
+    ``layered``: each function is a package with the same requirements.txt, so its machine mounts the
+    (cached) dependency layer; ``deploys`` collects how long each create took (the first resolves the layer).
     """
     port = free_port()
     # Room for every machine made here and the blank ones: a full node would evict before each start.
@@ -168,7 +184,13 @@ def http_cold_starts(home: Path, n: int, templates: str) -> tuple[list[float], i
         wait_http(f"{base}/health")
         for i in range(n):
             fn = f"cold-{uuid.uuid4().hex[:6]}-{i}"
-            create(base, fn, memory_mb=256)
+            began = time.perf_counter()
+            if layered:
+                create(base, fn, memory_mb=256, code=None, code_base64=layered_package())
+            else:
+                create(base, fn, memory_mb=256)
+            if deploys is not None:
+                deploys.append(time.perf_counter() - began)
             client.get(f"{base}/health")  # the connection is open before the timed call
             time.sleep(COLD_GAP_S)
             t = time.perf_counter()
@@ -240,6 +262,14 @@ def main(argv=None) -> None:
                                         "booted_samples": len(booted)}
         floor_ms = p50_ms(bare)
 
+        print(f"cold starts of functions with a dependency layer ({args.cold}) ...", flush=True)
+        deploys: list[float] = []
+        layered, _ = http_cold_starts(Path(home) / "layered", args.cold, "auto", layered=True, deploys=deploys)
+        results["layered_cold_start_p50_ms"] = {
+            "value": p50_ms(layered), "floor": cold, "ratio": p50_ms(layered) / cold, "samples": len(layered),
+            "requirements": LAYER_REQUIREMENTS.strip(), "first_deploy_ms": ms(deploys[0]),
+            "cached_deploy_p50_ms": p50_ms(deploys[1:]) if len(deploys) > 1 else None}
+
         print(f"{args.machines} idle machines ...", flush=True)
         healthy_row, p50_row = idle_machines(base, node.pid, invoke_url, args)
 
@@ -267,6 +297,7 @@ def main(argv=None) -> None:
         value = forked["create_p50_ms"]
         ordered["template_cold_start_p50_ms"] = {"value": value, "floor": floor_ms, "ratio": value / floor_ms,
                                                  "init_p50_ms": forked["init_p50_ms"], "samples": forked["samples"]}
+    ordered["layered_cold_start_p50_ms"] = results["layered_cold_start_p50_ms"]
     ordered["idle_machine_pss_mib"] = pool_rows["idle_machine_pss_mib"]
     ordered["idle_machines_healthy"] = healthy_row
     ordered["node_p50_with_idle_machines_ms"] = p50_row

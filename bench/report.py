@@ -20,6 +20,7 @@ LABELS = {
     "hot_acquire_p50_us": "hot acquire from pool p50 (us)",
     "cold_start_p50_ms": "cold start, no blank machine (ms)",
     "template_cold_start_p50_ms": "cold start from template (ms)",
+    "layered_cold_start_p50_ms": "cold start with a dependency layer (ms)",
     "idle_machine_pss_mib": "idle warm python3 machine PSS (MiB)",
     "idle_machines_healthy": "N idle warm machines healthy",
     "node_p50_with_idle_machines_ms": "node p50 with N idle (ms)",
@@ -96,6 +97,12 @@ def details(results: dict[str, dict]) -> str:
                            f"(cgroups: {part['cgroups']}; seccomp: {part['seccomp']})")
         if parts:
             out.append(f"templates: {parts['templates']}")
+    lay = results.get("layered_cold_start_p50_ms")
+    if lay:
+        out.append(f"cold start with a dependency layer ({lay['requirements']}, mounted read-only at /opt/layer): "
+                   f"{lay['samples']} first calls; floor = the plain cold start above; deploy resolving the layer "
+                   f"{lay['first_deploy_ms']:.0f} ms, deploys with the cached layer p50 "
+                   f"{lay['cached_deploy_p50_ms']:.1f} ms")
     m = results.get("idle_machine_pss_mib")
     if m:
         out.append(f"PSS: {m['machines_side_by_side']} initialised idle machines side by side, "

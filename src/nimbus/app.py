@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from nimbus import compiler, machines
 from nimbus.callbacks import AllowList
+from nimbus.compiler.layers import LayerDirs
 from nimbus.config import Settings
 from nimbus.gateway import auth, build_api
 from nimbus.machines.base import Driver
@@ -39,6 +40,7 @@ class Node:
     scheduler: Scheduler
     metrics: Metrics
     compiler: compiler.Compiler
+    layers: LayerDirs
 
     @classmethod
     async def start(cls, settings: Settings) -> "Node":
@@ -61,6 +63,7 @@ class Node:
                 if settings.driver == "bwrap" else {}
             driver = machines.load_driver(settings.driver, home, **options)
             metrics = Metrics()
+            layer_dirs = LayerDirs(home, store.get_code)
             pool = Pool(
                 driver,
                 CodeCache(store).load,
@@ -73,6 +76,7 @@ class Node:
                 max_uses=settings.max_uses,
                 idle_ttl_s=settings.idle_ttl_s,
                 health_interval_s=settings.health_interval_s,
+                layer_path=layer_dirs.path,
             )
             scheduler = Scheduler(
                 store, pool, metrics,
@@ -94,7 +98,7 @@ class Node:
                 await builds.close()
             await store.close()
             raise
-        return cls(settings, store, driver, pool, scheduler, metrics, builds)
+        return cls(settings, store, driver, pool, scheduler, metrics, builds, layer_dirs)
 
     async def stop(self) -> None:
         await self.scheduler.close()

@@ -37,6 +37,7 @@ LOGS_POLL_S = 0.5
 PROBE_TIMEOUT_S = 10.0
 # Runtimes whose code the node compiles on deploy; only used to word the progress line.
 COMPILED_RUNTIME_PREFIXES = ("go", "rust", "wasm")
+DEPENDENCY_MANIFESTS = ("requirements.txt", "package.json")  # a folder with one deploys with a layer
 FINISHED = frozenset({"succeeded", "failed", "timed_out"})
 
 app = typer.Typer(
@@ -431,7 +432,10 @@ def deploy(
     fields.update({key: value for key, value in optional.items() if value is not None})
 
     compiled = runtime.strip().lower().startswith(COMPILED_RUNTIME_PREFIXES)
+    manifests = [m for m in DEPENDENCY_MANIFESTS if file.is_dir() and (file / m).is_file()]
     message = f"building {name} ({runtime})" if compiled else f"deploying {name} ({runtime})"
+    if manifests:
+        message = f"deploying {name} ({runtime}), resolving {' and '.join(manifests)} into a layer"
     with Api(url, timeout=DEPLOY_TIMEOUT_S) as api, _Progress(message):
         response = api.request("POST", "/api/v1/functions", json={"name": name, **fields})
         action = "created"
@@ -452,6 +456,12 @@ def deploy(
                    f"({fn['artifact_size']} bytes)")
         if build["log"].strip():
             typer.echo(build["log"].rstrip(), err=True)
+    layer = fn.get("layer")
+    if layer:
+        how = "from the layer cache (nothing downloaded)" if layer["cached"] else \
+            f"in {layer['duration_ms'] / 1000:.1f} s"
+        typer.echo(f"dependencies resolved {how}: layer sha256 {layer['sha256'][:12]} ({layer['size']} bytes, "
+                   f"{layer['platform']})")
 
 
 def _event(data: str | None) -> bytes:
@@ -533,6 +543,37 @@ def list_functions(
         for fn in functions
     ]
     typer.echo(_table(["NAME", "RUNTIME", "VERSION", "MEMORY", "TIMEOUT", "UPDATED"], rows))
+
+
+@app.command("layers")
+def list_layers(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON instead of a table.")] = False,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """List dependency layers: what each holds, its size and the functions that mount it."""
+    with Api(url) as api:
+        found = api.call("GET", "/api/v1/layers")["layers"]
+    if as_json:
+        _print_json({"layers": found})
+        return
+    if not found:
+        _note("no layers (a package with requirements.txt or package.json makes one)")
+        return
+    rows = [[layer["sha256"][:12], layer["runtime"], _number(layer["size"] // 1024, " KiB"), layer["platform"],
+             ", ".join(layer["functions"]) or "(unused)", _when(layer.get("created_at"))] for layer in found]
+    typer.echo(_table(["LAYER", "RUNTIME", "SIZE", "PLATFORM", "FUNCTIONS", "CREATED"], rows))
+
+
+@app.command()
+def gc(
+    grace: Annotated[float, typer.Option(help="Keep what was stored less than this many seconds ago.")] = 60.0,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Remove build-cache entries and dependency layers no function version uses (an admin key when auth is on)."""
+    with Api(url) as api:
+        freed = api.call("POST", "/api/v1/gc", params={"grace_s": grace})
+    typer.echo(f"removed {freed['layers']} layers, {freed['builds']} cached builds, {freed['artifacts']} stored "
+               f"blobs ({freed['bytes']} bytes) and {freed['unpacked']} unpacked layer directories on the node")
 
 
 @app.command()
@@ -886,6 +927,15 @@ def _check_binary(name: str, argv_tail: list[str], hint: str) -> dict:
     return _check(name, True, f"{path} ({version})", path=path, version=version)
 
 
+def _check_pip() -> dict:
+    """pip beside the node's interpreter: what resolves requirements.txt into python3 dependency layers."""
+    code, out = _run([sys.executable, "-m", "pip", "--version"])
+    if code != 0:
+        return _check("pip", False, f"{sys.executable} -m pip does not run: python3 packages cannot have "
+                                    "requirements.txt")
+    return _check("pip", True, f"{_first_line(out)}: resolves requirements.txt (wheels only)")
+
+
 def _compiler_checks() -> list[dict]:
     """The compiled runtimes' toolchains and the builders, as the node's compiler sees them."""
     from nimbus.compiler.doctor import report
@@ -952,6 +1002,8 @@ def _doctor_checks() -> list[dict]:
         _check_binary("jailer", ["--version"], "needed by the firecracker driver"),
         _check_binary("python3", ["--version"], "the python3 runtime"),
         _check_binary("node", ["--version"], "the nodejs runtime"),
+        _check_pip(),
+        _check_binary("npm", ["--version"], "resolves package.json into nodejs dependency layers"),
         *_compiler_checks(),
     ]
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from nimbus import protocol, runtimes
 from nimbus.errors import InitFailed, MachineDied, MachineError, MachineTimeout, Unavailable
-from nimbus.machines.base import DEFAULT_MEMORY_MB, Driver, Machine, MachineSpec
+from nimbus.machines.base import DEFAULT_MEMORY_MB, LAYER_DIR, Driver, Machine, MachineSpec
 
 log = logging.getLogger("nimbus.pool")
 
@@ -58,6 +58,7 @@ class Deployment:
     concurrency: int
     code_sha256: str
     package: bool = False  # the code is a zip of many files, which the agent unpacks
+    layer_sha256: str | None = None  # its dependency layer, mounted read-only: only new machines can have it
 
 
 @dataclass(slots=True, eq=False)
@@ -71,6 +72,11 @@ class Lease:
 
 
 CodeLoader = Callable[[Deployment], Awaitable[bytes]]
+LayerPath = Callable[[str], Awaitable[str]]  # a layer's sha256 → its unpacked directory on this host
+
+
+async def _no_layers(sha256: str) -> str:
+    raise Unavailable(f"this node cannot mount dependency layers (layer {sha256[:12]})")
 
 
 def blanks_needed(rate: float, boot_s: float, window_s: float) -> int:
@@ -137,8 +143,10 @@ class Pool:
         blank_memory_mb: int = DEFAULT_MEMORY_MB,
         prewarm_interval_s: float = PREWARM_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
+        layer_path: LayerPath = _no_layers,
     ) -> None:
-        """``max_warm`` defaults to ``max(min_warm, DEFAULT_MAX_WARM)``; ``clock`` drives the demand estimate."""
+        """``max_warm`` defaults to ``max(min_warm, DEFAULT_MAX_WARM)``; ``clock`` drives the demand estimate;
+        ``layer_path`` finds (unpacking if need be) the directory of a function's dependency layer."""
         if max_warm is None:
             max_warm = max(min_warm, DEFAULT_MAX_WARM)
         if not 0 <= min_warm <= max_warm:
@@ -147,6 +155,7 @@ class Pool:
             raise ValueError("autoscale_window_s must be positive")
         self.driver = driver
         self._code_loader = code_loader
+        self._layer_path = layer_path
         self.runtimes = list(runtimes)
         self.min_warm = min_warm
         self.max_warm = max_warm
@@ -248,7 +257,8 @@ class Pool:
                     self._waiters.remove(waiter)
         began = self._clock()
         try:
-            machine = await self.driver.create(MachineSpec(runtime=dep.runtime, memory_mb=dep.memory_mb))
+            layer = await self._layer_path(dep.layer_sha256) if dep.layer_sha256 else None
+            machine = await self.driver.create(MachineSpec(runtime=dep.runtime, memory_mb=dep.memory_mb, layer=layer))
         except MachineError as exc:
             self._slot_freed()
             raise Unavailable(f"could not start a {dep.runtime} machine: {exc}") from exc
@@ -256,7 +266,7 @@ class Pool:
             self._slot_freed()
             raise
         demand = self._demand.get(dep.runtime)
-        if demand is not None:
+        if demand is not None and layer is None:
             demand.booted(self._clock() - began)
         return await self._initialise(machine, dep, "cold")
 
@@ -344,8 +354,8 @@ class Pool:
         return None
 
     def _take_blank(self, dep: Deployment) -> Machine | None:
-        if dep.memory_mb != self.blank_memory_mb:
-            return None  # blank machines are booted with the default limits; others start cold
+        if dep.memory_mb != self.blank_memory_mb or dep.layer_sha256:
+            return None  # blank machines are booted with the default limits and no layer; others start cold
         blanks = self._blank.get(dep.runtime)
         now = time.monotonic()
         while blanks:
@@ -380,7 +390,7 @@ class Pool:
         return None
 
     async def _initialise(self, machine: Machine, dep: Deployment, start: str) -> Lease:
-        if dep.memory_mb == self.blank_memory_mb:  # a start a blank machine could serve: demand for blanks
+        if dep.memory_mb == self.blank_memory_mb and not dep.layer_sha256:  # a blank could serve it: demand
             demand = self._demand.get(dep.runtime)
             if demand is not None:
                 demand.arrivals += 1
@@ -398,6 +408,8 @@ class Pool:
                 "function_name": dep.function_name,
                 "function_version": str(dep.version),
             }
+            if dep.layer_sha256:
+                header["layer"] = LAYER_DIR
             reply, _ = await machine.request(header, code, timeout=max(DEFAULT_INIT_TIMEOUT_S, dep.timeout_s))
         except MachineTimeout:
             self._failed_init(machine, dep)

@@ -564,6 +564,7 @@ def deployment_of(record) -> Deployment:
         # Compiled runtimes run their built artifact; interpreted ones their code.
         code_sha256=record.artifact_sha256 or record.code_sha256,
         package=record.code_kind == "zip",
+        layer_sha256=record.layer_sha256,
     )
 
 

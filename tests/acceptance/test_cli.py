@@ -6,6 +6,7 @@ and use names of their own.
 """
 
 import json
+import re
 import socket
 import textwrap
 import time
@@ -275,6 +276,29 @@ def test_deploy_a_folder_as_a_package(nimbus, tmp_path):
     result = nimbus("invoke", "cli-pkg", "--data", '{"word": "hey"}')
     assert result.code == 0, result
     assert result.json()["output"] == {"said": "HEY!", "files": [".gitignore", "app.py", "helpers"]}
+
+
+def test_deploy_a_folder_with_requirements_then_list_and_collect_its_layer(nimbus, tmp_path):
+    """requirements.txt in the folder is resolved (from PyPI) into a layer the function imports from."""
+    project = tmp_path / "with-deps"
+    project.mkdir()
+    (project / "app.py").write_text("import six\n\ndef handler(event, context):\n    return six.__version__\n")
+    (project / "requirements.txt").write_text("six==1.16.0\n")
+    result = nimbus("deploy", str(project), "--name", "cli-deps", "--runtime", "python3", "--handler", "app.handler")
+    assert result.code == 0, result
+    assert "resolving requirements.txt" in result.stderr and "dependencies resolved" in result.stdout, result
+    layer = nimbus("get", "cli-deps").json()["layer_sha256"]
+    assert nimbus("invoke", "cli-deps").json()["output"] == "1.16.0"
+    result = nimbus("layers")
+    assert result.code == 0, result
+    header, *rows = result.stdout.splitlines()
+    assert header.split()[:3] == ["LAYER", "RUNTIME", "SIZE"]
+    assert any(row.startswith(layer[:12]) and "cli-deps" in row for row in rows), result.stdout
+    assert nimbus("rm", "cli-deps").code == 0
+    result = nimbus("gc", "--grace", "0")
+    assert result.code == 0, result
+    assert re.search(r"removed [1-9][0-9]* layers", result.stdout), result.stdout
+    assert layer not in nimbus("layers", "--json").stdout
 
 
 def test_deploy_settings_and_env(nimbus, tmp_path):

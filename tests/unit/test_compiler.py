@@ -280,7 +280,7 @@ class FakeStore:
             raise NotFound(sha)
         return self.code[sha]
 
-    async def put_build(self, *, key, runtime, toolchain, source_sha256, artifact, log, duration_ms):
+    async def put_build(self, *, key, runtime, toolchain, source_sha256, artifact, log, duration_ms, kind="artifact"):
         from nimbus.store.records import BuildRecord, utcnow
 
         if key not in self.builds:
@@ -288,7 +288,7 @@ class FakeStore:
             self.code[sha] = artifact
             self.builds[key] = BuildRecord(key=key, runtime=runtime, toolchain=toolchain, source_sha256=source_sha256,
                                            artifact_sha256=sha, artifact_size=len(artifact), log=log,
-                                           duration_ms=duration_ms, created_at=utcnow())
+                                           duration_ms=duration_ms, created_at=utcnow(), kind=kind)
         return self.builds[key]
 
 

@@ -63,6 +63,7 @@ class Build:
     duration_ms: float
     cached: bool
     source_sha256: str = ""  # what the store records beside the build (its put_build needs it)
+    kind: str = "artifact"  # or "layer": a function's resolved dependencies (nimbus.compiler.layers)
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,6 +87,7 @@ class StoreCache:
             duration_ms=record.duration_ms,
             cached=True,
             source_sha256=record.source_sha256,
+            kind=record.kind,
         )
 
     async def put(self, build: Build) -> Build | None:
@@ -98,6 +99,7 @@ class StoreCache:
             artifact=build.artifact,
             log=build.log,
             duration_ms=build.duration_ms,
+            kind=build.kind,
         )
         if record.artifact_sha256 == build.artifact_sha256:
             return None

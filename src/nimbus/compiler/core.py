@@ -22,11 +22,12 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from nimbus.compiler import recipes, toolchains, wasm
+from nimbus.compiler import layers, recipes, toolchains, wasm
 from nimbus.compiler.base import Build, Builder, BuildFailed, Job, JobResult
 from nimbus.compiler.cache import Cache, MemoryCache
 from nimbus.errors import InvalidRequest, Unavailable
@@ -77,7 +78,7 @@ class Compiler:
     """Builds compiled runtimes' source into artifacts; see the module docstring for the flow."""
 
     def __init__(self, builder: Builder, cache: Cache, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 concurrency: int = DEFAULT_CONCURRENCY) -> None:
+                 concurrency: int = DEFAULT_CONCURRENCY, home: Path | None = None) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.builder = builder
@@ -88,6 +89,9 @@ class Compiler:
         self._inflight: dict[str, asyncio.Task[Build]] = {}
         self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="nimbus-wasm")
         self._closed = False
+        # Layers are fetched on the host (work space under ``home``); install scripts run in ``builder``.
+        self.layers = layers.LayerBuilder(home if home is not None else Path(tempfile.gettempdir()) / "nimbus",
+                                          builder, timeout_s=timeout_s)
         self.builds_run = 0  # builds that ran a toolchain or wasmtime (cache misses that got a slot)
 
     def __repr__(self) -> str:
@@ -113,13 +117,28 @@ class Compiler:
             raise Unavailable("the compiler is shut down")
         plan = await self._plan(runtime, source)
         key = cache_key(runtime, plan.identity, source)
+        return await self._once(key, lambda: self._build(key, runtime, source, plan))
+
+    async def layer(self, spec: layers.LayerSpec) -> Build:
+        """The dependency layer ``spec`` resolves to: cached by (runtime, platform, manifest), else built now.
+
+        ``BuildFailed`` carries the package tool's output (an unknown package, a version conflict…).
+        """
+        if self._closed:
+            raise Unavailable("the compiler is shut down")
+        platform = await self.layers.platform(spec.runtime)
+        key = spec.key(platform)
+        return await self._once(key, lambda: self._build_layer(key, spec, platform))
+
+    async def _once(self, key: str, start) -> Build:
+        """The build under ``key``: a cache hit, the identical build already running, or ``start()`` as a task."""
         hit = await self.cache.get(key)
         if hit is not None:
             return hit
         task = self._inflight.get(key)
         leader = task is None
         if task is None:
-            task = asyncio.create_task(self._build(key, runtime, source, plan), name=f"nimbus-build-{key[:12]}")
+            task = asyncio.create_task(start(), name=f"nimbus-build-{key[:12]}")
             self._inflight[key] = task
             task.add_done_callback(lambda t, key=key: self._finished(key, t))
         try:
@@ -218,6 +237,19 @@ class Compiler:
             else:
                 self._slots.release()
 
+    async def _build_layer(self, key: str, spec: layers.LayerSpec, platform: str) -> Build:
+        async with self._slots:
+            hit = await self.cache.get(key)
+            if hit is not None:
+                return hit
+            self.builds_run += 1
+            build = await self.layers.build(spec, key, platform)
+            stored = await self.cache.put(build)
+            if stored is not None:
+                build = stored
+            log.info("built a %s layer %s in %.0f ms (%s)", spec.runtime, key[:12], build.duration_ms, platform)
+            return build
+
     async def _run_job(self, runtime: str, job: Job) -> JobResult:
         try:
             result = await asyncio.wait_for(self.builder.run(job), job.timeout_s + BUILDER_PREPARE_S + BUILDER_GRACE_S)
@@ -270,7 +302,7 @@ def create_compiler(
     """A compiler over the named builder and ``cache`` (an in-memory one when None)."""
     backend = load_builder(builder, home, memory_mb=memory_mb, timeout_s=timeout_s, images=images)
     return Compiler(backend, cache if cache is not None else MemoryCache(), timeout_s=timeout_s,
-                    concurrency=concurrency)
+                    concurrency=concurrency, home=Path(home))
 
 
 __all__ = ["COMPILED_RUNTIMES", "Compiler", "cache_key", "create_compiler", "load_builder"]

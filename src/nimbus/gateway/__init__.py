@@ -11,7 +11,7 @@ from collections.abc import Callable
 from fastapi import FastAPI
 
 from nimbus import __version__
-from nimbus.gateway import auth, fast, functions, invocations, keys, limits, problems, system
+from nimbus.gateway import auth, fast, functions, invocations, keys, layers, limits, problems, system
 
 
 def build_api(lifespan: Callable[[FastAPI], AbstractAsyncContextManager] | None = None) -> FastAPI:
@@ -21,6 +21,7 @@ def build_api(lifespan: Callable[[FastAPI], AbstractAsyncContextManager] | None 
     problems.install(app)
     app.include_router(functions.router)
     app.include_router(invocations.router)
+    app.include_router(layers.router)
     app.include_router(keys.router)
     app.include_router(system.router)
     app.add_middleware(fast.FastInvoke)  # innermost of ours: behind the key check and the body cap

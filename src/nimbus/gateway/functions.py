@@ -8,6 +8,7 @@ from fastapi import APIRouter, Header, Query, Request
 from starlette.responses import Response
 
 from nimbus import packages, runtimes
+from nimbus.compiler import layers
 from nimbus.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from nimbus.gateway import auth, fast, schemas
 from nimbus.gateway.responses import JSON
@@ -91,6 +92,18 @@ def _code_kind(code: bytes) -> str:
     return "module" if code.startswith(WASM_MAGIC) else "source"
 
 
+async def _layer(node, runtime: str, code: bytes):
+    """The dependency layer a package's requirements.txt or package.json resolves to; None without one.
+
+    Resolved inside the request, like a build: 201 once the layer is stored (or found in the cache),
+    422 with pip's or npm's output when a package is unknown or versions conflict.
+    """
+    if not packages.is_zip(code):
+        return None
+    spec = await asyncio.to_thread(layers.spec_of, runtime, code)
+    return await node.compiler.layer(spec) if spec is not None else None
+
+
 async def _build(node, runtime: str, code: bytes):
     """Build compiled code (or take it from the build cache); None for interpreted runtimes.
 
@@ -111,7 +124,7 @@ async def create_function(body: schemas.FunctionCreate, request: Request) -> Res
     handler = _handler(body.handler, runtime)
     code = _source(body, runtime)
     await _check_code(runtime, code, handler)
-    if runtimes.get(runtime).compiled:
+    if runtimes.get(runtime).compiled or packages.is_zip(code):
         # A taken name answers 409 now, not after a build of minutes (the insert still decides races).
         try:
             await node.store.get_function(body.name, auth.tenant(request))
@@ -120,13 +133,15 @@ async def create_function(body: schemas.FunctionCreate, request: Request) -> Res
         else:
             raise Conflict(f"a function named {body.name!r} already exists")
     build = await _build(node, runtime, code)
+    layer = await _layer(node, runtime, code)
     fn = await node.store.create_function(
         name=body.name, runtime=runtime, handler=handler, env=body.env or {}, memory_mb=body.memory_mb,
         timeout_s=body.timeout_s, concurrency=body.concurrency, code=code, code_kind=_code_kind(code),
         max_retries=body.max_retries, tenant=auth.tenant(request),
         artifact_sha256=build.artifact_sha256 if build else None,
+        layer_sha256=layer.artifact_sha256 if layer else None,
     )
-    return JSON(schemas.function_view(fn, build), status_code=201,
+    return JSON(schemas.function_view(fn, build, layer), status_code=201,
                 headers={"Location": f"/api/v1/functions/{fn.name}"})
 
 
@@ -163,15 +178,17 @@ async def update_function(name: str, body: schemas.FunctionUpdate, request: Requ
         await _check_code(runtime, code if code is not None else await node.store.get_code(current.code_sha256),
                           handler or current.handler)
     build = await _build(node, runtime, code) if code is not None else None
+    layer = await _layer(node, runtime, code) if code is not None else None
     fn = await node.store.update_function(
         current.id, code=code, code_kind=_code_kind(code) if code is not None else None,
         runtime=runtime if runtime != current.runtime else None, handler=handler, env=body.env,
         memory_mb=body.memory_mb, timeout_s=body.timeout_s, concurrency=body.concurrency,
         max_retries=body.max_retries, tenant=auth.tenant(request),
         artifact_sha256=build.artifact_sha256 if build else None,
+        layer_sha256=layer.artifact_sha256 if layer else None,
     )
     node.pool.retire_function(fn.id, keep_version_id=fn.version_id)
-    return JSON(schemas.function_view(fn, build))
+    return JSON(schemas.function_view(fn, build, layer))
 
 
 @router.delete("/functions/{name}", status_code=204, responses={404: {"description": "no such function"}})

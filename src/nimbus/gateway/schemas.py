@@ -5,7 +5,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
 from nimbus.runtimes import HANDLER_RE
 
@@ -81,10 +81,11 @@ class FunctionCreate(_Code):
     name: str = Field(pattern=NAME_PATTERN, description="lower-case letters, digits and '-', starting with a letter")
     runtime: str = Field(max_length=64, examples=["python3", "nodejs", "go", "rust", "wasm"],
                          description="python3, nodejs, go, rust, wasm, or a versioned alias such as python3.11")
-    memory_mb: int = MEMORY_MB
-    timeout_s: float = TIMEOUT_S
-    concurrency: int = CONCURRENCY
-    max_retries: int = MAX_RETRIES
+    # Strict: JSON true/false are not numbers (lax mode would take false as 0).
+    memory_mb: StrictInt = MEMORY_MB
+    timeout_s: StrictFloat = TIMEOUT_S
+    concurrency: StrictInt = CONCURRENCY
+    max_retries: StrictInt = MAX_RETRIES
 
     @model_validator(mode="after")
     def _one_code(self) -> "FunctionCreate":
@@ -101,10 +102,10 @@ class FunctionUpdate(_Code):
     }})
 
     runtime: str | None = Field(None, max_length=64)
-    memory_mb: int | None = Field(None, ge=64, le=10240)
-    timeout_s: float | None = Field(None, gt=0, le=900)
-    concurrency: int | None = Field(None, ge=1, le=1000)
-    max_retries: int | None = Field(None, ge=0, le=10)
+    memory_mb: StrictInt | None = Field(None, ge=64, le=10240)
+    timeout_s: StrictFloat | None = Field(None, gt=0, le=900)
+    concurrency: StrictInt | None = Field(None, ge=1, le=1000)
+    max_retries: StrictInt | None = Field(None, ge=0, le=10)
 
     @model_validator(mode="after")
     def _something(self) -> "FunctionUpdate":
@@ -124,6 +125,17 @@ class BuildOut(BaseModel):
     log: str = Field(description="the toolchain's output (warnings), clipped")
 
 
+class LayerBuildOut(BaseModel):
+    """How a version's dependency layer was resolved; only in the answer to the create or update that made it."""
+
+    sha256: str
+    platform: str
+    cached: bool = Field(description="true when the layer came from the cache (nothing was downloaded)")
+    duration_ms: float = Field(description="how long resolving it took (the original's, when cached)")
+    size: int = Field(description="bytes of the layer archive")
+    log: str = Field(description="pip's or npm's output, clipped")
+
+
 class FunctionOut(BaseModel):
     id: str
     name: str
@@ -141,6 +153,9 @@ class FunctionOut(BaseModel):
     artifact_sha256: str | None = Field(None, description="compiled runtimes: the built artifact the machines run")
     artifact_size: int | None = None
     build: BuildOut | None = None
+    layer_sha256: str | None = Field(None, description="packages with requirements.txt or package.json: the "
+                                     "dependency layer its machines mount read-only at /opt/layer")
+    layer: LayerBuildOut | None = None
     created_at: datetime
     updated_at: datetime
 
@@ -198,18 +213,22 @@ class InvocationList(BaseModel):
     invocations: list[InvocationOut]
 
 
-def function_view(fn, build=None) -> dict:
+def function_view(fn, build=None, layer=None) -> dict:
     view = {
         "id": fn.id, "name": fn.name, "runtime": fn.runtime, "handler": fn.handler, "env": fn.env,
         "memory_mb": fn.memory_mb, "timeout_s": fn.timeout_s, "concurrency": fn.concurrency,
         "max_retries": fn.max_retries, "version": fn.version,
         "code_sha256": fn.code_sha256, "code_size": fn.code_size, "code_kind": fn.code_kind,
         "artifact_sha256": fn.artifact_sha256,
-        "artifact_size": fn.artifact_size, "created_at": fn.created_at, "updated_at": fn.updated_at,
+        "artifact_size": fn.artifact_size, "layer_sha256": fn.layer_sha256, "created_at": fn.created_at,
+        "updated_at": fn.updated_at,
     }
     if build is not None:
         view["build"] = {"toolchain": build.toolchain, "cached": build.cached, "duration_ms": build.duration_ms,
                          "log": build.log}
+    if layer is not None:
+        view["layer"] = {"sha256": layer.artifact_sha256, "platform": layer.toolchain, "cached": layer.cached,
+                         "duration_ms": layer.duration_ms, "size": len(layer.artifact), "log": layer.log}
     return view
 
 
