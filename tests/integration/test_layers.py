@@ -193,6 +193,8 @@ def test_an_npm_package_with_an_install_script_is_rebuilt_in_the_builder_sandbox
      ["nimbus-no-such-package-4b1d", "wheels only"]),
     ("python3", {"app.py": "def handler(e, c): pass\n", "requirements.txt": "six==0.0.999\n"},
      ["six==0.0.999", "Could not find a version"]),
+    ("python3", {"app.py": "def handler(e, c): pass\n", "requirements.txt": "six==1.16.0\nsix==1.15.0\n"},
+     ["ResolutionImpossible", "conflict"]),
     ("nodejs", {"index.js": "exports.handler = async () => 1;\n",
                 "package.json": '{"dependencies": {"nimbus-no-such-package-4b1d": "1.0.0"}}'},
      ["package.json", "nimbus-no-such-package-4b1d"]),

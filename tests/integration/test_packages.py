@@ -125,3 +125,29 @@ def test_a_corrupt_zip_and_a_zip_for_a_compiled_runtime_are_refused(api):
     assert_problem(resp, 422, "python3 and nodejs")
     name, resp = create(api, base64.b64encode(good).decode(), "python3", "main.handler")
     assert resp.status_code == 201 and invoke(api, name)["output"] == 1  # and the node still serves
+
+
+def test_a_call_cannot_rewrite_the_code_later_calls_load(api, node):
+    """On template machines the init makes /var/task read-only before the function's code loads
+    (Lambda's is read-only too); booted machines have no init that may remount, and leave it writable."""
+    files = {
+        "app.py": "import errno, os\n"
+                  "def handler(event, context):\n"
+                  "    tried = {}\n"
+                  "    for path in ('/var/task/app.py', '/var/task/planted.py'):\n"
+                  "        try:\n"
+                  "            with open(path, 'w') as f:\n"
+                  "                f.write('def handler(e, c):\\n    return \"hijacked\"\\n')\n"
+                  "            tried[path] = 0\n"
+                  "        except OSError as exc:\n"
+                  "            tried[path] = exc.errno\n"
+                  "    return tried\n",
+    }
+    name, resp = create(api, zipped(files), "python3", "app.handler")
+    assert resp.status_code == 201, resp.text
+    out = invoke(api, name, {})
+    sealed = node.node.driver.templates_on
+    expected = 30 if sealed else 0  # EROFS
+    assert out["output"] == {"/var/task/app.py": expected, "/var/task/planted.py": expected}, out
+    if sealed:
+        assert invoke(api, name, {})["output"] == out["output"]  # the same code answers again

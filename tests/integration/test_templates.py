@@ -7,6 +7,7 @@ that dies, and take its children with it when it goes.
 """
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -39,9 +40,14 @@ def _status():
 def handler(event, context=None):
     what = event["what"]
     if what == "plant":
-        for path in ("/tmp/planted", "/dev/shm/planted", "/var/task/planted"):
+        for path in ("/tmp/planted", "/dev/shm/planted"):
             with open(path, "w") as f:
                 f.write(event["secret"])
+        try:
+            open("/var/task/planted", "w")
+            task_write = 0
+        except OSError as exc:  # the init made the task directory read-only before this code loaded
+            task_write = exc.errno
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         server.bind("\0nimbus-neighbour")
         server.listen()
@@ -51,7 +57,7 @@ def handler(event, context=None):
         held.extend([server, tcp])
         shm = libc.shmget(0x4e494d42, 4096, 0o1666)  # IPC_CREAT | 0666
         held.extend(os.openpty())
-        return {"shm": shm, "pid": os.getpid(), "pts": sorted(os.listdir("/dev/pts"))}
+        return {"shm": shm, "pid": os.getpid(), "pts": sorted(os.listdir("/dev/pts")), "task_write": task_write}
     if what == "look":
         found = {}
         for path in ("/tmp/planted", "/dev/shm/planted", "/var/task/planted"):
@@ -145,7 +151,8 @@ async def test_two_children_of_one_template_cannot_see_each_other(driver):
     assert planted["shm"] != -1  # the segment exists in a's IPC namespace
 
     own = await call(a, {"what": "look"})  # the control: a sees what it planted
-    assert own["/tmp/planted"] and own["/dev/shm/planted"] and own["/var/task/planted"]
+    assert own["/tmp/planted"] and own["/dev/shm/planted"]
+    assert planted["task_write"] == errno.EROFS and not own["/var/task/planted"]
     assert own["abstract"] and own["tcp"] and own["shm"]
 
     host_pids = [a.pid, a.template.pid, os.getpid()]

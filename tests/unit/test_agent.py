@@ -772,3 +772,40 @@ def test_node_layer_keeps_the_functions_own_node_modules_and_node_path(agent, tm
 def test_node_without_a_layer_gets_no_link(agent):
     node_started(agent, NODE_LAYER_PROBE)
     assert agent.invoke({}) == {"link": "ENOENT", "nodePath": None}
+
+
+# ---------------------------------------------------------------- sealing /var/task (template machines)
+
+
+def test_the_seal_fd_is_parsed_and_optional():
+    from nimbus.agent import main as agent_main
+
+    assert agent_main.parse_args(["--fd", "10", "--seal-fd=11"]).seal_fd == 11
+    assert agent_main.parse_args([]).seal_fd is None
+    with pytest.raises(ValueError):
+        agent_main.parse_args(["--seal-fd", "-1"])
+
+
+@pytest.mark.parametrize(("answer", "ok"), [(b"k", True), (b"[Errno 30] EROFS", False), (b"", False)])
+def test_the_agent_asks_its_init_once_and_fails_the_init_when_it_is_not_sealed(answer, ok):
+    from nimbus.agent import main as agent_main
+    from nimbus.agent.base import InvocationError
+
+    agent_end, init_end = socket.socketpair()
+    fd = agent_end.detach()
+    if answer:
+        init_end.sendall(answer)  # answered before it is asked: the request waits in the buffer
+    else:
+        init_end.close()  # an init that went away
+    if ok:
+        agent_main._seal(fd)
+    else:
+        with pytest.raises(InvocationError) as info:
+            agent_main._seal(fd)
+        assert info.value.type == "SealFailed" and info.value.fatal
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed either way: the function never sees it
+    if answer:
+        assert init_end.recv(1) == agent_main.SEAL_REQUEST
+        init_end.close()
+    agent_main._seal(None)  # a booted machine: nothing to ask

@@ -18,11 +18,16 @@ class GoRuntime:
 
     def __init__(self, spec: FunctionSpec) -> None:
         self.spec = spec
+        self.path: str | None = None
         self.child = FramedChild("the Go program")
+
+    def prepare(self) -> None:
+        """Make the artifact executable, before the task directory turns read-only."""
+        self.path = prepare_executable(self.spec)
 
     def load(self) -> None:
         """Start the program and wait for its ``pong``: a binary that cannot serve fails the init."""
-        self.child.start([prepare_executable(self.spec)])
+        self.child.start([self.path or prepare_executable(self.spec)])
         header, _ = self.child.request({"type": protocol.PING})
         if header["type"] != protocol.PONG:
             self.child.stop(kill=True)

@@ -83,6 +83,12 @@ class LogCapture:
 
     def _drain(self, fd: int) -> None:
         """The drain thread: wait for output, then move it into the tail, until the pipe is gone."""
+        try:
+            self._drain_until_gone(fd)
+        except BaseException:  # noqa: BLE001 - its traceback would land in the very logs it collects
+            pass
+
+    def _drain_until_gone(self, fd: int) -> None:
         import select
 
         poller = select.poll()

@@ -28,7 +28,8 @@ EXIT_CHANNEL = 1  # the channel failed (reset, write error)
 EXIT_PROTOCOL = 2  # the host sent something it never should
 EXIT_USAGE = 64  # bad command line (sysexits' EX_USAGE)
 EXIT_CRASH = 70  # a bug in the agent itself (EX_SOFTWARE)
-USAGE = "usage: main [--fd N] [--task-dir PATH]"
+USAGE = "usage: main [--fd N] [--task-dir PATH] [--seal-fd N]"
+SEAL_REQUEST, SEAL_DONE = b"s", b"k"  # asked of, and answered by, a template machine's init (_seal)
 
 # Runtime id → the agent module that implements it (imported only when a machine is initialised with it).
 RUNTIMES = {"python3": "python3", "nodejs": "nodejs", "go": "go", "rust": "rust", "wasm": "wasm"}
@@ -37,30 +38,35 @@ RUNTIMES = {"python3": "python3", "nodejs": "nodejs", "go": "go", "rust": "rust"
 class Options:
     """The command line, parsed by hand: argparse costs ~20 ms to import in every machine."""
 
-    __slots__ = ("fd", "task_dir")
+    __slots__ = ("fd", "task_dir", "seal_fd")
 
-    def __init__(self, fd: int = DEFAULT_FD, task_dir: str = DEFAULT_TASK_DIR) -> None:
+    def __init__(self, fd: int = DEFAULT_FD, task_dir: str = DEFAULT_TASK_DIR, seal_fd: int | None = None) -> None:
         self.fd = fd
         self.task_dir = task_dir
+        self.seal_fd = seal_fd  # where the machine's init makes the task dir read-only on request
 
 
 def parse_args(argv: list[str]) -> Options:
-    """Read ``--fd N`` and ``--task-dir PATH`` (also as ``--fd=N``); ValueError on anything else."""
+    """Read ``--fd N``, ``--task-dir PATH`` and ``--seal-fd N`` (also as ``--fd=N``); ValueError on anything else."""
     options = Options()
     args = list(argv)
     while args:
         arg = args.pop(0)
         name, eq, value = arg.partition("=")
-        if name not in ("--fd", "--task-dir"):
+        if name not in ("--fd", "--task-dir", "--seal-fd"):
             raise ValueError(f"unknown argument {arg!r}")
         if not eq:
             if not args:
                 raise ValueError(f"{name} needs a value")
             value = args.pop(0)
-        if name == "--fd":
-            options.fd = int(value)
-            if options.fd < 0:
-                raise ValueError("--fd must be a file descriptor number")
+        if name in ("--fd", "--seal-fd"):
+            fd = int(value)
+            if fd < 0:
+                raise ValueError(f"{name} must be a file descriptor number")
+            if name == "--fd":
+                options.fd = fd
+            else:
+                options.seal_fd = fd
         else:
             options.task_dir = os.path.abspath(value)
     return options
@@ -83,6 +89,27 @@ def _write_code(spec: FunctionSpec, code: bytes) -> None:
             file.write(code)
     except OSError as exc:
         raise InvocationError("InvalidCode", f"cannot write {spec.filename}: {exc}", fatal=True) from None
+
+
+def _seal(fd: int | None) -> None:
+    """Have the machine's init make the task directory read-only, now the code is in it (template machines).
+
+    Before any of the function's code runs, so no call can rewrite the code later calls load (Lambda's
+    /var/task is read-only too). One request on ``fd``, then it is closed. Booted machines have no init
+    that may remount (no ``fd``): their task directory stays writable by the function.
+    """
+    if fd is None:
+        return
+    try:
+        os.write(fd, SEAL_REQUEST)
+        answer = os.read(fd, 1)
+    except OSError as exc:
+        answer = f"{exc}".encode()
+    finally:
+        os.close(fd)
+    if answer != SEAL_DONE:
+        raise InvocationError("SealFailed", "the machine could not make the task directory read-only: "
+                              f"{answer.decode(errors='replace') or 'its init did not answer'}", fatal=True)
 
 
 def _apply_environment(spec: FunctionSpec) -> None:
@@ -110,9 +137,10 @@ def _elapsed_ms(started: float) -> float:
 class Agent:
     """Serves one channel: reads a frame, answers it, until the host hangs up."""
 
-    def __init__(self, channel: FdStream, task_dir: str, logs: LogCapture) -> None:
+    def __init__(self, channel: FdStream, task_dir: str, logs: LogCapture, seal_fd: int | None = None) -> None:
         self.channel = channel
         self.task_dir = task_dir
+        self.seal_fd = seal_fd
         self.logs = logs
         self.spec: FunctionSpec | None = None
         self.runtime = None
@@ -172,6 +200,11 @@ class Agent:
             spec = FunctionSpec(header, self.task_dir)
             runtime = _make_runtime(spec)
             _write_code(spec, blob)
+            prepare = getattr(runtime, "prepare", None)
+            if prepare is not None:
+                prepare()  # what the runtime itself writes in the task directory (links, exec bits)
+            seal_fd, self.seal_fd = self.seal_fd, None
+            _seal(seal_fd)
             _apply_environment(spec)
             runtime.load()
         except InvocationError as exc:
@@ -214,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(EXIT_USAGE) from None
     logs = LogCapture()
     logs.start()
-    agent = Agent(channel, options.task_dir, logs)
+    agent = Agent(channel, options.task_dir, logs, options.seal_fd)
     try:
         status = agent.serve()
     except BaseException:  # a bug of the agent's: report it to the host's diagnostics, not to the logs

@@ -23,8 +23,8 @@ NODE = "node"  # found on PATH
 RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node_runner.js")
 
 
-def use_layer(spec: FunctionSpec) -> None:
-    """Make the layer's packages resolvable for the node child about to start (see the module docstring)."""
+def link_layer(spec: FunctionSpec) -> None:
+    """Link ``/var/task/node_modules`` to the layer, unless the package has its own (see the module docstring)."""
     modules = os.path.join(spec.task_dir, "node_modules")
     if not os.path.lexists(modules):
         try:
@@ -32,6 +32,11 @@ def use_layer(spec: FunctionSpec) -> None:
         except OSError as exc:
             raise InvocationError("LayerUnavailable", f"cannot link {modules} to the layer: {exc}",
                                   fatal=True) from None
+
+
+def use_layer(spec: FunctionSpec) -> None:
+    """Make the layer's packages resolvable for the node child about to start (see the module docstring)."""
+    link_layer(spec)
     # After any NODE_PATH of the function's own: its entries win, as its own node_modules does.
     own = os.environ.get("NODE_PATH")
     os.environ["NODE_PATH"] = f"{own}{os.pathsep}{spec.layer}" if own else spec.layer
@@ -43,6 +48,11 @@ class NodeRuntime:
     def __init__(self, spec: FunctionSpec) -> None:
         self.spec = spec
         self.child = FramedChild("the node process")
+
+    def prepare(self) -> None:
+        """The task directory's link to the layer, made before the directory turns read-only."""
+        if self.spec.layer is not None:
+            link_layer(self.spec)
 
     def load(self) -> None:
         """Start node and have it import the handler."""

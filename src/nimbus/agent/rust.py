@@ -64,11 +64,16 @@ class RustRuntime:
 
     def __init__(self, spec: FunctionSpec) -> None:
         self.spec = spec
+        self.path: str | None = None
         self.program = LineProgram("the Rust program")
+
+    def prepare(self) -> None:
+        """Make the artifact executable, before the task directory turns read-only."""
+        self.path = prepare_executable(self.spec)
 
     def load(self) -> None:
         """Start the program; it waits for its first line (the line protocol has no handshake)."""
-        self.program.start([prepare_executable(self.spec)])
+        self.program.start([self.path or prepare_executable(self.spec)])
 
     def invoke(self, event: bytes, call: Call) -> bytes:
         """Run one call and return the program's result line."""

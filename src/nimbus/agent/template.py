@@ -14,7 +14,9 @@ re-isolates itself before it accepts any code:
    or pty of a sibling or of the template is reachable; the function's dependency layer, when it has
    one, attached read-only at ``/opt/layer`` (the host cloned it, since the template's sandbox cannot
    see it: :mod:`nimbus.machines.mounts`); loopback brought up in the empty network namespace; stdout
-   and stderr sent to the machine's own output pipe. C2 then only reaps orphans, as bwrap's init does.
+   and stderr sent to the machine's own output pipe. C2 then waits for the agent's one request to make
+   ``/var/task`` read-only (sent once the function's code is written there, before any of it runs), and
+   after that only reaps orphans, as bwrap's init does.
 3. (C3, the agent) uid and gid 65534 with no groups, which clears every capability; the seccomp
    filter installed (``no_new_privs`` is inherited from bwrap); a clean environment; then
    :func:`nimbus.agent.main.main` on the channel it was sent.
@@ -147,7 +149,31 @@ def _loopback_up() -> None:
         fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sh", b"lo", IFF_UP | IFF_LOOPBACK | IFF_RUNNING))
 
 
-def _become_agent(request: dict, channel: int, program: bytes) -> None:
+def _serve_seal(fd: int) -> None:
+    """Step 4, in the init: wait for the agent's one request to make /var/task read-only, and do it.
+
+    The agent asks once the function's code is written and before any of it runs (``nimbus.agent.main``);
+    no other process exists in the machine until then, so the init has no orphans to reap meanwhile. An
+    agent that dies first closes its end: nothing to do.
+    """
+    try:
+        asked = os.read(fd, 1)
+    except OSError:
+        asked = b""
+    if asked == agent_main.SEAL_REQUEST:
+        try:
+            _mount(None, TASK_DIR, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+            answer = agent_main.SEAL_DONE
+        except OSError as exc:
+            answer = str(exc).encode(errors="replace")[:200]
+        try:
+            os.write(fd, answer)
+        except OSError:
+            pass
+    os.close(fd)
+
+
+def _become_agent(request: dict, channel: int, program: bytes, seal: int) -> None:
     """Step 3: drop to the sandbox user, install the filter, and run the agent (never returns)."""
     for name, value in request.get("rlimits", ()):
         resource.setrlimit(getattr(resource, name), (value, value))
@@ -159,7 +185,7 @@ def _become_agent(request: dict, channel: int, program: bytes) -> None:
     os.environ.clear()
     os.environ.update(SANDBOX_ENV)
     os.chdir(TASK_DIR)
-    sys.argv = ["-c", "--fd", str(channel), "--task-dir", TASK_DIR]  # as a booted agent's
+    sys.argv = ["-c", "--fd", str(channel), "--task-dir", TASK_DIR, "--seal-fd", str(seal)]
     agent_main.main(sys.argv[1:])
 
 
@@ -215,14 +241,21 @@ def _machine(request: dict, fds: list[int], program: bytes, template_pid: int) -
         os.close(output)
     except BaseException as exc:
         _report_setup_failure(2, exc)
+    init_end, agent_end = (end.detach() for end in socket.socketpair())
     agent = os.fork()
     if agent == 0:
         try:
             _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-            _become_agent(request, channel, program)
+            os.close(init_end)
+            # Above the channel, out of the way of the low fds the agent opens itself.
+            seal = fcntl.fcntl(agent_end, fcntl.F_DUPFD_CLOEXEC, channel + 1)
+            os.close(agent_end)
+            _become_agent(request, channel, program, seal)
         except BaseException as exc:
             _report_setup_failure(2, exc)
     os.close(channel)
+    os.close(agent_end)
+    _serve_seal(init_end)
     while True:  # an init's work: reap orphans, and end with the agent
         try:
             pid, status = os.wait()
