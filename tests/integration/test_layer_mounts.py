@@ -7,7 +7,6 @@ attaches) and booted ones (bwrap binds it), since the two get there by different
 import asyncio
 import io
 import json
-import logging
 import os
 import uuid
 import zipfile
@@ -16,9 +15,11 @@ from pathlib import Path
 import pytest
 
 from nimbus.errors import MachineStartError
-from nimbus.machines import bwrap
 from nimbus.machines.base import LAYER_DIR, MachineSpec
-from test_bwrap import _WHY_NOT, LONG, assert_quiet, init_header
+import test_bwrap
+from test_bwrap import _WHY_NOT, LONG, init_header
+
+driver = test_bwrap.driver  # each test on template and booted machines, as test_bwrap's
 
 pytestmark = pytest.mark.sandbox
 if _WHY_NOT:
@@ -98,20 +99,6 @@ NODE_HANDLERS = {
                      "export const handler = async (e) => ({ padded: leftpad(e.s, 5), shouted: shout(e.s) });\n"),
     }),
 }
-
-
-@pytest.fixture(params=["template", "boot"])
-async def driver(request, tmp_path, caplog):
-    d = bwrap.BwrapDriver(tmp_path / "home", use_templates=None if request.param == "template" else False)
-    if request.param == "template" and not d.templates_on:
-        await d.close()
-        pytest.skip(f"no template machines here: {d.templates_note}")
-    caplog.set_level(logging.WARNING)
-    try:
-        yield d
-    finally:
-        await d.close()
-    assert_quiet(caplog)
 
 
 def write_tree(root, files: dict) -> str:
