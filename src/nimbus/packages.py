@@ -4,7 +4,8 @@ A package is refused, with a message naming the entry, when it is not a zip, hol
 unpacks to more than ``UNPACKED_MAX`` (Lambda's 250 MB) or compresses suspiciously well (a zip bomb),
 names an absolute path, a ``..`` component, a backslash or a NUL, holds a symbolic link (the machine's
 agent unpacks with ``zipfile``, which does not make links; one pointing out of the tree is called that),
-or does not contain the module its handler names. The machine's agent unpacks it into ``/var/task``.
+or does not contain the module its handler names. Machines get it as a file tree
+(:func:`to_tree`, :func:`nimbus.protocol.encode_tree`), which their agent writes into ``/var/task``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 
+from nimbus import protocol
 from nimbus.errors import InvalidRequest, PayloadTooLarge
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -122,4 +124,23 @@ def check(data: bytes, runtime: str, handler: str) -> Package:
         return Package(entries=len(infos), unpacked=total, handler_file=found)
 
 
-__all__ = ["Package", "check", "handler_candidates", "is_zip", "PACKAGED_RUNTIMES"]
+def to_tree(data: bytes) -> bytes:
+    """A checked package as the tree blob an agent unpacks without zipfile (see ``nimbus.protocol``).
+
+    Executable bits are kept from the entries' Unix modes; ``./`` prefixes and directory slashes go.
+    """
+    entries = []
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in archive.infolist():
+            name = "/".join(part for part in info.filename.split("/") if part not in ("", "."))
+            if not name:
+                continue
+            if info.is_dir():
+                entries.append((name, "d", b""))
+            else:
+                executable = (info.external_attr >> 16) & 0o111
+                entries.append((name, "x" if executable else "", archive.read(info)))
+    return protocol.encode_tree(entries)
+
+
+__all__ = ["Package", "check", "handler_candidates", "is_zip", "to_tree", "PACKAGED_RUNTIMES"]

@@ -39,7 +39,7 @@ DEFAULT_BOOT_S = 0.1  # assumed boot time of a runtime's machine until one has b
 BOOT_WEIGHT = 0.2  # weight of the newest boot in the moving average of boot times
 MIN_STARTS = 2.0  # starts in the decayed window below which the rate counts as none
 PING_WAIT_S = 0.1  # how long a call waits for its idle machine to come back from a health ping
-PACKAGE_FILENAME = "package.zip"  # a name ending in .zip: the agent unpacks it into the task directory
+PACKAGE_FILENAME = protocol.TREE_FILENAME  # the code loader sends a package as a file tree
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 
-from nimbus import callbacks, protocol
+from nimbus import callbacks, packages, protocol
 from nimbus.errors import (
     Conflict,
     InitFailed,
@@ -528,7 +528,10 @@ class Scheduler:
 
 
 class CodeCache:
-    """A small LRU of code bytes in front of the store: Init needs the code on every warm and cold start."""
+    """A small LRU of code bytes in front of the store: Init needs the code on every warm and cold start.
+
+    A package is kept as the file tree machines unpack (``packages.to_tree``), converted once per version.
+    """
 
     def __init__(self, store: Store, entries: int = CODE_CACHE_ENTRIES) -> None:
         self.store = store
@@ -539,6 +542,8 @@ class CodeCache:
         code = self._code.get(dep.code_sha256)
         if code is None:
             code = await self.store.get_code(dep.code_sha256)
+            if dep.package:
+                code = await asyncio.to_thread(packages.to_tree, code)
             self._code[dep.code_sha256] = code
             if len(self._code) > self.entries:
                 self._code.popitem(last=False)

@@ -253,6 +253,35 @@ def test_zip_package_is_unpacked(agent, tmp_path):
     assert agent.invoke(21) == 42
 
 
+def test_a_package_sent_as_a_tree_is_written_with_its_modes(agent, tmp_path):
+    from nimbus import packages
+
+    package = tmp_path / "package.zip"
+    with zipfile.ZipFile(package, "w") as archive:
+        archive.writestr("./app.py", "import os\nfrom lib.helpers import double\n"
+                                     "def handler(event):\n    return [double(event), os.access('bin/tool', os.X_OK),\n"
+                                     "            sorted(os.listdir('data'))]\n")
+        archive.writestr("lib/__init__.py", "")
+        archive.writestr("lib/helpers.py", "def double(x):\n    return 2 * x\n")
+        tool = zipfile.ZipInfo("bin/tool")
+        tool.external_attr = 0o100755 << 16
+        archive.writestr(tool, "#!/bin/sh\n")
+        archive.writestr("data/", "")  # an empty directory
+    tree = packages.to_tree(package.read_bytes())
+    started(agent, tree, handler="app.handler", filename=protocol.TREE_FILENAME)
+    assert agent.invoke(21) == [42, True, []]
+
+
+@pytest.mark.parametrize("index", [
+    [["../escape.py", "", 0]], [["/abs.py", "", 0]], [["a/./b.py", "", 0]], [["ok.py", "?", 0]],
+    [["ok.py", "", 99]], "not a list",
+])
+def test_a_tree_that_breaks_its_rules_fails_the_init(agent, index):
+    raw = json.dumps(index).encode()
+    blob = len(raw).to_bytes(4, "big") + raw
+    assert_error(agent.init(blob, filename=protocol.TREE_FILENAME), "InvalidCode", fatal=True)
+
+
 # ---------------------------------------------------------------- python3: calls
 
 

@@ -292,3 +292,31 @@ def test_a_lone_surrogate_in_a_header_arrives_as_a_replacement_character(read, h
     [(got, _)] = read(frame(sent))
     assert got == {**header, "message": good, "nested": [{"k" + good: good}]}
     json.dumps(got, ensure_ascii=False).encode()  # every string is valid Unicode
+
+
+# ---------------------------------------------------------------- file trees
+
+_SEGMENT = st.text(alphabet=st.characters(blacklist_characters="/\\\0", blacklist_categories=("Cs",)),
+                   min_size=1, max_size=12).filter(lambda s: s not in (".", ".."))
+
+
+@given(st.lists(st.tuples(st.lists(_SEGMENT, min_size=1, max_size=3).map("/".join), st.sampled_from(["", "x", "d"]),
+                          st.binary(max_size=64)), max_size=8))
+def test_a_tree_decodes_to_what_was_encoded(entries):
+    blob = protocol.encode_tree(entries)
+    decoded = [(name, kind, bytes(content)) for name, kind, content in protocol.decode_tree(blob)]
+    assert decoded == [(name, kind, b"" if kind == "d" else content) for name, kind, content in entries]
+
+
+@given(st.binary(max_size=64))
+def test_a_tree_blob_of_any_bytes_decodes_or_is_a_protocol_error(blob):
+    try:
+        protocol.decode_tree(blob)
+    except protocol.ProtocolError:
+        pass
+
+
+def test_bytes_after_the_last_entry_are_refused():
+    blob = protocol.encode_tree([("a.py", "", b"x")]) + b"extra"
+    with pytest.raises(protocol.ProtocolError, match="after the last entry"):
+        protocol.decode_tree(blob)

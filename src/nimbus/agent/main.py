@@ -29,6 +29,7 @@ EXIT_PROTOCOL = 2  # the host sent something it never should
 EXIT_USAGE = 64  # bad command line (sysexits' EX_USAGE)
 EXIT_CRASH = 70  # a bug in the agent itself (EX_SOFTWARE)
 USAGE = "usage: main [--fd N] [--task-dir PATH] [--seal-fd N]"
+TREE_FILE_MODE, TREE_EXEC_MODE = 0o644, 0o755
 SEAL_REQUEST, SEAL_DONE = b"s", b"k"  # asked of, and answered by, a template machine's init (_seal)
 
 # Runtime id → the agent module that implements it (imported only when a machine is initialised with it).
@@ -72,8 +73,39 @@ def parse_args(argv: list[str]) -> Options:
     return options
 
 
+def _write_tree(spec: FunctionSpec, blob: bytes) -> None:
+    """Write a package sent as a file tree (``protocol.decode_tree`` checked every name and size)."""
+    try:
+        entries = protocol.decode_tree(blob)
+    except protocol.ProtocolError as exc:
+        raise InvocationError("InvalidCode", f"cannot unpack the package: {exc}", fatal=True) from None
+    made = {spec.task_dir}
+    try:
+        for name, kind, content in entries:
+            path = os.path.join(spec.task_dir, name)
+            parent = path if kind == "d" else os.path.dirname(path)
+            if parent not in made:
+                os.makedirs(parent, mode=0o755, exist_ok=True)
+                made.add(parent)
+            if kind == "d":
+                continue
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         TREE_EXEC_MODE if kind == "x" else TREE_FILE_MODE)
+            try:
+                view = content
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+    except OSError as exc:
+        raise InvocationError("InvalidCode", f"cannot unpack the package: {exc}", fatal=True) from None
+
+
 def _write_code(spec: FunctionSpec, code: bytes) -> None:
-    """Put the function's code in the task directory: one source file, or a ``.zip`` package unpacked."""
+    """Put the function's code in the task directory: one source file, or a package (a tree, or a zip)."""
+    if spec.filename == protocol.TREE_FILENAME:
+        _write_tree(spec, code)
+        return
     if spec.filename.endswith(".zip"):
         import io
         import zipfile

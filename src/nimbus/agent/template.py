@@ -36,7 +36,6 @@ layer mount. Template → host: ``{"op": "ready"}`` once,
 import ctypes
 import fcntl
 import gc
-import importlib
 import json
 import os
 import resource
@@ -66,7 +65,6 @@ SECCOMP_MODE_FILTER = 2
 SIOCSIFFLAGS = 0x8914
 IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x1, 0x8, 0x40
 PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")  # as bwrap's --proc leaves them
-PACKAGED_RUNTIMES = ("python3", "nodejs")  # their functions may be zip packages (nimbus.packages)
 MAX_MESSAGE = 64 * 1024
 MAX_FDS = 8
 SANDBOX_UID = SANDBOX_GID = 65534
@@ -354,11 +352,9 @@ def main(argv: list[str]) -> None:
             program = f.read()
     runtime = args.get("--runtime")
     if runtime in agent_main.RUNTIMES:  # what a machine of this runtime imports at Init, imported once here
+        import importlib
+
         importlib.import_module(f"nimbus.agent.{agent_main.RUNTIMES[runtime]}")
-    if runtime in PACKAGED_RUNTIMES:
-        # A zip package is unpacked at Init with zipfile, whose imports (shutil, pathlib, importlib.util…)
-        # cost ~11 ms in a fresh interpreter: 8 of a packaged function's 10 ms Init, measured here.
-        importlib.import_module("zipfile")
     # Children share the template's heap copy-on-write; a collection in one would walk (and so copy)
     # every object. Frozen objects are never scanned: measured here, a child's first millisecond of
     # work went from 3.0 to 1.2 ms.
