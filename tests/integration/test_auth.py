@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 from test_api import assert_problem
+from test_packages import zipped
 
 pytestmark = pytest.mark.sandbox
 
@@ -195,6 +196,29 @@ def test_tenants_see_only_their_own(authed):
     with client(running, admin) as api:
         assert api.get("/api/v1/functions").json()["total"] == 0
         assert_problem(api.get("/api/v1/functions/only-a"), 404)
+
+
+def test_layers_are_seen_per_tenant_and_gc_needs_an_admin_key(authed):
+    """Two tenants share one layer (same requirements): each sees it with its own functions only."""
+    running, admin = authed
+    package = zipped({"app.py": "import six\ndef handler(e, c):\n    return six.__version__\n",
+                      "requirements.txt": "six==1.16.0\n"})
+    with client(running, admin) as api:
+        key_a, key_b = make_key(api, "tenant-a")["key"], make_key(api, "tenant-b")["key"]
+    with client(running, key_a) as a, client(running, key_b) as b:
+        for tenant, name in ((a, "deps-a"), (b, "deps-b")):
+            resp = tenant.post("/api/v1/functions", json={"name": name, "runtime": "python3",
+                                                          "handler": "app.handler", "code_base64": package})
+            assert resp.status_code == 201, resp.text
+        layer_a = a.get("/api/v1/layers").json()["layers"]
+        layer_b = b.get("/api/v1/layers").json()["layers"]
+        assert [x["functions"] for x in layer_a] == [["deps-a"]] and [x["functions"] for x in layer_b] == [["deps-b"]]
+        assert layer_a[0]["sha256"] == layer_b[0]["sha256"]
+        assert "admin key" in assert_problem(a.post("/api/v1/gc", params={"grace_s": 0}), 403)["detail"]
+    with client(running, admin) as api:
+        everyone = api.get("/api/v1/layers").json()["layers"]
+        assert everyone[0]["functions"] == ["tenant-a/deps-a", "tenant-b/deps-b"]
+        assert api.post("/api/v1/gc", params={"grace_s": 0}).json()["layers"] == 0  # both still use it
 
 
 def test_auth_off_is_one_default_tenant(make_node, tmp_path, empty_db):
