@@ -15,6 +15,7 @@ Why it is built this way:
 """
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import random
@@ -153,10 +154,9 @@ class Deliverer:
 
     async def _loop(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), self.poll_s)
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):  # not wait_for: see Pool._prewarm_loop
+                async with asyncio.timeout(self.poll_s):
+                    await self._wakeup.wait()
             self._wakeup.clear()
             free = CONCURRENCY - len(self._tasks)
             if free <= 0:

@@ -455,10 +455,11 @@ class Pool:
 
     async def _prewarm_loop(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._refill.wait(), self.prewarm_interval_s)
-            except TimeoutError:
-                pass
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that lands as the event
+            # is set, and close() then waits for this loop for ever (a unit test caught it).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.prewarm_interval_s):
+                    await self._refill.wait()
             if self._boot_failures:  # the driver is failing: back off rather than hammer it
                 await asyncio.sleep(min(PREWARM_BACKOFF_MAX_S, 0.5 * 2 ** min(self._boot_failures, 8)))
             self._refill.clear()

@@ -24,6 +24,7 @@ Async invocations are written to the store before their 202 and reach a machine 
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -382,10 +383,9 @@ class Scheduler:
 
     async def _dispatch_loop(self) -> None:
         while not self._closing:
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), self.async_poll_s)
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):  # not wait_for: see Pool._prewarm_loop
+                async with asyncio.timeout(self.async_poll_s):
+                    await self._wakeup.wait()
             self._wakeup.clear()
             free = self.workers - self._admitted
             if free <= 0 or self._closing:

@@ -10,7 +10,7 @@ import zipfile
 import pytest
 
 from nimbus.compiler import layers
-from nimbus.errors import InvalidRequest
+from nimbus.errors import InvalidRequest, Unavailable
 
 
 def zipped(files: dict[str, str]) -> bytes:
@@ -133,5 +133,5 @@ def test_a_layer_whose_bytes_do_not_match_its_hash_is_not_unpacked(tmp_path):
     async def fetch(key: str) -> bytes:
         return b"tampered"
 
-    with pytest.raises(InvalidRequest, match="does not match"):
+    with pytest.raises(Unavailable, match="does not match"):
         asyncio.run(layers.LayerDirs(tmp_path, fetch).path("0" * 64))

@@ -5,6 +5,7 @@ bookkeeping; tests/integration runs the same flows on real bwrap machines.
 """
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from types import SimpleNamespace
@@ -14,7 +15,7 @@ import pytest
 
 from nimbus import protocol
 from nimbus.errors import InitFailed, MachineDied, MachineTimeout, Unavailable
-from nimbus.machines.base import MachineSpec
+from nimbus.machines.base import LAYER_DIR, MachineSpec
 from nimbus.pool import Deployment, Pool, blanks_needed
 
 _ids = itertools.count(1)
@@ -49,6 +50,7 @@ class MemoryMachine:
                 return {"type": protocol.ERROR, "error": {"type": "SyntaxError", "message": "bad", "stack": ""},
                         "fatal": True}, b""
             self.loaded = header["function_name"]
+            self.init_header = header
             return {"type": protocol.INIT_OK}, b""
         if kind == protocol.EXEC:
             self.uses += 1
@@ -190,6 +192,40 @@ async def test_warm_start_takes_a_prebooted_blank_machine():
     finally:
         await p.close()
     assert all(not m.alive for m in driver.created)
+
+
+async def test_a_function_with_a_layer_never_takes_a_blank_machine_and_mounts_its_own():
+    driver = MemoryDriver()
+    asked: list[str] = []
+
+    async def layer_path(sha: str) -> str:
+        asked.append(sha)
+        return f"/layers/{sha}"
+
+    p = Pool(driver, load_code, runtimes=["python3"], min_warm=1, max_machines=8, health_interval_s=3600,
+             layer_path=layer_path)
+    await p.start()
+    try:
+        await wait_blanks(p, 1)
+        layered = dataclasses.replace(dep("lay"), layer_sha256="ab" * 32)
+        first, _ = await run(p, layered)
+        second, _ = await run(p, layered)
+        assert (first.start, second.start) == ("cold", "hot")  # the blank machine has no layer: not used
+        assert first.machine.spec.layer == f"/layers/{'ab' * 32}" and asked == ["ab" * 32]
+        assert first.machine.init_header["layer"] == LAYER_DIR
+        assert p.stats()["python3"]["blank"] == 1
+        plain, _ = await run(p, dep("plain"))
+        assert plain.start == "warm" and plain.machine.spec.layer is None
+        assert "layer" not in plain.machine.init_header
+    finally:
+        await p.close()
+
+
+async def test_a_layer_that_cannot_be_had_frees_its_slot(pool):
+    layered = dataclasses.replace(dep("lay"), layer_sha256="cd" * 32)
+    with pytest.raises(Unavailable, match="cannot mount dependency layers"):
+        await pool.acquire(layered)  # the fixture's pool was given no layer_path
+    assert pool.total == 0
 
 
 async def test_a_machine_that_ran_one_function_never_serves_another(pool):
@@ -428,12 +464,14 @@ async def test_prewarm_loop_boots_up_to_the_target_and_destroys_the_surplus():
     try:
         await cold_burst(p, clock, 30)
         await until(lambda: p.stats()["python3"]["booting"] == 3)  # target 3, as computed above
+        await until(lambda: clock.sleeping >= 3)  # the boots are under way: advancing now finishes them
         clock.advance(0.5)
         await until(lambda: p.stats()["python3"]["blank"] == 3)
         lease = await p.acquire(dep("warm"))
         assert lease.start == "warm"
         p.release(lease)
         await until(lambda: p.stats()["python3"]["booting"] == 1)  # the taken blank is replaced
+        await until(lambda: clock.sleeping >= 1)
         clock.advance(0.5)
         await until(lambda: p.stats()["python3"]["blank"] == 3)
         blanks = list(p._blank["python3"])

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nimbus.compiler.base import OUT_DIR, SRC_DIR, Build, BuildFailed, Job, clip
-from nimbus.errors import InvalidRequest
+from nimbus.errors import InvalidRequest, NotFound, Unavailable
 
 log = logging.getLogger("nimbus.compiler")
 
@@ -427,9 +427,13 @@ class LayerDirs:
         return await asyncio.shield(task)
 
     async def _unpack(self, sha256: str, final: Path) -> str:
-        data = await self.fetch(sha256)
+        # Failures here are the node's, not the caller's: 503, and the next call tries again.
+        try:
+            data = await self.fetch(sha256)
+        except NotFound:
+            raise Unavailable(f"layer {sha256} is not in the store (collected while in use?)") from None
         if hashlib.sha256(data).hexdigest() != sha256:
-            raise InvalidRequest(f"layer {sha256} read from the store does not match its hash")
+            raise Unavailable(f"layer {sha256} read from the store does not match its hash")
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{sha256[:12]}-", dir=self.root))
         try:
@@ -441,7 +445,7 @@ class LayerDirs:
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if not final.is_dir():
-                raise InvalidRequest(f"cannot unpack layer {sha256}: {exc}") from exc
+                raise Unavailable(f"cannot unpack layer {sha256} on this node: {exc}") from exc
         log.info("unpacked layer %s (%d bytes) into %s", sha256[:12], len(data), final)
         return str(final)
 
