@@ -3,9 +3,20 @@
 The agent's channel to the host is a connected socket (a socketpair end, or a vsock under Firecracker)
 and its channel to the node runner is a pair of pipes. Plain ``os.read``/``os.write`` serve all of them,
 and skipping the ``socket`` module saves several milliseconds of start-up in every machine.
+
+Under Firecracker the agent has no inherited fd: :func:`accept_vsock` listens on a vsock port, takes
+the host's one connection (the host reaches it through Firecracker's Unix socket, see
+``nimbus.machines.vsock``) and hands its fd to an :class:`FdStream`; only that mode imports ``socket``.
 """
 
 import os
+
+VMADDR_CID_ANY = 0xFFFFFFFF  # listen on whatever CID the VM was given (socket.VMADDR_CID_ANY)
+VSOCK_PORT_MAX = 0xFFFFFFFE  # vsock ports are u32; 0xFFFFFFFF is VMADDR_PORT_ANY
+
+
+class VsockUnavailable(OSError):
+    """This Python or kernel has no AF_VSOCK sockets (a guest kernel without CONFIG_VIRTIO_VSOCKETS)."""
 
 
 class FdStream:
@@ -39,3 +50,26 @@ class FdStream:
                 except OSError:
                     pass
         self.read_fd = self.write_fd = -1
+
+
+def accept_vsock(port: int, cid: int = VMADDR_CID_ANY) -> FdStream:
+    """Listen on vsock ``port``, accept one connection, stop listening, and return it as a stream.
+
+    Blocks until the host connects. One connection only, as the fd mode has one socketpair end: the
+    machine serves one host for its whole life. Raises :class:`VsockUnavailable` when AF_VSOCK sockets
+    cannot be made at all, ``OSError`` when the port cannot be bound or the accept fails.
+    """
+    import socket  # here, not at the top: the fd mode never pays for it
+
+    family = getattr(socket, "AF_VSOCK", None)
+    if family is None:
+        raise VsockUnavailable("this Python was built without AF_VSOCK support")
+    try:
+        listener = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise VsockUnavailable(exc.errno, f"AF_VSOCK sockets are unavailable: {exc.strerror or exc}") from None
+    with listener:
+        listener.bind((cid, port))
+        listener.listen(1)
+        conn, _ = listener.accept()
+    return FdStream(conn.detach())

@@ -5,6 +5,9 @@ Launched by the machine driver (bwrap now, Firecracker later) as::
     python3 -I -S -c "import sys; sys.path.insert(0, '/opt/nimbus'); \\
         from nimbus.agent.main import main; main(sys.argv[1:])" --fd 3 --task-dir /var/task
 
+or, as a Firecracker guest's agent, with ``--vsock-port 9999`` instead of ``--fd 3``: it then listens on
+that vsock port, serves the one connection the host makes, and exits when it ends.
+
 It reads ``nimbus.protocol`` frames from the connected fd and answers each in turn (DESIGN §4):
 ``ping`` → ``pong``; ``init`` (once) → ``init_ok`` | ``error``; ``exec`` → ``result`` | ``error``. The
 end of the stream exits 0; an unknown frame type or a malformed frame exits non-zero, since the host
@@ -18,7 +21,7 @@ import time
 
 from nimbus import protocol
 from nimbus.agent.base import Call, FunctionSpec, InvocationError
-from nimbus.agent.channel import FdStream
+from nimbus.agent.channel import VSOCK_PORT_MAX, FdStream, VsockUnavailable, accept_vsock
 from nimbus.agent.logs import LogCapture
 
 DEFAULT_FD = 3
@@ -27,8 +30,9 @@ EXIT_OK = 0  # the host closed the channel
 EXIT_CHANNEL = 1  # the channel failed (reset, write error)
 EXIT_PROTOCOL = 2  # the host sent something it never should
 EXIT_USAGE = 64  # bad command line (sysexits' EX_USAGE)
+EXIT_UNAVAILABLE = 69  # --vsock-port on a system without AF_VSOCK (EX_UNAVAILABLE)
 EXIT_CRASH = 70  # a bug in the agent itself (EX_SOFTWARE)
-USAGE = "usage: main [--fd N] [--task-dir PATH] [--seal-fd N]"
+USAGE = "usage: main [--fd N | --vsock-port PORT] [--task-dir PATH] [--seal-fd N]"
 TREE_FILE_MODE, TREE_EXEC_MODE = 0o644, 0o755
 SEAL_REQUEST, SEAL_DONE = b"s", b"k"  # asked of, and answered by, a template machine's init (_seal)
 
@@ -39,28 +43,40 @@ RUNTIMES = {"python3": "python3", "nodejs": "nodejs", "go": "go", "rust": "rust"
 class Options:
     """The command line, parsed by hand: argparse costs ~20 ms to import in every machine."""
 
-    __slots__ = ("fd", "task_dir", "seal_fd")
+    __slots__ = ("fd", "task_dir", "seal_fd", "vsock_port")
 
-    def __init__(self, fd: int = DEFAULT_FD, task_dir: str = DEFAULT_TASK_DIR, seal_fd: int | None = None) -> None:
+    def __init__(self, fd: int = DEFAULT_FD, task_dir: str = DEFAULT_TASK_DIR, seal_fd: int | None = None,
+                 vsock_port: int | None = None) -> None:
         self.fd = fd
         self.task_dir = task_dir
         self.seal_fd = seal_fd  # where the machine's init makes the task dir read-only on request
+        self.vsock_port = vsock_port  # listen here for the host instead of using ``fd`` (Firecracker guests)
 
 
 def parse_args(argv: list[str]) -> Options:
-    """Read ``--fd N``, ``--task-dir PATH`` and ``--seal-fd N`` (also as ``--fd=N``); ValueError on anything else."""
+    """Read ``--fd N`` or ``--vsock-port PORT``, ``--task-dir PATH`` and ``--seal-fd N`` (also as ``--fd=N``).
+
+    ValueError on anything else, and on ``--fd`` and ``--vsock-port`` together: the channel is one or
+    the other.
+    """
     options = Options()
     args = list(argv)
+    seen = set()
     while args:
         arg = args.pop(0)
         name, eq, value = arg.partition("=")
-        if name not in ("--fd", "--task-dir", "--seal-fd"):
+        if name not in ("--fd", "--task-dir", "--seal-fd", "--vsock-port"):
             raise ValueError(f"unknown argument {arg!r}")
         if not eq:
             if not args:
                 raise ValueError(f"{name} needs a value")
             value = args.pop(0)
-        if name in ("--fd", "--seal-fd"):
+        seen.add(name)
+        if name == "--vsock-port":
+            if not (value.isascii() and value.isdigit()) or int(value) > VSOCK_PORT_MAX:
+                raise ValueError(f"--vsock-port must be a port number from 0 to {VSOCK_PORT_MAX}, not {value!r}")
+            options.vsock_port = int(value)
+        elif name in ("--fd", "--seal-fd"):
             fd = int(value)
             if fd < 0:
                 raise ValueError(f"{name} must be a file descriptor number")
@@ -70,6 +86,8 @@ def parse_args(argv: list[str]) -> Options:
                 options.seal_fd = fd
         else:
             options.task_dir = os.path.abspath(value)
+    if "--fd" in seen and "--vsock-port" in seen:
+        raise ValueError("--fd and --vsock-port are exclusive: the channel is an inherited fd or a vsock, not both")
     return options
 
 
@@ -269,14 +287,28 @@ class Agent:
                 "logs_truncated": truncated, "fatal": exc.fatal}
 
 
+def _accept_host(port: int) -> FdStream:
+    """Wait for the host's connection on vsock ``port``; exit with a clear message if there can be none."""
+    try:
+        return accept_vsock(port)
+    except VsockUnavailable as exc:
+        print(f"nimbus-agent: --vsock-port {port}: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_UNAVAILABLE) from None
+    except OSError as exc:
+        print(f"nimbus-agent: cannot take the host's connection on vsock port {port}: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CHANNEL) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the agent until the host closes the channel, then exit the process."""
     try:
         options = parse_args(sys.argv[1:] if argv is None else argv)
-        channel = FdStream(options.fd)
+        channel = FdStream(options.fd) if options.vsock_port is None else None
     except (ValueError, OSError) as exc:
         print(f"nimbus-agent: {exc}\n{USAGE}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
+    if channel is None:
+        channel = _accept_host(options.vsock_port)
     logs = LogCapture()
     logs.start()
     agent = Agent(channel, options.task_dir, logs, options.seal_fd)
