@@ -315,6 +315,11 @@ def up(
         fail(f"invalid configuration: {_settings_problems(exc)}", 2)
     except (ValueError, OSError) as exc:  # an unreadable or malformed nimbus.toml
         fail(f"cannot read the configuration: {exc}", 2)
+    from nimbus.machines import DRIVERS
+
+    if settings.driver not in DRIVERS:
+        fail(f"NIMBUS_DRIVER={settings.driver}: that driver is not available in this version of Nimbus "
+             f"(available: {', '.join(sorted(DRIVERS))}); see the README, 'Running on KVM hosts'", 2)
 
     from nimbus.app import serve
 

@@ -176,6 +176,13 @@ def test_up_rejects_a_bad_setting_from_the_environment(nimbus_offline, tmp_path)
     assert "NIMBUS_MIN_WARM" in result.stderr
 
 
+def test_up_says_plainly_that_a_driver_is_not_available(nimbus_offline, tmp_path):
+    result = nimbus_offline("up", "--home", str(tmp_path / "home"), env={"NIMBUS_DRIVER": "firecracker"}, timeout=30)
+    assert result.code == 2, result
+    assert "NIMBUS_DRIVER=firecracker" in result.stderr and "available: bwrap" in result.stderr, result
+    assert "Traceback" not in result.stderr
+
+
 # ---------------------------------------------------------------- against a node
 
 
