@@ -4,7 +4,7 @@ No firecracker binary exists on this host, so the contract is the schema: every 
 is validated against the schema's definitions, and every call goes over a Unix socket to
 ``StandInFirecracker``, a test stand-in (not Firecracker) that checks the method and path against the
 schema's ``paths`` and the body against that operation's body schema, answering ``204`` or a ``400``
-fault as Firecracker does. The schema is read from ``$NIMBUS_FIRECRACKER_SPEC_DIR`` (default
+fault as Firecracker does. The schema is read where ``firecracker_spec.spec_dir()`` finds it (env, or
 ``../shared/firecracker`` beside the repository), never copied here.
 """
 
@@ -22,13 +22,14 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+
+import firecracker_spec
 import yaml
 
 from nimbus.errors import MachineError, MachineStartError
 from nimbus.machines import fcapi
 
-SPEC_DIR = Path(os.environ.get("NIMBUS_FIRECRACKER_SPEC_DIR",
-                               Path(__file__).resolve().parents[2].parent / "shared" / "firecracker"))
+SPEC_DIR = firecracker_spec.spec_dir()
 SPEC_FILE = SPEC_DIR / "firecracker.yaml"
 
 pytestmark = [

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
+import firecracker_spec
+
 from nimbus.errors import MachineStartError
 from nimbus.machines import jail
 
-SPEC_DIR = Path(os.environ.get("NIMBUS_FIRECRACKER_SPEC_DIR",
-                               Path(__file__).resolve().parents[3] / "shared" / "firecracker"))
+SPEC_DIR = firecracker_spec.spec_dir()
 JAILER_MD = SPEC_DIR / "jailer.md"
 
 pytestmark = pytest.mark.firecracker
