@@ -27,12 +27,22 @@ import pytest
 
 from nimbus import protocol
 from nimbus.agent import init as guest_init
-from nimbus.machines.bwrap import find_bwrap
+from nimbus.machines.bwrap import base_python, find_bwrap
 
 pytestmark = pytest.mark.firecracker
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-LAUNCH = f"import sys; sys.path.insert(0, {str(SRC)!r}); from nimbus.agent.init import main; main(sys.argv[1:])"
+# Inside the namespace the source is bound at a path of its own, which no mount of init's covers (a
+# checkout under /tmp would vanish under init's tmpfs).
+GUEST_SRC = "/mnt/nimbus-src"
+
+
+def launch(src: str) -> str:
+    return f"import sys; sys.path.insert(0, {src!r}); from nimbus.agent.init import main; main(sys.argv[1:])"
+
+
+LAUNCH = launch(str(SRC))
+PYTHON = str(base_python()[0])  # the agent is stdlib only: no venv needed, and a venv under /tmp is hidden
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
 WAIT_S = 30.0  # generous bound so a broken init fails the test instead of hanging it; never asserted on
 TEST_FLAGS = ("--no-mounts", "--no-poweroff", "--report-pid")
@@ -96,8 +106,11 @@ class Guest:
                  task_dir: str = "/tmp") -> None:
         self.host, guest = socket.socketpair()
         info_r, info_w = os.pipe()
+        # The base interpreter, not the venv's, and the source at GUEST_SRC: a checkout under /tmp (and
+        # its venv) would vanish under a tmpfs on /tmp.
         command = [find_bwrap(), "--unshare-pid", "--as-pid-1", "--die-with-parent", "--ro-bind", "/", "/",
-                   *bwrap_args, "--info-fd", str(info_w), "--", sys.executable, "-c", LAUNCH, *init_flags,
+                   *bwrap_args, "--tmpfs", "/mnt", "--ro-bind", str(SRC), GUEST_SRC, "--info-fd", str(info_w),
+                   "--", PYTHON, "-c", launch(GUEST_SRC), *init_flags,
                    "--", "--fd", str(guest.fileno()), "--task-dir", task_dir]
         self.proc = subprocess.Popen(command, pass_fds=(guest.fileno(), info_w), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)

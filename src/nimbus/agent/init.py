@@ -26,6 +26,7 @@ Stdlib only; like the agent it imports nothing of nimbus but the agent itself (a
 
 import ctypes
 import errno
+import importlib
 import os
 import signal
 import sys
@@ -369,6 +370,13 @@ def main(argv: list[str] | None = None) -> None:
         _finish("--no-poweroff" not in flags, EXIT_USAGE)
     if options.report_pid:
         log(f"running as pid {os.getpid()}")
+    try:
+        # Now, before the mounts below: they may cover where it lives (a tmpfs over /tmp), and the forked
+        # agent then starts with it imported.
+        importlib.import_module("nimbus.agent.main")
+    except ImportError as exc:
+        log(f"cannot import the agent: {exc}")
+        _finish(options.poweroff, EXIT_SETUP)
     init = Init(options)
     init.install_signals()
     try:
