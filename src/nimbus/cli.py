@@ -728,6 +728,78 @@ def keys_revoke(
     typer.echo(f"revoked {key['id']} ({key['prefix']}...) of tenant {key['tenant']}")
 
 
+# ---------------------------------------------------------------- images
+
+images_app = typer.Typer(
+    help="Build and list guest images (ext4 root file systems) for the Firecracker driver.",
+    no_args_is_help=True,
+)
+app.add_typer(images_app, name="images")
+
+HomeOption = Annotated[
+    Optional[Path],
+    typer.Option("--home", envvar="NIMBUS_HOME", help="Nimbus's home; images go to HOME/images.",
+                 show_envvar=True, show_default=False),
+]
+
+
+def _images_home(home: Optional[Path]) -> Path:
+    from nimbus.config import DEFAULT_HOME
+
+    return home if home is not None else DEFAULT_HOME
+
+
+@images_app.command("build")
+def images_build(
+    runtime: Annotated[str, typer.Option("--runtime", "-r", help="The runtime the image is for (python3).")],
+    size_mb: Annotated[Optional[int], typer.Option("--size-mb", min=1, help="File system size; default: "
+                                                   "the files plus headroom.", show_default=False)] = None,
+    home: HomeOption = None,
+) -> None:
+    """Build the runtime's image unless one of the same content is cached; prints its path."""
+    from nimbus.machines import images
+
+    home = _images_home(home)
+    began = time.monotonic()
+    progress: _Progress | None = None
+
+    def step(message: str) -> None:
+        nonlocal progress
+        if progress is not None:
+            progress.__exit__(None, None, None)
+        progress = _Progress(message)
+        progress.__enter__()
+
+    try:
+        image = images.build_image(home, runtime, size_mb=size_mb, progress=step)
+    except images.ImageError as exc:
+        fail(str(exc))
+    finally:
+        if progress is not None:
+            progress.__exit__(None, None, None)
+    size = image.stat().st_size
+    _note(f"{runtime} image: {size / (1 << 20):.0f} MiB in {time.monotonic() - began:.1f} s")
+    typer.echo(str(image))
+
+
+@images_app.command("ls")
+def images_ls(home: HomeOption = None) -> None:
+    """List the cached images."""
+    from nimbus.machines import images
+
+    found = images.list_images(_images_home(home))
+    if not found:
+        _note("no images")
+        return
+    rows = []
+    for path in found:
+        stat = path.stat()
+        runtime, _, digest = path.stem.rpartition("-")
+        rows.append([runtime, digest, f"{stat.st_size / (1 << 20):.0f} MiB",
+                     datetime.fromtimestamp(stat.st_mtime).strftime("%Y-%m-%d %H:%M:%S"), str(path)])
+    typer.echo(_table(["RUNTIME", "HASH", "SIZE", "BUILT", "PATH"], rows))
+
+
 # ---------------------------------------------------------------- doctor
 
 
