@@ -838,3 +838,85 @@ def test_the_agent_asks_its_init_once_and_fails_the_init_when_it_is_not_sealed(a
         assert init_end.recv(1) == agent_main.SEAL_REQUEST
         init_end.close()
     agent_main._seal(None)  # a booted machine: nothing to ask
+
+
+# ---------------------------------------------------------------- restored machines: entropy, reconnecting
+
+
+RANDOM_HANDLER = """
+    import os, random
+
+    def handler(event, context):
+        return {"random": random.random(), "urandom": os.urandom(8).hex()}
+"""
+
+
+def test_init_with_entropy_is_accepted_and_reseeds(agent):
+    started(agent, RANDOM_HANDLER, entropy=os.urandom(32).hex())
+    first, second = agent.invoke({}), agent.invoke({})
+    assert first["urandom"] != second["urandom"]
+
+
+@pytest.mark.parametrize("entropy", ["not hex", 42, "ab" * 600])
+def test_init_with_bad_entropy_fails_plainly(agent, entropy):
+    error = assert_error(agent.init(RANDOM_HANDLER, entropy=entropy), "InvalidInit", fatal=True)
+    assert "entropy" in error["message"]
+
+
+def test_reseeding_changes_a_random_module_imported_before_it(monkeypatch):
+    """Clones of one snapshot share the ``random`` state an agent imported before it was taken."""
+    import random
+
+    from nimbus.agent import main as agent_main
+
+    random.seed(1234)
+    expected = random.random()
+    random.seed(1234)
+    agent_main._reseed({"entropy": os.urandom(32).hex()})
+    assert random.random() != expected
+    random.seed(1234)
+    agent_main._reseed({})  # no entropy (a machine that was not restored): nothing changes
+    assert random.random() == expected
+
+
+def test_listener_mode_serves_each_connection_with_one_function(tmp_path):
+    """As under Firecracker: a snapshot restore drops the host's connection and the host connects again."""
+    import threading
+
+    from nimbus.agent import main as agent_main
+    from nimbus.agent.logs import LogCapture
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "agent.sock"))
+    listener.listen(1)
+    task = tmp_path / "task"
+    task.mkdir()
+    agent_obj = agent_main.Agent(None, str(task), LogCapture())
+    status = []
+    thread = threading.Thread(target=lambda: status.append(agent_main.serve_listener(agent_obj, listener)),
+                              daemon=True)
+    thread.start()
+
+    def connect() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(TIMEOUT_S)
+        sock.connect(str(tmp_path / "agent.sock"))
+        return sock
+
+    with connect() as first:
+        protocol.send_frame(first, {"type": "ping", "id": 1})
+        assert protocol.recv_frame(first, protocol.GUEST_TYPES)[0] == {"type": "pong", "id": 1}
+        header = {"type": "init", "runtime": "python3", "handler": "main.handler", "filename": "main.py",
+                  "env": {}, "memory_mb": 128, "timeout_s": 5.0, "id": 2}
+        protocol.send_frame(first, header, b"def handler(event, context):\n    return event * 2\n")
+        assert protocol.recv_frame(first, protocol.GUEST_TYPES)[0]["type"] == "init_ok"
+    with connect() as second:  # the function loaded over the first connection is still there
+        protocol.send_frame(second, {"type": "exec", "id": 1, "invocation_id": "i", "deadline_ms": 5000}, b"21")
+        reply, output = protocol.recv_frame(second, protocol.GUEST_TYPES)
+        assert reply["type"] == "result" and output == b"42", reply
+    with connect() as third:  # a protocol violation ends the machine, as in the fd mode
+        third.sendall(b"\xff" * 16)
+        thread.join(TIMEOUT_S)
+    assert status == [agent_main.EXIT_PROTOCOL]
+    agent_obj.close()
+    listener.close()

@@ -4,9 +4,9 @@ The agent's channel to the host is a connected socket (a socketpair end, or a vs
 and its channel to the node runner is a pair of pipes. Plain ``os.read``/``os.write`` serve all of them,
 and skipping the ``socket`` module saves several milliseconds of start-up in every machine.
 
-Under Firecracker the agent has no inherited fd: :func:`accept_vsock` listens on a vsock port, takes
-the host's one connection (the host reaches it through Firecracker's Unix socket, see
-``nimbus.machines.vsock``) and hands its fd to an :class:`FdStream`; only that mode imports ``socket``.
+Under Firecracker the agent has no inherited fd: :func:`listen_vsock` listens on a vsock port and
+:func:`accept` takes each connection the host makes (through Firecracker's Unix socket, see
+``nimbus.machines.vsock``) as an :class:`FdStream`; only that mode imports ``socket``.
 """
 
 import os
@@ -52,12 +52,13 @@ class FdStream:
         self.read_fd = self.write_fd = -1
 
 
-def accept_vsock(port: int, cid: int = VMADDR_CID_ANY) -> FdStream:
-    """Listen on vsock ``port``, accept one connection, stop listening, and return it as a stream.
+def listen_vsock(port: int, cid: int = VMADDR_CID_ANY):
+    """A socket listening on vsock ``port``, for :func:`accept` to take the host's connections from.
 
-    Blocks until the host connects. One connection only, as the fd mode has one socketpair end: the
-    machine serves one host for its whole life. Raises :class:`VsockUnavailable` when AF_VSOCK sockets
-    cannot be made at all, ``OSError`` when the port cannot be bound or the accept fails.
+    The listener stays open for the machine's life: restoring a Firecracker snapshot resets the vsock
+    device, which closes every connection but keeps listening sockets, and the host then connects
+    again. Raises :class:`VsockUnavailable` when AF_VSOCK sockets cannot be made at all, ``OSError``
+    when the port cannot be bound.
     """
     import socket  # here, not at the top: the fd mode never pays for it
 
@@ -68,8 +69,16 @@ def accept_vsock(port: int, cid: int = VMADDR_CID_ANY) -> FdStream:
         listener = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:
         raise VsockUnavailable(exc.errno, f"AF_VSOCK sockets are unavailable: {exc.strerror or exc}") from None
-    with listener:
+    try:
         listener.bind((cid, port))
         listener.listen(1)
-        conn, _ = listener.accept()
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
+def accept(listener) -> FdStream:
+    """Block until the host connects to ``listener`` (any stream socket); the connection as a stream."""
+    conn, _ = listener.accept()
     return FdStream(conn.detach())

@@ -6,7 +6,9 @@ Launched by the machine driver (bwrap now, Firecracker later) as::
         from nimbus.agent.main import main; main(sys.argv[1:])" --fd 3 --task-dir /var/task
 
 or, as a Firecracker guest's agent, with ``--vsock-port 9999`` instead of ``--fd 3``: it then listens on
-that vsock port, serves the one connection the host makes, and exits when it ends.
+that vsock port for the machine's whole life and serves each connection the host makes in turn, since
+restoring a snapshot closes the connection the machine had when it was taken (the function it loaded, if
+any, stays loaded). There the machine ends when the host stops the VM, or on a protocol violation.
 
 It reads ``nimbus.protocol`` frames from the connected fd and answers each in turn (DESIGN §4):
 ``ping`` → ``pong``; ``init`` (once) → ``init_ok`` | ``error``; ``exec`` → ``result`` | ``error``. The
@@ -21,7 +23,7 @@ import time
 
 from nimbus import protocol
 from nimbus.agent.base import Call, FunctionSpec, InvocationError
-from nimbus.agent.channel import VSOCK_PORT_MAX, FdStream, VsockUnavailable, accept_vsock
+from nimbus.agent.channel import VSOCK_PORT_MAX, FdStream, VsockUnavailable, accept, listen_vsock
 from nimbus.agent.logs import LogCapture
 
 DEFAULT_FD = 3
@@ -35,6 +37,8 @@ EXIT_CRASH = 70  # a bug in the agent itself (EX_SOFTWARE)
 USAGE = "usage: main [--fd N | --vsock-port PORT] [--task-dir PATH] [--seal-fd N]"
 TREE_FILE_MODE, TREE_EXEC_MODE = 0o644, 0o755
 SEAL_REQUEST, SEAL_DONE = b"s", b"k"  # asked of, and answered by, a template machine's init (_seal)
+ENTROPY_MAX_BYTES = 512  # an init's "entropy" (hex): far more than the 32 bytes the host sends
+RNDRESEEDCRNG = 0x5207  # <linux/random.h> _IO('R', 0x07): reseed the kernel's CRNG from its input pool now
 
 # Runtime id → the agent module that implements it (imported only when a machine is initialised with it).
 RUNTIMES = {"python3": "python3", "nodejs": "nodejs", "go": "go", "rust": "rust", "wasm": "wasm"}
@@ -162,6 +166,44 @@ def _seal(fd: int | None) -> None:
                               f"{answer.decode(errors='replace') or 'its init did not answer'}", fatal=True)
 
 
+def _reseed(header: dict) -> None:
+    """Mix the host's fresh bytes into this machine's randomness before any function code runs.
+
+    Every machine restored from one Firecracker snapshot wakes with the same kernel entropy pool and
+    the same Python ``random`` state, so without this, clones would hand out the same "random" keys and
+    ids. The bytes are written to ``/dev/urandom`` (mixed in, never trusted alone), then the kernel is
+    asked to reseed its CRNG at once (``RNDRESEEDCRNG``; root only, which the guest's agent is; kernels
+    with VMGenID do it themselves on restore), and a ``random`` module imported before the snapshot is
+    reseeded from the result. A machine that was not restored is sent none and skips all of it.
+    """
+    entropy = header.get("entropy")
+    if entropy is None:
+        return
+    if not isinstance(entropy, str) or len(entropy) > 2 * ENTROPY_MAX_BYTES:
+        raise InvocationError("InvalidInit", "entropy must be a hex string of at most "
+                              f"{ENTROPY_MAX_BYTES} bytes")
+    try:
+        seed = bytes.fromhex(entropy)
+    except ValueError:
+        raise InvocationError("InvalidInit", "entropy must be a hex string") from None
+    try:
+        fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:  # no /dev/urandom to write (not a guest): nothing to reseed
+        return
+    try:
+        os.write(fd, seed)
+        try:
+            import fcntl
+
+            fcntl.ioctl(fd, RNDRESEEDCRNG)
+        except OSError:  # not root, or a kernel before 4.17: the mixed-in bytes still count at the next reseed
+            pass
+    finally:
+        os.close(fd)
+    if "random" in sys.modules:
+        sys.modules["random"].seed()
+
+
 def _apply_environment(spec: FunctionSpec) -> None:
     """Give the process the function's environment and working directory before its code loads."""
     env = spec.environment()
@@ -187,7 +229,7 @@ def _elapsed_ms(started: float) -> float:
 class Agent:
     """Serves one channel: reads a frame, answers it, until the host hangs up."""
 
-    def __init__(self, channel: FdStream, task_dir: str, logs: LogCapture, seal_fd: int | None = None) -> None:
+    def __init__(self, channel: FdStream | None, task_dir: str, logs: LogCapture, seal_fd: int | None = None) -> None:
         self.channel = channel
         self.task_dir = task_dir
         self.seal_fd = seal_fd
@@ -232,7 +274,8 @@ class Agent:
         """Stop the runtime's helpers (a child process, the wasm thread) and close the channel."""
         if self.runtime is not None:
             self.runtime.close()
-        self.channel.close()
+        if self.channel is not None:
+            self.channel.close()
 
     # ------------------------------------------------------------------ one handler per frame type
 
@@ -248,6 +291,7 @@ class Agent:
                 raise InvocationError("AlreadyInitialized", "this machine was initialised already", fatal=True)
             self.init_seen = True
             spec = FunctionSpec(header, self.task_dir)
+            _reseed(header)
             runtime = _make_runtime(spec)
             _write_code(spec, blob)
             prepare = getattr(runtime, "prepare", None)
@@ -287,33 +331,50 @@ class Agent:
                 "logs_truncated": truncated, "fatal": exc.fatal}
 
 
-def _accept_host(port: int) -> FdStream:
-    """Wait for the host's connection on vsock ``port``; exit with a clear message if there can be none."""
+def _listen_host(port: int):
+    """Listen on vsock ``port`` for the host; exit with a clear message if there can be no such listener."""
     try:
-        return accept_vsock(port)
+        return listen_vsock(port)
     except VsockUnavailable as exc:
         print(f"nimbus-agent: --vsock-port {port}: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_UNAVAILABLE) from None
     except OSError as exc:
-        print(f"nimbus-agent: cannot take the host's connection on vsock port {port}: {exc}", file=sys.stderr)
+        print(f"nimbus-agent: cannot listen for the host on vsock port {port}: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CHANNEL) from None
 
 
+def serve_listener(agent: "Agent", listener) -> int:
+    """Serve the host's connections to ``listener`` one after another, with one ``agent`` (one function).
+
+    A connection that ends or resets is followed by the next: that is how a restored snapshot is
+    reached again. A protocol violation ends the machine, as in the fd mode.
+    """
+    while True:
+        try:
+            agent.channel = accept(listener)
+        except OSError as exc:
+            agent.logs.diag(f"cannot accept the host's connection: {exc}")
+            return EXIT_CHANNEL
+        status = agent.serve()
+        agent.channel.close()
+        if status == EXIT_PROTOCOL:
+            return status
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Run the agent until the host closes the channel, then exit the process."""
+    """Run the agent until the host is done with it, then exit the process."""
     try:
         options = parse_args(sys.argv[1:] if argv is None else argv)
         channel = FdStream(options.fd) if options.vsock_port is None else None
     except (ValueError, OSError) as exc:
         print(f"nimbus-agent: {exc}\n{USAGE}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
-    if channel is None:
-        channel = _accept_host(options.vsock_port)
+    listener = _listen_host(options.vsock_port) if channel is None else None
     logs = LogCapture()
     logs.start()
     agent = Agent(channel, options.task_dir, logs, options.seal_fd)
     try:
-        status = agent.serve()
+        status = agent.serve() if listener is None else serve_listener(agent, listener)
     except BaseException:  # a bug of the agent's: report it to the host's diagnostics, not to the logs
         import traceback
 

@@ -33,9 +33,8 @@ as :class:`nimbus.machines.bwrap.BwrapMachine` does with its socketpair end.
 
 Snapshots. Firecracker resets the vsock device when a snapshot is taken: connections open at that
 moment are closed in the restored VM, while the guest's listening sockets keep working. So a
-connection is never carried across a snapshot: connect after every restore, and snapshot a VM whose
-agent is still waiting for its first connection (``--vsock-port``; the agent serves one connection
-and exits when it ends).
+connection is never carried across a snapshot: connect again after every snapshot and restore. The
+agent (``--vsock-port``) keeps its listener for the machine's life and serves each connection in turn.
 
 What was exercised here: the handshake, retries and failures against a test stand-in for
 Firecracker's vsock muxer (a Unix server that behaves as Firecracker's vsock documentation describes
