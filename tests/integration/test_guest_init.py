@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -298,7 +299,59 @@ def test_flags_and_passthrough():
     assert guest_init.parse_args(["--"]).agent_args == []
 
 
-@pytest.mark.parametrize("argv", [["--bogus"], ["--tmp-size"], ["--tmp-size", "lots"], ["--no-mounts=1"]])
+def test_a_layer_device_is_taken_before_the_agent_s_arguments():
+    options = guest_init.parse_args(["--layer", "/dev/vdb", "--", "--fd", "3"])
+    assert options.layer == "/dev/vdb" and options.agent_args == ["--fd", "3"]
+    assert guest_init.parse_args(["--layer=/dev/vdc"]).layer == "/dev/vdc"
+    assert guest_init.parse_args([]).layer is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("losetup") or not shutil.which("mkfs.ext4")
+                    or not shutil.which("unshare"),
+                    reason="mounting a layer image needs root, losetup, mkfs.ext4 and unshare")
+def test_the_layer_is_mounted_read_only_nosuid_and_nodev(tmp_path):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "six.py").write_text("x = 1\n")
+    image = tmp_path / "layer.ext4"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(image), "8M"], check=True, timeout=WAIT_S)
+    attach = subprocess.run(["losetup", "--find", "--show", "--read-only", str(image)], capture_output=True,
+                            text=True, timeout=WAIT_S)
+    if attach.returncode != 0:
+        pytest.skip(f"no loop device here: {attach.stderr.strip()}")
+    device = attach.stdout.strip()
+    target = tmp_path / "opt-layer"
+    script = textwrap.dedent(f"""
+        import errno, json, sys
+        sys.path.insert(0, {str(SRC)!r})
+        from nimbus.agent import init
+        init.mount_layer({device!r}, {str(target)!r})
+        try:
+            open({str(target / "written")!r}, "w")
+            wrote = "yes"
+        except OSError as exc:
+            wrote = errno.errorcode[exc.errno]
+        options = [line.split()[5] for line in open("/proc/self/mountinfo") if line.split()[4] == {str(target)!r}]
+        print(json.dumps({{"six": open({str(target / "six.py")!r}).read(), "wrote": wrote, "options": options}}))
+    """)
+    try:
+        done = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", script],
+                              capture_output=True, text=True, timeout=WAIT_S)
+    finally:
+        subprocess.run(["losetup", "--detach", device], timeout=WAIT_S)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["six"] == "x = 1\n" and found["wrote"] == "EROFS"
+    assert set(found["options"][0].split(",")) >= {"ro", "nosuid", "nodev"}, found
+
+
+def test_a_layer_that_cannot_be_mounted_is_a_setup_error(tmp_path):
+    with pytest.raises(guest_init.SetupError, match="cannot mount the layer /dev/nimbus-no-such-device"):
+        guest_init.mount_layer("/dev/nimbus-no-such-device", str(tmp_path / "layer"))
+
+
+@pytest.mark.parametrize("argv", [["--bogus"], ["--tmp-size"], ["--tmp-size", "lots"], ["--no-mounts=1"],
+                                  ["--layer"], ["--layer", "vdb"], ["--layer", "/dev/../etc/shadow"]])
 def test_bad_arguments_are_refused(argv):
     with pytest.raises(ValueError):
         guest_init.parse_args(argv)

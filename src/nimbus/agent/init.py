@@ -12,9 +12,13 @@ setup failure is logged to the console (stderr) and also ends in a power-off, ne
 
 Command line (flags first, the agent's own arguments after ``--``)::
 
-    init [--no-mounts] [--no-poweroff] [--report-pid] [--tmp-size SIZE] [--task-size SIZE] [-- AGENT ARGS]
+    init [--no-mounts] [--no-poweroff] [--report-pid] [--tmp-size SIZE] [--task-size SIZE] [--layer DEVICE]
+         [-- AGENT ARGS]
 
-Without ``--`` the agent gets ``--vsock-port 9999 --task-dir /var/task``. ``--no-mounts`` skips the
+``--layer /dev/vdb`` mounts that block device (an ext4 image of the function's dependency layer, which
+the Firecracker driver attaches as a second, read-only drive) read-only, nosuid and nodev at
+``/opt/layer``. The kernel hands init every word after ``--`` on its command line, so the driver puts
+the flag there. Without ``--`` the agent gets ``--vsock-port 9999 --task-dir /var/task``. ``--no-mounts`` skips the
 privileged setup (mounts and ``lo``) and ``--no-poweroff`` makes init exit with the agent's status
 instead of powering off, so the reaping and signal duties can be exercised without a VM.
 
@@ -40,10 +44,11 @@ REAP_POLL_S = 0.02
 EXIT_USAGE = 64  # sysexits' EX_USAGE
 EXIT_SETUP = 71  # a mount, lo or the fork failed (EX_OSERR)
 USAGE = ("usage: init [--no-mounts] [--no-poweroff] [--report-pid] [--tmp-size SIZE] [--task-size SIZE]"
-         " [-- AGENT ARGS]")
+         " [--layer DEVICE] [-- AGENT ARGS]")
+LAYER_DIR = "/opt/layer"  # as nimbus.agent.base.LAYER_DIR; the agent adds it to the runtime's path
 
 # <sys/mount.h>, <sys/reboot.h>, <linux/sockios.h>, <net/if.h>, <sys/prctl.h>
-MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 RB_POWER_OFF = 0x4321FEDC
 RB_AUTOBOOT = 0x01234567  # a "reboot": Firecracker exits on it too (i8042 reset) where power-off is unsupported
 RB_DISABLE_CAD = 0  # Ctrl-Alt-Del (Firecracker's SendCtrlAltDel) then sends SIGINT to init instead of rebooting
@@ -68,7 +73,7 @@ class SetupError(Exception):
 class Options:
     """The parsed command line."""
 
-    __slots__ = ("mounts", "poweroff", "report_pid", "tmp_size", "task_size", "agent_args")
+    __slots__ = ("mounts", "poweroff", "report_pid", "tmp_size", "task_size", "layer", "agent_args")
 
     def __init__(self) -> None:
         self.mounts = True
@@ -76,6 +81,7 @@ class Options:
         self.report_pid = False
         self.tmp_size = DEFAULT_TMP_SIZE
         self.task_size = DEFAULT_TASK_SIZE
+        self.layer: str | None = None  # a block device to mount read-only at LAYER_DIR
         self.agent_args = list(DEFAULT_AGENT_ARGS)
 
 
@@ -101,6 +107,14 @@ def parse_args(argv: list[str]) -> Options:
             options.poweroff = False
         elif name == "--report-pid" and not eq:
             options.report_pid = True
+        elif name == "--layer":
+            if not eq:
+                if not args:
+                    raise ValueError("--layer needs a device")
+                value = args.pop(0)
+            if not value.startswith("/dev/") or "/../" in value or "\0" in value:
+                raise ValueError(f"--layer must name a device under /dev, not {value!r}")
+            options.layer = value
         elif name in ("--tmp-size", "--task-size"):
             if not eq:
                 if not args:
@@ -148,6 +162,17 @@ def mount_all(options: Options) -> None:
             _check(result, f"mount {fstype} on {target}")
         except OSError as exc:
             raise SetupError(f"cannot mount {fstype} on {target}: {exc.strerror or exc}") from None
+
+
+def mount_layer(device: str, target: str = LAYER_DIR) -> None:
+    """Mount the function's dependency layer read-only: code in the machine may read it, never change it."""
+    libc = _libc()
+    try:
+        os.makedirs(target, exist_ok=True)
+        _check(libc.mount(device.encode(), target.encode(), b"ext4", MS_RDONLY | MS_NOSUID | MS_NODEV, None),
+               f"mount {device} on {target}")
+    except OSError as exc:
+        raise SetupError(f"cannot mount the layer {device} on {target}: {exc.strerror or exc}") from None
 
 
 def ensure_stdio() -> None:
@@ -384,6 +409,8 @@ def main(argv: list[str] | None = None) -> None:
             mount_all(options)
             ensure_stdio()
             loopback_up()
+        if options.layer is not None:
+            mount_layer(options.layer)
         if options.poweroff and os.getpid() == 1:
             if _libc().reboot(RB_DISABLE_CAD) != 0:
                 log(f"cannot take Ctrl-Alt-Del as SIGINT: {os.strerror(ctypes.get_errno())}")
