@@ -320,10 +320,24 @@ def up(
     if settings.driver not in DRIVERS:
         fail(f"NIMBUS_DRIVER={settings.driver}: that driver is not available in this version of Nimbus "
              f"(available: {', '.join(sorted(DRIVERS))}); see the README, 'Running on KVM hosts'", 2)
+    if settings.driver == "firecracker":
+        _preflight_firecracker(settings)
 
     from nimbus.app import serve
 
     serve(settings)
+
+
+def _preflight_firecracker(settings) -> None:
+    """Refuse to start a firecracker node that could not start one machine, saying what is missing."""
+    from nimbus.app import _driver_options
+    from nimbus.machines.firecracker import FirecrackerDriver
+
+    driver = FirecrackerDriver(settings.home.resolve(), **_driver_options(settings))
+    problems = driver.problems(settings.runtimes)
+    if problems:
+        fail("NIMBUS_DRIVER=firecracker cannot start machines on this host:\n  - " + "\n  - ".join(problems)
+             + "\nsee the README, 'Running on KVM hosts' (or run with NIMBUS_DRIVER=bwrap)", 2)
 
 
 def _settings_problems(exc) -> str:
@@ -731,7 +745,7 @@ def keys_revoke(
 # ---------------------------------------------------------------- images
 
 images_app = typer.Typer(
-    help="Build and list guest images (ext4 root file systems) for the Firecracker driver.",
+    help="Build and list guest images (ext4 root file systems and kernels) for the Firecracker driver.",
     no_args_is_help=True,
 )
 app.add_typer(images_app, name="images")
@@ -743,15 +757,49 @@ HomeOption = Annotated[
 ]
 
 
+class ImageBase(str, Enum):
+    tree = "tree"
+    debootstrap = "debootstrap"
+
+
 def _images_home(home: Optional[Path]) -> Path:
     from nimbus.config import DEFAULT_HOME
 
     return home if home is not None else DEFAULT_HOME
 
 
+class _Steps:
+    """Progress for a multi-step build: one spinner per step, each replacing the one before."""
+
+    def __init__(self) -> None:
+        self._current: _Progress | None = None
+
+    def __call__(self, message: str) -> None:
+        self.close()
+        self._current = _Progress(message)
+        self._current.__enter__()
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.__exit__(None, None, None)
+            self._current = None
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.0f} MiB"
+
+
 @images_app.command("build")
 def images_build(
-    runtime: Annotated[str, typer.Option("--runtime", "-r", help="The runtime the image is for (python3).")],
+    runtime: Annotated[str, typer.Option("--runtime", "-r", help="The runtime the image is for: python3, nodejs, "
+                                         "go, rust or wasm.")],
+    base: Annotated[ImageBase, typer.Option("--base", help="tree: a small tree copied from this host (seconds); "
+                                            "debootstrap: Debian minbase plus the runtime (minutes, network).",
+                                            case_sensitive=False)] = ImageBase.tree,
+    suite: Annotated[Optional[str], typer.Option("--suite", help="Debian suite for --base debootstrap "
+                                                 "(default: bookworm)", show_default=False)] = None,
+    mirror: Annotated[Optional[str], typer.Option("--mirror", help="Debian mirror for --base debootstrap "
+                                                  "(default: this host's apt mirror)", show_default=False)] = None,
     size_mb: Annotated[Optional[int], typer.Option("--size-mb", min=1, help="File system size; default: "
                                                    "the files plus headroom.", show_default=False)] = None,
     home: HomeOption = None,
@@ -759,45 +807,81 @@ def images_build(
     """Build the runtime's image unless one of the same content is cached; prints its path."""
     from nimbus.machines import images
 
+    if base is ImageBase.tree and (suite is not None or mirror is not None):
+        fail("--suite and --mirror go with --base debootstrap")
     home = _images_home(home)
     began = time.monotonic()
-    progress: _Progress | None = None
-
-    def step(message: str) -> None:
-        nonlocal progress
-        if progress is not None:
-            progress.__exit__(None, None, None)
-        progress = _Progress(message)
-        progress.__enter__()
-
+    steps = _Steps()
     try:
-        image = images.build_image(home, runtime, size_mb=size_mb, progress=step)
+        image = images.build_image(home, runtime, base=base.value, suite=suite, mirror=mirror, size_mb=size_mb,
+                                   progress=steps)
     except images.ImageError as exc:
         fail(str(exc))
     finally:
-        if progress is not None:
-            progress.__exit__(None, None, None)
-    size = image.stat().st_size
-    _note(f"{runtime} image: {size / (1 << 20):.0f} MiB in {time.monotonic() - began:.1f} s")
+        steps.close()
+    _note(f"{runtime} image ({base.value}): {_mib(image.stat().st_size)} in {time.monotonic() - began:.1f} s")
     typer.echo(str(image))
+
+
+@images_app.command("kernel")
+def images_kernel(
+    config: Annotated[Optional[Path], typer.Option("--config", help="Kernel configuration to build with (required "
+                                                   "unless --from).", show_default=False)] = None,
+    from_path: Annotated[Optional[Path], typer.Option("--from", help="Register this vmlinux instead of building "
+                                                      "one.", show_default=False)] = None,
+    source: Annotated[Optional[Path], typer.Option("--source", help="Kernel source tarball (default: the newest "
+                                                   "/usr/src/linux-source-*.tar.xz)", show_default=False)] = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, help="Parallel make jobs (default: the "
+                                                "number of CPUs)", show_default=False)] = None,
+    home: HomeOption = None,
+) -> None:
+    """Build a guest kernel (vmlinux) from Debian's linux-source, or register one with --from; prints its path.
+
+    A build takes tens of minutes; make's output is streamed to stderr. Run again after a failure to resume.
+    """
+    from nimbus.machines import kernel
+
+    home = _images_home(home)
+    began = time.monotonic()
+    try:
+        if from_path is not None:
+            if config is not None or source is not None:
+                fail("--from registers a built kernel: it takes no --config or --source")
+            path = kernel.register_kernel(home, from_path, progress=_note)
+        else:
+            if config is None:
+                fail(f"--config PATH is required to build a kernel; {kernel.CONFIG_HINT}")
+            path = kernel.build_kernel(home, config, source=source, jobs=jobs, progress=_note)
+    except kernel.KernelError as exc:
+        fail(str(exc))
+    _note(f"kernel: {_mib(path.stat().st_size)} in {time.monotonic() - began:.1f} s")
+    typer.echo(str(path))
 
 
 @images_app.command("ls")
 def images_ls(home: HomeOption = None) -> None:
-    """List the cached images."""
-    from nimbus.machines import images
+    """List the cached images and kernels."""
+    from nimbus.machines import images, kernel
 
-    found = images.list_images(_images_home(home))
-    if not found:
+    home = _images_home(home)
+    rows = []
+    for path in images.list_images(home):
+        name = images.parse_image_name(path)
+        if name is None:
+            continue
+        rows.append(["image", f"{name.runtime} ({name.base})", name.digest, path])
+    for path in kernel.list_kernels(home):
+        version, _, digest = path.name[len(kernel.KERNEL_PREFIX):].rpartition("-")
+        rows.append(["kernel", version, digest, path])
+    if not rows:
         _note("no images")
         return
-    rows = []
-    for path in found:
+    table = []
+    for kind, what, digest, path in rows:
         stat = path.stat()
-        runtime, _, digest = path.stem.rpartition("-")
-        rows.append([runtime, digest, f"{stat.st_size / (1 << 20):.0f} MiB",
-                     datetime.fromtimestamp(stat.st_mtime).strftime("%Y-%m-%d %H:%M:%S"), str(path)])
-    typer.echo(_table(["RUNTIME", "HASH", "SIZE", "BUILT", "PATH"], rows))
+        table.append([kind, what, digest, _mib(stat.st_size),
+                      datetime.fromtimestamp(stat.st_mtime).strftime("%Y-%m-%d %H:%M:%S"), str(path)])
+    typer.echo(_table(["KIND", "WHAT", "HASH", "SIZE", "BUILT", "PATH"], table))
 
 
 # ---------------------------------------------------------------- doctor
@@ -981,10 +1065,11 @@ def _check_kvm() -> dict:
                   api_version=found.api_version)
 
 
-def _check_binary(name: str, argv_tail: list[str], hint: str) -> dict:
-    path = shutil.which(name)
+def _check_binary(name: str, argv_tail: list[str], hint: str, configured: Path | None = None) -> dict:
+    path = str(configured) if configured is not None and configured.is_file() else shutil.which(name)
     if path is None:
-        return _check(name, False, f"not on PATH ({hint})")
+        where = f"not at {configured} and not on PATH" if configured is not None else "not on PATH"
+        return _check(name, False, f"{where} ({hint})")
     code, out = _run([path, *argv_tail])
     version = _first_line(out) if code == 0 else None
     if version is None:
@@ -1053,7 +1138,37 @@ def _check_templates(cgroups_check: dict) -> dict:
     return _check("templates", True, "machines fork from a per-runtime template (NIMBUS_TEMPLATES=auto)")
 
 
+def _check_guest_images(settings) -> dict:
+    """The guest kernel and root file systems the firecracker driver would boot, from NIMBUS_HOME."""
+    from nimbus.machines import images, kernel
+
+    home = settings.home.resolve()
+    kernel_path = settings.kernel or kernel.find_kernel(home)
+    found = {runtime: images.find_image(home, runtime) for runtime in settings.runtimes}
+    missing = [runtime for runtime, path in found.items() if path is None]
+    parts = [f"kernel {kernel_path}" if kernel_path and Path(kernel_path).is_file()
+             else "no guest kernel (nimbus images kernel)"]
+    parts += [f"{runtime}: {path.name}" for runtime, path in found.items() if path is not None]
+    if missing:
+        parts.append(f"no image for {', '.join(missing)} (nimbus images build --runtime R)")
+    ok = bool(kernel_path) and Path(kernel_path).is_file() and not missing
+    return _check("guest-images", ok, f"in {home / 'images'}: " + "; ".join(parts),
+                  kernel=str(kernel_path) if kernel_path else None,
+                  images={runtime: str(path) if path else None for runtime, path in found.items()})
+
+
+def _doctor_settings():
+    """The node's settings for doctor's checks; the defaults when the environment's are invalid."""
+    from nimbus.config import Settings
+
+    try:
+        return Settings()
+    except Exception:  # doctor reports on the host; a bad setting is for 'nimbus up' to explain
+        return Settings.model_construct()
+
+
 def _doctor_checks() -> list[dict]:
+    settings = _doctor_settings()
     cgroups_check, seccomp_check = _check_cgroups(), _check_seccomp()
     return [
         _check_bwrap(),
@@ -1063,8 +1178,9 @@ def _doctor_checks() -> list[dict]:
         _check_limits(cgroups_check, seccomp_check),
         _check_templates(cgroups_check),
         _check_kvm(),
-        _check_binary("firecracker", ["--version"], "needed by the firecracker driver"),
-        _check_binary("jailer", ["--version"], "needed by the firecracker driver"),
+        _check_binary("firecracker", ["--version"], "needed by the firecracker driver", settings.firecracker_bin),
+        _check_binary("jailer", ["--version"], "needed by the firecracker driver", settings.jailer_bin),
+        _check_guest_images(settings),
         _check_binary("python3", ["--version"], "the python3 runtime"),
         _check_binary("node", ["--version"], "the nodejs runtime"),
         _check_pip(),
@@ -1077,7 +1193,7 @@ def _capabilities(checks: dict[str, dict]) -> dict[str, Any]:
     ok = {name: check["ok"] for name, check in checks.items()}
     drivers = {
         "bwrap": ok["bwrap"],
-        "firecracker": ok["kvm"] and ok["firecracker"] and ok["jailer"],
+        "firecracker": ok["kvm"] and ok["firecracker"] and ok["jailer"] and ok["guest-images"],
     }
     runtimes = {
         "python3": ok["python3"],
@@ -1108,6 +1224,10 @@ def doctor(
     builders = [name for name, usable in capabilities["builders"].items() if usable]
     typer.echo(f"drivers: {', '.join(drivers) or 'none'}; runtimes with a toolchain: {', '.join(runtimes) or 'none'}; "
                f"builders: {', '.join(builders) or 'none'}")
+    if not capabilities["drivers"]["firecracker"]:
+        lacking = [name for name in ("kvm", "firecracker", "jailer", "guest-images") if not checks[name]["ok"]]
+        typer.echo(f"NIMBUS_DRIVER=firecracker would be refused here (lacking: {', '.join(lacking)}); "
+                   "NIMBUS_DRIVER=bwrap is what this host runs")
 
 
 # ---------------------------------------------------------------- entry point

@@ -1,12 +1,29 @@
 """Guest images for the Firecracker driver: an ext4 root file system with a runtime and the agent as init.
 
-This builds the *small tree* variant: no package manager and no network. The files a guest needs are
-copied from this host — the base Python interpreter (not the venv) with a trimmed standard library, the
-shared libraries it and its extension modules link against (found with ``ldd``), the dynamic loader,
-and the Nimbus files the agent imports — into a directory, and ``mkfs.ext4 -d`` turns that directory
-into an image. It takes seconds and the python3 image is a few tens of MiB.
+Two bases (``--base``):
 
-Guest layout::
+* **tree** (default): no package manager and no network. The files a guest needs are copied from this
+  host — the base Python interpreter (not the venv) with a trimmed standard library, the shared libraries
+  it and its extension modules link against (found with ``ldd``), the dynamic loader, and the Nimbus
+  files the agent imports — into a directory, and ``mkfs.ext4 -d`` turns that directory into an image.
+  It takes seconds; the python3 tree is about 70 MiB (a third of it libpython), nodejs adds node's
+  ~95 MiB and wasm the wasmtime package's ~30 MiB.
+* **debootstrap**: ``debootstrap --variant=minbase --include=python3,…`` of a Debian suite (bookworm)
+  from a mirror (this host's apt mirror by default), then the same Nimbus files on top; the agent runs
+  with Debian's own python3. Minutes and a network; a full Debian userland for those who want one.
+
+Each runtime's image is python3's plus what the bwrap driver gives that runtime on the host:
+
+* ``nodejs``: the host's ``node`` (as the agent finds it, on PATH) at /usr/bin/node — in glibc's
+  default search path, since the kernel starts init with no PATH — and the libraries ``ldd`` names for
+  it; with debootstrap, Debian's ``nodejs`` package instead.
+* ``wasm``: the wasmtime Python package, native library included, at ``WASMTIME_SITE/wasmtime`` where
+  ``nimbus.agent.wasm`` looks (as bwrap binds it), plus what that library links against.
+* ``rust``: rustc's x86_64-unknown-linux-gnu executables link glibc and ``libgcc_s.so.1`` (unwinding);
+  the latter is added (Debian's minbase has it).
+* ``go``: the compiler builds with ``CGO_ENABLED=0``, so the executables are static: nothing to add.
+
+Guest layout of the tree base::
 
     /sbin/init                  ``#!/usr/local/bin/python3.X -IS`` → nimbus.agent.init (PID 1)
     /usr/local/bin/python3.X    the interpreter; its prefix is /usr/local, found from its own location
@@ -14,26 +31,34 @@ Guest layout::
     /lib/x86_64-linux-gnu/      every shared library ``ldd`` named, libpython included (its RUNPATH
                                 points at the host's prefix, so it must sit where ld.so looks anyway)
     /lib64/ld-linux-x86-64.so.2 the dynamic loader, at the path baked into every executable
+    /usr/bin/node               nodejs only
     /opt/nimbus/nimbus/         ``__init__.py``, ``protocol.py`` and ``agent/`` (as bwrap binds them)
+    /opt/nimbus/site/wasmtime/  wasm only
     /etc/                       passwd, group, hosts, nsswitch.conf, ld.so.cache, nimbus-image.json
     /proc /sys /dev /tmp /run /var/task /opt/layer   empty mount points
 
-Images are cached as ``$NIMBUS_HOME/images/<runtime>-<hash12>.ext4``. The hash covers the recipe
-version and the (path, size, sha256) of every file that goes in, and is computed from the host's files
-*before* anything is built, so a cache hit costs one pass of hashing and nothing else; any change to the
-interpreter, a library or an agent file gives a new image.
+/etc/nimbus-image.json records the runtime, base, content hash and the runtime's tools (versions and
+guest paths). Images are cached as ``$NIMBUS_HOME/images/<runtime>-<hash12>.ext4`` (tree) or
+``<runtime>-debootstrap-<hash12>.ext4``. For the tree the hash covers the recipe version and the (path,
+size, sha256) of every file that goes in, computed from the host's files *before* anything is built, so
+a cache hit costs one pass of hashing and nothing else; any change to the interpreter, a library or an
+agent file gives a new image. A debootstrap image cannot be hashed by its output before it exists, so
+its hash covers its inputs: suite, mirror, variant and packages, plus every Nimbus file put on top.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import py_compile
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.util import cache_from_source
@@ -42,15 +67,20 @@ from pathlib import Path
 import nimbus
 from nimbus.errors import NimbusError
 from nimbus.machines import bwrap
+from nimbus.machines.base import LAYER_DIR
 
-RECIPE_VERSION = 1  # bump when the layout or the selection rules change: every cached image is rebuilt
-SUPPORTED_RUNTIMES = ("python3",)
-PLANNED_RUNTIMES = ("nodejs", "go", "rust", "wasm")
+RECIPE_VERSION = 2  # bump when the layout or the selection rules change: every cached image is rebuilt
+SUPPORTED_RUNTIMES = ("python3", "nodejs", "go", "rust", "wasm")
+BASES = ("tree", "debootstrap")
+DEFAULT_BASE = "tree"
 IMAGES_DIR = "images"
+EXT4_SUFFIX = ".ext4"
 HASH_CHARS = 12
 GUEST_PREFIX = "/usr/local"
 GUEST_LIB_DIR = "/lib/x86_64-linux-gnu"
+GUEST_NODE = "/usr/bin/node"  # in glibc's default PATH: the guest's init starts with no PATH at all
 OPT_NIMBUS = bwrap.OPT_DIR
+WASMTIME_SITE = bwrap.WASMTIME_SITE
 RECORD_PATH = "/etc/nimbus-image.json"
 MOUNT_POINTS = ("/proc", "/sys", "/dev", "/tmp", "/run", "/var/task", "/opt/layer", "/root")
 # Parts of the standard library a function does not need in a guest: they are most of its size.
@@ -60,6 +90,9 @@ STDLIB_SKIP = frozenset({
 })
 STDLIB_SKIP_PREFIXES = ("config-",)  # config-3.X-<platform>/ holds the static libpython for embedding
 DYNLOAD_SKIP_PREFIXES = ("_tkinter", "_test", "_ctypes_test", "xxlimited", "_xxtestfuzz", "xxsubtype")
+# What rustc's x86_64-unknown-linux-gnu std links besides the loader (Go's are static: CGO_ENABLED=0).
+RUST_LIBRARIES = ("libgcc_s.so.1", "libc.so.6")
+HOST_LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib")
 # Free space left in the file system on top of the files: a function's /tmp and /var/task are tmpfs,
 # so the root needs little, but ext4's own metadata (journal, inode tables) takes a share.
 HEADROOM_MB = 16
@@ -68,6 +101,24 @@ SIZE_ROUND_MB = 8
 INODE_HEADROOM = 1024
 MKFS_TIMEOUT_S = 300.0
 LDD_TIMEOUT_S = 30.0
+PROBE_TIMEOUT_S = 30.0
+OUTPUT_TAIL_LINES = 20  # quoted in the error when a long step fails
+# The debootstrap base.
+DEFAULT_SUITE = "bookworm"  # Debian 12
+DEFAULT_MIRROR = "http://deb.debian.org/debian"  # when this host's apt names no Debian mirror
+DEBOOTSTRAP_VARIANT = "minbase"
+DEBOOTSTRAP_PACKAGES = {  # --include, per runtime; python3 always (it runs init and the agent)
+    "python3": ("python3",),
+    "nodejs": ("python3", "nodejs"),
+    "go": ("python3",),
+    "rust": ("python3",),  # libgcc-s1 and libc6 are in minbase
+    "wasm": ("python3",),
+}
+DEBIAN_PYTHON = "/usr/bin/python3"
+DEBOOTSTRAP_TIMEOUT_S = 3600.0
+APT_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
+# What a debootstrap tree keeps that a guest never uses: downloaded .debs and the package lists.
+DEBOOTSTRAP_PRUNE = ("var/cache/apt/archives", "var/lib/apt/lists", "var/cache/debconf")
 
 Progress = Callable[[str], None]
 
@@ -87,16 +138,26 @@ class Entry:
     mode: int = 0o644
 
 
+@dataclass(frozen=True)
+class ImageName:
+    """What an image's file name says: runtime, base and the first characters of its content hash."""
+
+    runtime: str
+    base: str
+    digest: str
+
+
 # ---------------------------------------------------------------- the recipe
 
 
 def _check_runtime(runtime: str) -> None:
-    if runtime in SUPPORTED_RUNTIMES:
-        return
-    if runtime in PLANNED_RUNTIMES:
-        raise ImageError(f"images for the {runtime} runtime are not built yet; supported: "
-                         f"{', '.join(SUPPORTED_RUNTIMES)}")
-    raise ImageError(f"unknown runtime {runtime!r}; supported: {', '.join(SUPPORTED_RUNTIMES)}")
+    if runtime not in SUPPORTED_RUNTIMES:
+        raise ImageError(f"unknown runtime {runtime!r}; supported: {', '.join(SUPPORTED_RUNTIMES)}")
+
+
+def _check_base(base: str) -> None:
+    if base not in BASES:
+        raise ImageError(f"unknown base {base!r}; one of: {', '.join(BASES)}")
 
 
 def _version() -> str:
@@ -157,6 +218,40 @@ def _needed_libraries(binaries: list[Path]) -> dict[str, Path]:
     return libraries
 
 
+def _host_library(name: str) -> Path:
+    """The host's copy of the shared library ``name``, looked up where Debian's ld.so looks."""
+    for directory in HOST_LIB_DIRS:
+        candidate = Path(directory) / name
+        if candidate.is_file():
+            return candidate
+    raise ImageError(f"the shared library {name} is not in {', '.join(HOST_LIB_DIRS)}")
+
+
+def find_node() -> Path:
+    """The host's ``node``, found on PATH as the agent finds it, resolved to the real binary."""
+    found = shutil.which("node")
+    if found is None:
+        raise ImageError("node is not installed on this host (apt-get install nodejs): no nodejs image")
+    return Path(os.path.realpath(found))
+
+
+def _wasmtime_package() -> Path:
+    package = bwrap.wasmtime_package()
+    if package is None:
+        raise ImageError("the wasmtime Python package is not installed (pip install wasmtime): no wasm image")
+    return package
+
+
+def _package_files(package: Path, dest: str) -> list[Entry]:
+    """A Python package's files (no bytecode caches) as entries below ``dest``; native libraries executable."""
+    entries = []
+    for path in sorted(package.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            mode = 0o755 if path.suffix == ".so" else 0o644
+            entries.append(Entry(f"{dest}/{path.relative_to(package)}", source=path, mode=mode))
+    return entries
+
+
 def _etc_entries() -> list[Entry]:
     entries = [Entry(f"/etc/{name}", data=text.encode()) for name, text in bwrap._ETC_FILES.items()]
     entries.append(Entry("/etc/ld.so.conf", data=f"{GUEST_LIB_DIR}\n{GUEST_PREFIX}/lib\n".encode()))
@@ -172,6 +267,9 @@ def _nimbus_entries() -> list[Entry]:
     for path in sorted(agent.rglob("*")):
         if path.is_file() and "__pycache__" not in path.parts:
             entries.append(Entry(f"{dest}/agent/{path.relative_to(agent)}", source=path))
+    # As in bwrap machines: ES modules inside a nodejs layer find their sibling packages through it.
+    entries.append(Entry(bwrap.LAYER_MODULES_LINK, link=os.path.relpath(LAYER_DIR,
+                                                                        os.path.dirname(bwrap.LAYER_MODULES_LINK))))
     return entries
 
 
@@ -188,8 +286,21 @@ def _init_script(python: str) -> bytes:
     ).encode()
 
 
+def _runtime_parts(runtime: str) -> tuple[list[Entry], list[Path], list[str]]:
+    """What ``runtime`` adds to python3's tree: (entries, binaries to ldd, libraries named outright)."""
+    if runtime == "nodejs":
+        node = find_node()
+        return [Entry(GUEST_NODE, source=node, mode=0o755)], [node], []
+    if runtime == "wasm":
+        entries = _package_files(_wasmtime_package(), f"{WASMTIME_SITE}/wasmtime")
+        return entries, [e.source for e in entries if e.path.endswith(".so")], []
+    if runtime == "rust":
+        return [], [], list(RUST_LIBRARIES)
+    return [], [], []  # python3 needs nothing more; go's executables are static
+
+
 def plan(runtime: str) -> list[Entry]:
-    """Every entry of ``runtime``'s guest tree but the record, sorted by path; nothing is copied."""
+    """Every entry of ``runtime``'s tree-base image but the record, sorted by path; nothing is copied."""
     _check_runtime(runtime)
     python, prefixes = bwrap.base_python()
     stdlib = _stdlib_dir(prefixes)
@@ -207,7 +318,16 @@ def plan(runtime: str) -> list[Entry]:
                              mode=0o755 if path.suffix == ".so" else 0o644))
         if path.parent.name == "lib-dynload" and path.suffix == ".so":
             binaries.append(path)
-    for name, host in _needed_libraries(binaries).items():
+    extra, extra_binaries, named = _runtime_parts(runtime)
+    entries += extra
+    binaries += extra_binaries
+    libraries = _needed_libraries(binaries)
+    for name in named:
+        if name not in libraries:
+            host = _host_library(name)
+            libraries[name] = host
+            libraries.update(_needed_libraries([host]))
+    for name, host in libraries.items():
         guest = name if name.startswith("/") else f"{GUEST_LIB_DIR}/{name}"
         entries.append(Entry(guest, source=host.resolve(), mode=0o755))
     entries += _etc_entries()
@@ -230,8 +350,8 @@ def _digest(entry: Entry) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def _hash_entries(runtime: str, entries: list[Entry]) -> str:
-    digest = hashlib.sha256(f"nimbus-image recipe {RECIPE_VERSION} {runtime}\n".encode())
+def _hash_entries(runtime: str, entries: list[Entry], header: str = "") -> str:
+    digest = hashlib.sha256(f"nimbus-image recipe {RECIPE_VERSION} {runtime}\n{header}".encode())
     for entry in entries:
         size, sha = _digest(entry)
         kind = "link" if entry.link is not None else "file"
@@ -244,18 +364,61 @@ def content_hash(runtime: str) -> str:
     return _hash_entries(runtime, plan(runtime))
 
 
-# ---------------------------------------------------------------- building
+# ---------------------------------------------------------------- the record
 
 
-def _record(runtime: str, digest: str) -> dict:
+def _glibc_version() -> str:
+    return os.confstr("CS_GNU_LIBC_VERSION").split()[-1] if hasattr(os, "confstr") else "unknown"
+
+
+def _probe_version(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ImageError(f"{' '.join(argv)} failed: {exc}") from exc
+    if done.returncode != 0:
+        raise ImageError(f"{' '.join(argv)} exited with {done.returncode}: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def _tree_tools(runtime: str) -> dict[str, dict[str, str]]:
+    """{tool: {version, path}} of a tree-base image: the host's versions, since they are its files."""
+    version = _version()
+    tools = {
+        "python": {"version": ".".join(map(str, sys.version_info[:3])), "path": f"{GUEST_PREFIX}/bin/python{version}"},
+        "glibc": {"version": _glibc_version(), "path": f"{GUEST_LIB_DIR}/libc.so.6"},
+    }
+    if runtime == "nodejs":
+        tools["node"] = {"version": _probe_version([str(find_node()), "--version"]).lstrip("v"), "path": GUEST_NODE}
+    elif runtime == "wasm":
+        tools["wasmtime"] = {"version": importlib.metadata.version("wasmtime"), "path": f"{WASMTIME_SITE}/wasmtime"}
+    elif runtime == "rust":
+        tools["libgcc_s"] = {"version": "1", "path": f"{GUEST_LIB_DIR}/libgcc_s.so.1"}
+    elif runtime == "go":
+        tools["go"] = {"version": "static executables (CGO_ENABLED=0)", "path": f"{bwrap.TASK_DIR}/bootstrap"}
+    return tools
+
+
+def _record(runtime: str, digest: str, base: str, tools: dict, **extra) -> dict:
     return {
         "runtime": runtime,
+        "base": base,
         "recipe": RECIPE_VERSION,
         "content_hash": digest,
-        "python": ".".join(map(str, sys.version_info[:3])),
+        "python": tools["python"]["version"],
+        "tools": tools,
         "init": "/sbin/init",
         "agent": f"{OPT_NIMBUS}/nimbus/agent",
+        **extra,
     }
+
+
+def _write_record(dest: Path, record: dict) -> None:
+    (dest / RECORD_PATH.lstrip("/")).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------- building a tree
 
 
 def _write_tree(entries: list[Entry], dest: Path) -> None:
@@ -265,6 +428,8 @@ def _write_tree(entries: list[Entry], dest: Path) -> None:
     for entry in entries:
         target = dest / entry.path.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_symlink() or target.is_file():
+            target.unlink()  # a debootstrap tree may have its own (an /etc/hosts): ours wins
         if entry.link is not None:
             os.symlink(entry.link, target)
             continue
@@ -294,7 +459,7 @@ def _ldconfig(dest: Path) -> None:
 
 
 def build_tree(runtime: str, dest: Path, *, entries: list[Entry] | None = None, digest: str | None = None) -> dict:
-    """Fill the empty or absent directory ``dest`` with ``runtime``'s guest tree; returns the record."""
+    """Fill the empty or absent directory ``dest`` with ``runtime``'s tree-base image; returns the record."""
     if entries is None:
         entries = plan(runtime)
     if digest is None:
@@ -303,13 +468,199 @@ def build_tree(runtime: str, dest: Path, *, entries: list[Entry] | None = None, 
     _write_tree(entries, dest)
     _compile_nimbus(dest)
     _ldconfig(dest)
-    record = _record(runtime, digest)
-    (dest / RECORD_PATH.lstrip("/")).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    record = _record(runtime, digest, "tree", _tree_tools(runtime))
+    _write_record(dest, record)
     return record
 
 
-def image_path(home: Path, runtime: str, digest: str) -> Path:
-    return Path(home) / IMAGES_DIR / f"{runtime}-{digest[:HASH_CHARS]}.ext4"
+# ---------------------------------------------------------------- the debootstrap base
+
+
+def host_mirror(sources: tuple[Path, ...] = APT_SOURCES) -> str:
+    """The first Debian archive (not the security one) this host's apt uses, else ``DEFAULT_MIRROR``.
+
+    Reads one-line ``deb URI suite …`` lists and deb822 ``.sources`` files alike.
+    """
+    files: list[Path] = []
+    for source in sources:
+        if source.is_dir():
+            files += sorted(p for p in source.iterdir() if p.suffix in (".list", ".sources"))
+        elif source.is_file():
+            files.append(source)
+    for path in files:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        uris = re.findall(r"^\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)", text, flags=re.MULTILINE)
+        uris += [u for line in re.findall(r"^\s*URIs:\s*(.+)$", text, flags=re.MULTILINE) for u in line.split()]
+        for uri in uris:
+            if re.search(r"/debian/?$", uri) and "security" not in uri:
+                return uri.rstrip("/")
+    return DEFAULT_MIRROR
+
+
+def debootstrap_command(runtime: str, dest: Path, suite: str, mirror: str) -> list[str]:
+    """The debootstrap run that makes ``runtime``'s Debian base in ``dest``."""
+    include = ",".join(DEBOOTSTRAP_PACKAGES[runtime])
+    return ["debootstrap", f"--variant={DEBOOTSTRAP_VARIANT}", f"--include={include}", suite, str(dest), mirror]
+
+
+def debootstrap_entries(runtime: str) -> list[Entry]:
+    """What Nimbus puts on top of a debootstrap tree: init (on Debian's python3), the agent, wasmtime."""
+    entries = [Entry("/sbin/init", data=_init_script(DEBIAN_PYTHON), mode=0o755)]
+    if runtime == "wasm":
+        entries += _package_files(_wasmtime_package(), f"{WASMTIME_SITE}/wasmtime")
+    entries += _nimbus_entries()
+    return sorted(entries, key=lambda e: e.path)
+
+
+def _debootstrap_header(runtime: str, suite: str, mirror: str) -> str:
+    packages = ",".join(DEBOOTSTRAP_PACKAGES[runtime])
+    return f"debootstrap {DEBOOTSTRAP_VARIANT} {suite} {mirror} include={packages}\n"
+
+
+def debootstrap_hash(runtime: str, suite: str, mirror: str) -> str:
+    """sha256 of the recipe, the debootstrap inputs (variant, suite, mirror, packages) and Nimbus's files."""
+    _check_runtime(runtime)
+    return _hash_entries(runtime, debootstrap_entries(runtime), _debootstrap_header(runtime, suite, mirror))
+
+
+def _dpkg_versions(tree: Path, packages: tuple[str, ...]) -> dict[str, str]:
+    """{package: version} of the installed ``packages``, read from the tree's dpkg status file."""
+    try:
+        status = (tree / "var/lib/dpkg/status").read_text(errors="replace")
+    except OSError:
+        return {}
+    found = {}
+    for stanza in status.split("\n\n"):
+        name = re.search(r"^Package:\s*(\S+)", stanza, flags=re.MULTILINE)
+        version = re.search(r"^Version:\s*(\S+)", stanza, flags=re.MULTILINE)
+        if name and version and name.group(1) in packages and "installed" in stanza:
+            found[name.group(1)] = version.group(1)
+    return found
+
+
+def _debootstrap_tools(runtime: str, tree: Path) -> dict[str, dict[str, str]]:
+    versions = _dpkg_versions(tree, ("python3", "libc6", "nodejs", "libgcc-s1"))
+    tools = {
+        "python": {"version": versions.get("python3", "unknown"), "path": DEBIAN_PYTHON},
+        "glibc": {"version": versions.get("libc6", "unknown"), "path": f"{GUEST_LIB_DIR}/libc.so.6"},
+    }
+    if runtime == "nodejs":
+        tools["node"] = {"version": versions.get("nodejs", "unknown"), "path": "/usr/bin/node"}
+    elif runtime == "wasm":
+        tools["wasmtime"] = {"version": importlib.metadata.version("wasmtime"), "path": f"{WASMTIME_SITE}/wasmtime"}
+    elif runtime == "rust":
+        tools["libgcc_s"] = {"version": versions.get("libgcc-s1", "unknown"), "path": f"{GUEST_LIB_DIR}/libgcc_s.so.1"}
+    elif runtime == "go":
+        tools["go"] = {"version": "static executables (CGO_ENABLED=0)", "path": f"{bwrap.TASK_DIR}/bootstrap"}
+    return tools
+
+
+def run_streamed(argv: list[str], say: Progress, *, cwd: Path | None = None, timeout: float | None = None,
+                 tail_lines: int = OUTPUT_TAIL_LINES) -> tuple[int, list[str]]:
+    """Run ``argv``, handing each output line to ``say`` (long builds show progress); return its exit
+    status and its last ``tail_lines`` lines, for the error. ``OSError`` when it cannot be started; on
+    Ctrl-C or the timeout it is killed, not left running."""
+    tail: deque[str] = deque(maxlen=tail_lines)
+    proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            if line.strip():
+                say(line)
+        code = proc.wait(timeout=timeout)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
+    return code, list(tail)
+
+
+def _run_streamed(argv: list[str], say: Progress, timeout: float) -> None:
+    try:
+        code, tail = run_streamed(argv, say, timeout=timeout)
+    except OSError as exc:
+        raise ImageError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+    if code != 0:
+        raise ImageError(f"{' '.join(argv[:2])} … exited with {code}:\n" + "\n".join(tail))
+
+
+def _unmount_below(tree: Path) -> None:
+    """Lazily unmount what an interrupted debootstrap left mounted in ``tree`` (its /proc, /sys), deepest first.
+
+    Deleting the scratch tree with the host's /proc still mounted inside would walk into it.
+    """
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return
+    root = str(tree.resolve())
+    points = [line.split()[1].encode().decode("unicode_escape") for line in lines if len(line.split()) > 1]
+    for point in sorted((p for p in points if p == root or p.startswith(root + "/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, timeout=PROBE_TIMEOUT_S)
+
+
+def build_debootstrap_tree(runtime: str, dest: Path, *, suite: str = DEFAULT_SUITE, mirror: str | None = None,
+                           progress: Progress | None = None, digest: str | None = None) -> dict:
+    """Debootstrap ``runtime``'s Debian base into the absent or empty ``dest`` and add Nimbus; returns the record."""
+    say = progress or (lambda message: None)
+    _check_runtime(runtime)
+    mirror = mirror or host_mirror()
+    if shutil.which("debootstrap") is None:
+        raise ImageError("debootstrap is not installed (apt-get install debootstrap)")
+    if os.geteuid() != 0:
+        raise ImageError("debootstrap needs root (it creates device nodes and chroots)")
+    entries = debootstrap_entries(runtime)
+    if digest is None:
+        digest = _hash_entries(runtime, entries, _debootstrap_header(runtime, suite, mirror))
+    dest.mkdir(parents=True, exist_ok=True)
+    say(f"debootstrap {suite} ({DEBOOTSTRAP_VARIANT}) from {mirror}")
+    try:
+        _run_streamed(debootstrap_command(runtime, dest, suite, mirror), say, DEBOOTSTRAP_TIMEOUT_S)
+    finally:
+        _unmount_below(dest)
+    say("adding the agent and init")
+    for prune in DEBOOTSTRAP_PRUNE:
+        directory = dest / prune
+        if directory.is_dir():
+            for child in directory.iterdir():
+                if child.is_file() or child.is_symlink():
+                    child.unlink()
+                elif child.name != "partial":
+                    shutil.rmtree(child)
+    _write_tree(entries, dest)
+    _compile_nimbus(dest)
+    record = _record(runtime, digest, "debootstrap", _debootstrap_tools(runtime, dest), suite=suite, mirror=mirror,
+                     variant=DEBOOTSTRAP_VARIANT, packages=list(DEBOOTSTRAP_PACKAGES[runtime]))
+    _write_record(dest, record)
+    return record
+
+
+# ---------------------------------------------------------------- images
+
+
+def image_path(home: Path, runtime: str, digest: str, base: str = DEFAULT_BASE) -> Path:
+    middle = "" if base == DEFAULT_BASE else f"{base}-"
+    return Path(home) / IMAGES_DIR / f"{runtime}-{middle}{digest[:HASH_CHARS]}.ext4"
+
+
+def parse_image_name(path: Path) -> ImageName | None:
+    """The runtime, base and hash an image's file name carries; None for a file that is not an image."""
+    match = re.fullmatch(r"([a-z0-9]+)-(?:([a-z]+)-)?([0-9a-f]{%d})\.ext4" % HASH_CHARS, Path(path).name)
+    if match is None or match.group(1) not in SUPPORTED_RUNTIMES:
+        return None
+    base = match.group(2) or DEFAULT_BASE
+    if base not in BASES:
+        return None
+    return ImageName(match.group(1), base, match.group(3))
 
 
 def _tree_usage(tree: Path) -> tuple[int, int]:
@@ -336,31 +687,54 @@ def _mkfs(tree: Path, image: Path, label: str, size_mb: int, inodes: int) -> Non
         raise ImageError(f"mkfs.ext4 exited with {done.returncode}: {(done.stderr or done.stdout).strip()}")
 
 
-def build_image(home: Path, runtime: str, *, size_mb: int | None = None, progress: Progress | None = None) -> Path:
+def build_image(home: Path, runtime: str, *, base: str = DEFAULT_BASE, suite: str | None = None,
+                mirror: str | None = None, size_mb: int | None = None, progress: Progress | None = None) -> Path:
     """``runtime``'s image under ``home``/images, built unless an image of the same content is there."""
     say = progress or (lambda message: None)
     _check_runtime(runtime)
-    say(f"hashing the files of the {runtime} image")
-    entries = plan(runtime)
-    digest = _hash_entries(runtime, entries)
-    image = image_path(home, runtime, digest)
+    _check_base(base)
+    if base == "tree":
+        say(f"hashing the files of the {runtime} image")
+        entries = plan(runtime)
+        digest = _hash_entries(runtime, entries)
+    else:
+        suite = suite or DEFAULT_SUITE
+        mirror = mirror or host_mirror()
+        digest = debootstrap_hash(runtime, suite, mirror)
+    image = image_path(home, runtime, digest, base)
     if image.is_file():
         say(f"cached: {image}")
         return image
     image.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".build-{runtime}-", dir=image.parent) as scratch:
         tree = Path(scratch) / "tree"
-        say(f"copying {len(entries)} files into the tree")
-        build_tree(runtime, tree, entries=entries, digest=digest)
-        used, inodes = _tree_usage(tree)
-        if size_mb is None:
-            wanted = used * (1 + HEADROOM_FRACTION) / (1 << 20) + HEADROOM_MB
-            size_mb = int(-(-wanted // SIZE_ROUND_MB) * SIZE_ROUND_MB)
-        partial = Path(scratch) / image.name
-        say(f"making a {size_mb} MiB ext4 file system")
-        _mkfs(tree, partial, f"nimbus-{runtime}"[:16], size_mb, inodes + INODE_HEADROOM)
-        os.replace(partial, image)  # same directory tree and file system: atomic
+        if base == "tree":
+            say(f"copying {len(entries)} files into the tree")
+            build_tree(runtime, tree, entries=entries, digest=digest)
+        else:
+            build_debootstrap_tree(runtime, tree, suite=suite, mirror=mirror, progress=say, digest=digest)
+        say("making the ext4 file system")
+        tree_image(tree, image, f"nimbus-{runtime}", size_mb=size_mb)
     say(f"built {image}")
+    return image
+
+
+def tree_image(tree: Path, image: Path, label: str, *, size_mb: int | None = None) -> Path:
+    """Make ``image``, an ext4 file system holding ``tree``; written beside it and renamed into place.
+
+    Sized from the tree with headroom unless ``size_mb`` is given. Also what the Firecracker driver
+    makes of a dependency layer's directory, to attach it as a read-only drive.
+    """
+    used, inodes = _tree_usage(tree)
+    if size_mb is None:
+        wanted = used * (1 + HEADROOM_FRACTION) / (1 << 20) + HEADROOM_MB
+        size_mb = int(-(-wanted // SIZE_ROUND_MB) * SIZE_ROUND_MB)
+    partial = image.with_name(f".{image.name}.{os.getpid()}.partial")
+    try:
+        _mkfs(tree, partial, label[:16], size_mb, inodes + INODE_HEADROOM)
+        os.replace(partial, image)  # same directory: atomic
+    finally:
+        partial.unlink(missing_ok=True)
     return image
 
 
@@ -370,3 +744,11 @@ def list_images(home: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.glob("*.ext4") if p.is_file())
+
+
+def find_image(home: Path, runtime: str) -> Path | None:
+    """The newest cached image of ``runtime`` under ``home`` (either base, by modification time), or None."""
+    found = [p for p in list_images(home) if (name := parse_image_name(p)) is not None and name.runtime == runtime]
+    if not found:
+        return None
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name))
