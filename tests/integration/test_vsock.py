@@ -10,6 +10,9 @@ agent and a python3 handler — is the real thing.
 The agent's own AF_VSOCK listener is tested for real where the kernel can loop vsock back to itself
 (``CONFIG_VSOCKETS_LOOPBACK``); elsewhere that test is skipped with the reason, and what can run without
 a peer (binding the port, the errors) still does.
+
+The shared pieces (the CONNECT handling, launching the agent, the frames sent) live in ``tests/standin``,
+where the stand-in Firecracker executable (``tests/integration/test_standin.py``) uses them too.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ import struct
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from standin import muxer
+from standin.agent import LAUNCH, SANDBOX_ENV, SRC, start_agent
+from standin.frames import exchange, exec_header, handler_code, init_header, ping_init_exec
 
 from nimbus import protocol
 from nimbus.agent import main as agent_main
@@ -40,23 +45,12 @@ from nimbus.machines import vsock
 
 pytestmark = pytest.mark.firecracker
 
-SRC = Path(__file__).resolve().parents[2] / "src"
-LAUNCH = f"import sys; sys.path.insert(0, {str(SRC)!r}); from nimbus.agent.main import main; main(sys.argv[1:])"
-SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
 WAIT_S = 30.0  # generous bound for anything that should happen at once; never asserted on
 QUICK_S = 0.5  # connect() timeout in tests that expect it to give up
 RETRY_S = 0.005
-HOST_PORT_BASE = 1 << 30  # Firecracker numbers the host ends of its connections from here
+HOST_PORT_BASE = muxer.HOST_PORT_BASE
 VMADDR_CID_ANY = 0xFFFFFFFF
 VMADDR_PORT_ANY = 0xFFFFFFFF
-
-HANDLER = """
-    import os
-
-    def handler(event, context):
-        print("handling", event["n"])
-        return {"doubled": event["n"] * 2, "function": context.function_name, "pid": os.getpid()}
-"""
 
 
 # ------------------------------------------------------------------ the stand-in for Firecracker
@@ -130,13 +124,11 @@ class FirecrackerVsockStandIn:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        try:
-            line = await reader.readuntil(b"\n")
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        line = await muxer.read_connect(reader)
+        if line is None:
             return
         self.requests.append(line)
-        match = re.fullmatch(rb"CONNECT ([0-9]+)\n", line)
-        if match is None or int(match[1]) != self.guest_port:
+        if muxer.parse_connect(line) != self.guest_port:
             return
         self.attempts += 1
         if self.attempts <= self.refuse:
@@ -148,45 +140,15 @@ class FirecrackerVsockStandIn:
                 await reader.read()  # until the host gives up and hangs up
             return
         if not self.bridge:
-            writer.write(f"OK {HOST_PORT_BASE + self.attempts}\n".encode() + self.trailing)
+            writer.write(muxer.ok_line(HOST_PORT_BASE + self.attempts) + self.trailing)
             await writer.drain()
             await reader.read()
             return
-        agent_end = await self._start_agent()
-        writer.write(f"OK {HOST_PORT_BASE + self.attempts}\n".encode() + self.trailing)
-        await writer.drain()
-        agent_reader, agent_writer = await asyncio.open_unix_connection(sock=agent_end)
-        try:
-            await asyncio.gather(_pump(reader, agent_writer), _pump(agent_reader, writer))
-        finally:
-            agent_writer.close()
-            with contextlib.suppress(Exception):
-                await agent_writer.wait_closed()
-
-    async def _start_agent(self) -> socket.socket:
-        """A real agent process serving one end of a socketpair, as the bwrap driver runs it (no sandbox)."""
-        ours, theirs = socket.socketpair()
-        task_dir = Path(tempfile.mkdtemp(dir=self.task_root))
-        with theirs:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-I", "-S", "-c", LAUNCH, "--fd", str(theirs.fileno()), "--task-dir", str(task_dir),
-                pass_fds=(theirs.fileno(),), env=SANDBOX_ENV, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
+        proc, agent_end = await start_agent(Path(tempfile.mkdtemp(dir=self.task_root)))
         self.agents.append(proc)
-        return ours
-
-
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    """Copy until end of stream, then pass the end on (half-close), as a vsock connection would."""
-    try:
-        while data := await src.read(1 << 16):
-            dst.write(data)
-            await dst.drain()
-        if dst.can_write_eof():
-            dst.write_eof()
-    except (ConnectionError, OSError):
-        dst.close()
+        writer.write(muxer.ok_line(HOST_PORT_BASE + self.attempts) + self.trailing)
+        await writer.drain()
+        await muxer.bridge(reader, writer, agent_end)
 
 
 @pytest.fixture
@@ -221,36 +183,6 @@ async def streams(sock: socket.socket):
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
-
-
-async def exchange(reader, writer, header: dict, blob: bytes = b"") -> tuple[dict, bytes]:
-    writer.write(protocol.encode(header, blob))
-    await writer.drain()
-    async with asyncio.timeout(WAIT_S):
-        reply, reply_blob = await protocol.read_frame(reader, protocol.GUEST_TYPES)
-    assert reply["id"] == header["id"]
-    return reply, reply_blob
-
-
-def init_header(rid: int) -> dict:
-    return {"type": "init", "id": rid, "runtime": "python3", "handler": "main.handler", "filename": "main.py",
-            "env": {}, "memory_mb": 128, "timeout_s": 30.0, "function_name": "doubler", "function_version": "1"}
-
-
-def exec_header(rid: int) -> dict:
-    return {"type": "exec", "id": rid, "invocation_id": "inv-vsock", "deadline_ms": 29000}
-
-
-async def ping_init_exec(reader, writer) -> dict:
-    """The frames of DESIGN §4 over whatever carries them: ping, init of a python3 handler, exec."""
-    reply, _ = await exchange(reader, writer, {"type": "ping", "id": 1})
-    assert reply["type"] == "pong"
-    reply, _ = await exchange(reader, writer, init_header(2), textwrap.dedent(HANDLER).encode())
-    assert reply["type"] == "init_ok", reply
-    reply, output = await exchange(reader, writer, exec_header(3), json.dumps({"n": 21}).encode())
-    assert reply["type"] == "result", reply
-    assert "handling 21" in reply["logs"]
-    return json.loads(output)
 
 
 def retry_records(caplog) -> list[str]:
@@ -601,7 +533,7 @@ def test_agent_over_real_vsock(tmp_path):
         with conn:
             protocol.send_frame(conn, {"type": "ping", "id": 1})
             assert protocol.recv_frame(conn, protocol.GUEST_TYPES)[0] == {"type": "pong", "id": 1}
-            protocol.send_frame(conn, init_header(2), textwrap.dedent(HANDLER).encode())
+            protocol.send_frame(conn, init_header(2), handler_code())
             reply, _ = protocol.recv_frame(conn, protocol.GUEST_TYPES)
             assert reply["type"] == "init_ok", reply
             protocol.send_frame(conn, exec_header(3), json.dumps({"n": 4}).encode())
