@@ -240,7 +240,7 @@ class Scheduler:
                 await self.store.finish_invocation(
                     inv.id, status=inv.status, start=inv.start, output=inv.output, error=inv.error, logs=inv.logs,
                     logs_truncated=inv.logs_truncated, duration_ms=inv.duration_ms,
-                    finished_at=inv.finished_at or _now(), started_at=inv.started_at,
+                    finished_at=inv.finished_at or _now(), started_at=inv.started_at, restored=inv.restored,
                 )
             except Exception:
                 log.exception("could not record invocation %s", inv.id)
@@ -329,6 +329,8 @@ class Scheduler:
             inv.status, inv.start, inv.error = "failed", exc.start, exc.error
             return
         inv.start = lease.start
+        # A snapshot-restored machine (firecracker) is marked on the call that loaded code into it.
+        inv.restored = lease.start != "hot" and getattr(lease.machine, "restored", False)
         healthy = False  # unless the machine answers cleanly, it is not trusted again
         header = {"type": protocol.EXEC, "invocation_id": inv.id, "deadline_ms": int(dep.timeout_s * 1000)}
         began = time.perf_counter()
@@ -498,7 +500,7 @@ class Scheduler:
             if not await self.store.retry_later(
                 inv.id, token=held.token, not_before=_now() + timedelta(seconds=delay),
                 error=inv.error, start=inv.start, logs=inv.logs, logs_truncated=inv.logs_truncated,
-                duration_ms=inv.duration_ms,
+                duration_ms=inv.duration_ms, restored=inv.restored,
             ):
                 log.warning("async invocation %s: its attempt ended after lease %s was lost; no retry queued",
                             inv.id, held.token)
@@ -518,7 +520,7 @@ class Scheduler:
         written = await self.store.finish_invocation(
             inv.id, status=inv.status, start=inv.start, output=inv.output, error=inv.error, logs=inv.logs,
             logs_truncated=inv.logs_truncated, duration_ms=inv.duration_ms, finished_at=inv.finished_at or _now(),
-            token=held.token, callback=inv.callback_url is not None,
+            token=held.token, callback=inv.callback_url is not None, restored=inv.restored,
         )
         if not written:
             log.warning("async invocation %s: its attempt ended after lease %s was lost; the outcome is dropped",

@@ -626,7 +626,7 @@ async def test_delete_keeps_artifacts_that_builds_or_other_versions_still_name(s
 async def test_invocations_are_recorded_finished_read_and_listed_newest_first(store):
     fn = await create(store)
     start = datetime.now(UTC)
-    sync = invocation(fn, status="succeeded", start="hot", output=b'{"ok": true}', logs="hello\n",
+    sync = invocation(fn, status="succeeded", start="cold", restored=True, output=b'{"ok": true}', logs="hello\n",
                       duration_ms=1.5, created_at=start, started_at=start, finished_at=start, attempts=1)
     await store.insert_invocation(sync)
     assert await store.get_invocation(sync.id) == sync
@@ -643,11 +643,13 @@ async def test_invocations_are_recorded_finished_read_and_listed_newest_first(st
 
     done = datetime.now(UTC)
     error = {"type": "ValueError", "message": "bad", "stack": "Traceback…"}
+    assert got.restored is False
     await store.finish_invocation(pending.id, status="failed", start="cold", output=None, error=error,
-                                  logs="x" * 10, logs_truncated=True, duration_ms=12.0, finished_at=done)
+                                  logs="x" * 10, logs_truncated=True, duration_ms=12.0, finished_at=done, restored=True)
     got = await store.get_invocation(pending.id)
     assert (got.status, got.start, got.error, got.logs_truncated, got.duration_ms) == ("failed", "cold", error,
                                                                                       True, 12.0)
+    assert got.restored is True
     assert got.finished_at == done and got.finished_at.tzinfo is not None and got.event == b'{"n": 1}'
     assert got.lease_owner is None and got.lease_expires_at is None
 

@@ -180,6 +180,7 @@ class InvokeOut(BaseModel):
     output: Any = None
     error: ErrorOut | None = None
     start: str | None = Field(None, description="cold | warm | hot")
+    restored: bool = Field(False, description="the machine came from a snapshot instead of booting (firecracker)")
     duration_ms: float | None = None
 
 
@@ -195,6 +196,7 @@ class InvocationOut(BaseModel):
     mode: str
     status: str
     start: str | None
+    restored: bool = False
     output: Any = None
     error: ErrorOut | None = None
     logs: str
@@ -239,14 +241,14 @@ def _output(raw: bytes | None):
 
 def invoke_view(inv) -> dict:
     return {"invocation_id": inv.id, "status": inv.status, "output": _output(inv.output), "error": inv.error,
-            "start": inv.start, "duration_ms": inv.duration_ms}
+            "start": inv.start, "restored": inv.restored, "duration_ms": inv.duration_ms}
 
 
 def invocation_view(inv) -> dict:
     return {
         "invocation_id": inv.id, "function": inv.function_name, "version": inv.version, "mode": inv.mode,
-        "status": inv.status, "start": inv.start, "output": _output(inv.output), "error": inv.error,
-        "logs": inv.logs, "logs_truncated": inv.logs_truncated, "duration_ms": inv.duration_ms,
+        "status": inv.status, "start": inv.start, "restored": inv.restored, "output": _output(inv.output),
+        "error": inv.error, "logs": inv.logs, "logs_truncated": inv.logs_truncated, "duration_ms": inv.duration_ms,
         "created_at": inv.created_at, "started_at": inv.started_at, "finished_at": inv.finished_at,
         "attempts": inv.attempts, "next_attempt_at": inv.not_before if inv.status == "queued" else None,
         "callback_status": inv.callback_status, "callback_attempts": inv.callback_attempts,

@@ -129,6 +129,8 @@ class InvocationRecord:
     """``queued``, ``running``, ``succeeded``, ``failed`` or ``timed_out``."""
     start: str | None = None
     """``cold``, ``warm`` or ``hot``: what kind of machine served the call."""
+    restored: bool = False
+    """The call's machine was restored from a snapshot (firecracker with snapshots on), not booted."""
     event: bytes | None = None
     """The raw JSON event; kept for async calls, which run later."""
     output: bytes | None = None

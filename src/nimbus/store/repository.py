@@ -1233,6 +1233,7 @@ class Store:
         token: str | None = None,
         callback: bool = False,
         started_at: datetime | None = None,
+        restored: bool = False,
     ) -> bool:
         """Record the outcome of a call and drop its lease.
 
@@ -1240,13 +1241,14 @@ class Store:
         claim handed out (``lease_owner`` of the claimed record): fenced, it writes only while that lease
         still holds the row, and returns False when it no longer does (the lease ran out and the work was
         claimed again, or was handed back). ``callback`` marks the result for delivery to the
-        invocation's ``callback_url``; ``started_at`` records when the call began.
+        invocation's ``callback_url``; ``started_at`` records when the call began; ``restored`` that its
+        machine came from a snapshot.
         """
         if status not in FINISHED_STATUSES:
             raise ValueError(f"{status!r} is not a finished status ({', '.join(sorted(FINISHED_STATUSES))})")
         values = {
-            "status": status, "start": start, "output": output, "error": error, "logs": logs,
-            "logs_truncated": logs_truncated, "duration_ms": duration_ms, "finished_at": finished_at,
+            "status": status, "start": start, "restored": restored, "output": output, "error": error,
+            "logs": logs, "logs_truncated": logs_truncated, "duration_ms": duration_ms, "finished_at": finished_at,
             "lease_owner": None, "lease_expires_at": None, "not_before": None,
         }
         if started_at is not None:
@@ -1287,6 +1289,7 @@ class Store:
         logs: str,
         logs_truncated: bool,
         duration_ms: float | None,
+        restored: bool = False,
     ) -> bool:
         """Put a failed attempt back in the queue, not to be claimed before ``not_before`` (its backoff).
 
@@ -1295,7 +1298,7 @@ class Store:
         """
         values = {
             "status": "queued", "lease_owner": None, "lease_expires_at": None, "not_before": not_before,
-            "error": error, "start": start, "logs": logs, "logs_truncated": logs_truncated,
+            "error": error, "start": start, "restored": restored, "logs": logs, "logs_truncated": logs_truncated,
             "duration_ms": duration_ms, "output": None,
         }
         with _boundary(f"queue invocation {id!r} for a retry"):

@@ -152,6 +152,8 @@ invocations = sa.Table(
     sa.Column("mode", sa.String(8), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("start", sa.String(8)),
+    # Migration 0005: the machine of a cold or warm start came from a snapshot.
+    sa.Column("restored", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("event", sa.LargeBinary),
     sa.Column("output", sa.LargeBinary),
     sa.Column("error", JSONColumn()),
