@@ -59,8 +59,7 @@ class Node:
                 images={"go": settings.builder_go_image, "rust": settings.builder_rust_image},
                 cache=compiler.StoreCache(store),
             )
-            options = {"use_templates": {"auto": None, "on": True, "off": False}[settings.templates]} \
-                if settings.driver == "bwrap" else {}
+            options = _driver_options(settings)
             driver = machines.load_driver(settings.driver, home, **options)
             metrics = Metrics()
             layer_dirs = LayerDirs(home, store.get_code)
@@ -168,3 +167,20 @@ def serve(settings: Settings) -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=False, timeout_graceful_shutdown=30)
     Server(config).run()
+
+
+def _driver_options(settings: Settings) -> dict:
+    """The chosen driver's own keyword arguments, from the settings."""
+    if settings.driver == "bwrap":
+        return {"use_templates": {"auto": None, "on": True, "off": False}[settings.templates]}
+    from nimbus.machines.firecracker import FirecrackerConfig
+
+    return {"config": FirecrackerConfig(
+        firecracker=settings.firecracker_bin.resolve(),
+        jailer=settings.jailer_bin.resolve() if settings.jailer == "on" else None,
+        chroot_base=settings.chroot_base.resolve(),
+        uid=settings.jail_uid,
+        gid=settings.jail_gid,
+        kernel=settings.kernel.resolve() if settings.kernel else None,
+        snapshots=settings.snapshots == "on",
+    )}

@@ -79,6 +79,18 @@ class Settings(BaseSettings):
                               "0: no limit")
     rate_burst: int = Field(0, ge=0, description="requests a caller may send at once above the rate; "
                             "0: one second's worth")
+    firecracker_bin: Path = Field(Path("/usr/local/bin/firecracker"), description="the firecracker binary "
+                                  "(driver firecracker)")
+    jailer_bin: Path = Field(Path("/usr/local/bin/jailer"), description="the jailer binary (driver firecracker)")
+    jailer: Literal["on", "off"] = Field("on", description="off: run firecracker without the jailer (unconfined; "
+                                         "a warning is logged)")
+    chroot_base: Path = Field(Path("/srv/jailer"), description="where the jailer makes each microVM's jail")
+    jail_uid: int = Field(65534, ge=0, description="uid the jailed firecracker runs as")
+    jail_gid: int = Field(65534, ge=0, description="gid the jailed firecracker runs as")
+    kernel: Path | None = Field(None, description="guest kernel (an uncompressed vmlinux); default: the newest "
+                                "one 'nimbus images kernel' made")
+    snapshots: Literal["on", "off"] = Field("off", description="on: restore cold starts from a per-runtime "
+                                            "snapshot instead of booting (driver firecracker)")
     log_level: str = "info"
 
     @classmethod

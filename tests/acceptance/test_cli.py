@@ -108,6 +108,21 @@ def test_doctor_json(nimbus_offline):
         assert check["status"] in ("ok", "missing") and check["detail"]
 
 
+def test_doctor_says_what_the_firecracker_driver_would_find(nimbus_offline, tmp_path):
+    home = tmp_path / "home"
+    fake_kernel = tmp_path / "vmlinux"
+    fake_kernel.write_bytes(b"\x7fELF")
+    result = nimbus_offline("doctor", "--json", env={"NIMBUS_HOME": str(home), "NIMBUS_KERNEL": str(fake_kernel),
+                                                      "NIMBUS_RUNTIMES": "python3"})
+    assert result.code == 0, result
+    images = result.json()["checks"]["guest-images"]
+    assert images["kernel"] == str(fake_kernel) and images["images"] == {"python3": None}
+    assert images["ok"] is False and "nimbus images build --runtime R" in images["detail"]
+    if not result.json()["drivers"]["firecracker"]:
+        text = nimbus_offline("doctor", env={"NIMBUS_HOME": str(home)})
+        assert "NIMBUS_DRIVER=firecracker would be refused here (lacking:" in text.stdout, text
+
+
 def test_no_node_at_the_url_is_a_clear_error(nimbus_offline):
     for args in (("ls",), ("invoke", "hello"), ("get", "hello"), ("logs", "some-id")):
         result = nimbus_offline(*args)
@@ -176,10 +191,14 @@ def test_up_rejects_a_bad_setting_from_the_environment(nimbus_offline, tmp_path)
     assert "NIMBUS_MIN_WARM" in result.stderr
 
 
-def test_up_says_plainly_that_a_driver_is_not_available(nimbus_offline, tmp_path):
-    result = nimbus_offline("up", "--home", str(tmp_path / "home"), env={"NIMBUS_DRIVER": "firecracker"}, timeout=30)
+def test_up_says_plainly_what_the_firecracker_driver_lacks(nimbus_offline, tmp_path):
+    missing = tmp_path / "no-such-firecracker"
+    result = nimbus_offline("up", "--home", str(tmp_path / "home"), timeout=30,
+                            env={"NIMBUS_DRIVER": "firecracker", "NIMBUS_FIRECRACKER_BIN": str(missing)})
     assert result.code == 2, result
-    assert "NIMBUS_DRIVER=firecracker" in result.stderr and "available: bwrap" in result.stderr, result
+    assert "NIMBUS_DRIVER=firecracker cannot start machines" in result.stderr, result
+    assert f"the firecracker binary {missing} is missing" in result.stderr, result
+    assert "nimbus images kernel" in result.stderr and "nimbus images build --runtime python3" in result.stderr
     assert "Traceback" not in result.stderr
 
 

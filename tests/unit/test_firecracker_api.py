@@ -4,28 +4,26 @@ No firecracker binary exists on this host, so the contract is the schema: every 
 is validated against the schema's definitions, and every call goes over a Unix socket to
 ``StandInFirecracker``, a test stand-in (not Firecracker) that checks the method and path against the
 schema's ``paths`` and the body against that operation's body schema, answering ``204`` or a ``400``
-fault as Firecracker does. The schema is read where ``firecracker_spec.spec_dir()`` finds it (env, or
+fault as Firecracker does. Reading the schema and the HTTP wire format are shared with the stand-in
+Firecracker executable, in ``tests/standin``. The schema is read where ``firecracker_spec.spec_dir()`` finds it (env, or
 ``../shared/firecracker`` beside the repository), never copied here.
 """
 
 import asyncio
-import copy
-import http
+import contextlib
 import inspect
 import json
 import os
-import re
 import shutil
 import socket
 import tempfile
 from pathlib import Path
 
-import jsonschema
 import pytest
+from standin import wire
+from standin.schema import body_error, body_schema, definition, load_spec, operation, validator
 
 import firecracker_spec
-import yaml
-
 from nimbus.errors import MachineError, MachineStartError
 from nimbus.machines import fcapi
 
@@ -41,94 +39,15 @@ pytestmark = [
 SHORT_TIMEOUT_S = 0.2  # for the tries meant to fail; no assertion is made on how long anything took
 
 
-# ---------------------------------------------------------------- the schema
-
-
-class _Yaml12Loader(yaml.SafeLoader):
-    """``yaml.safe_load`` with YAML 1.2 booleans (only true/false).
-
-    PyYAML follows YAML 1.1, where a bare ``Off`` is the boolean false: read that way, the Logger's
-    ``level`` enum would hold ``false`` instead of the string ``"Off"`` that Firecracker accepts.
-    """
-
-
-_Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                    list("tTfF"))
+# ---------------------------------------------------------------- the schema (read by tests/standin/schema.py)
 
 
 @pytest.fixture(scope="module")
 def spec() -> dict:
-    with SPEC_FILE.open() as f:
-        return yaml.load(f, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
-
-
-def _strict(definitions: dict) -> dict:
-    """The definitions with unknown keys refused wherever the schema leaves ``additionalProperties`` unsaid.
-
-    The schema permits any extra key in a body; requiring none here means a misspelt field fails this
-    test instead of a boot on a KVM host.
-    """
-    definitions = copy.deepcopy(definitions)
-
-    def walk(node):
-        if isinstance(node, dict):
-            if node.get("type") == "object" and "properties" in node:
-                node.setdefault("additionalProperties", False)
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(definitions)
-    return definitions
-
-
-def validator(spec: dict, schema: dict) -> jsonschema.Draft4Validator:
-    """A validator for one schema fragment (``{"$ref": "#/definitions/…"}`` or inline), refs resolved.
-
-    Swagger 2.0 schemas are a subset of JSON Schema draft 4.
-    """
-    root = {"definitions": _strict(spec["definitions"]), **schema}
-    jsonschema.Draft4Validator.check_schema(root)
-    return jsonschema.Draft4Validator(root)
-
-
-def definition(spec: dict, name: str) -> jsonschema.Draft4Validator:
-    assert name in spec["definitions"], f"firecracker.yaml has no definition {name!r}"
-    return validator(spec, {"$ref": f"#/definitions/{name}"})
-
-
-def operation(spec: dict, method: str, path: str) -> tuple[str, dict] | None:
-    """The schema's path template and operation for a request, or None when the schema has no such call."""
-    for template, operations in spec["paths"].items():
-        pattern = "^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)) + "$"
-        if re.match(pattern, path) and method.lower() in operations:
-            return template, operations[method.lower()]
-    return None
-
-
-def body_schema(op: dict) -> dict | None:
-    params = [p for p in op.get("parameters", []) if p.get("in") == "body"]
-    return params[0]["schema"] if params else None
+    return load_spec(SPEC_FILE)
 
 
 # ---------------------------------------------------------------- a test stand-in for Firecracker's API server
-
-
-def _response(status: int, body: bytes = b"", content_type: str = "application/json") -> bytes:
-    head = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
-    if status != 204:  # a 204 carries no body and no length
-        head += f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-    return head.encode() + b"\r\n" + body
-
-
-def _fault(status: int, message: str) -> bytes:
-    return _response(status, json.dumps({"fault_message": message}).encode())
 
 
 class StandInFirecracker:
@@ -167,39 +86,30 @@ class StandInFirecracker:
     async def validate(self, method: str, path: str, raw: bytes) -> bytes:
         found = operation(self.spec, method, path)
         if found is None:
-            return _fault(400, f"invalid request method and/or path: {method} {path}")
+            return wire.fault(400, f"invalid request method and/or path: {method} {path}")
         _, op = found
         schema = body_schema(op)
         if schema is None:
             if raw:
-                return _fault(400, f"{method} {path} takes no body")
+                return wire.fault(400, f"{method} {path} takes no body")
             if method == "GET" and path in self.GET_ANSWERS:
-                return _response(200, json.dumps(self.GET_ANSWERS[path]).encode())
-            return _response(204)
+                return wire.json_response(200, self.GET_ANSWERS[path])
+            return wire.response(204)
         try:
             body = json.loads(raw)
         except ValueError as exc:
-            return _fault(400, f"body is not JSON: {exc}")
-        error = jsonschema.exceptions.best_match(validator(self.spec, schema).iter_errors(body))
+            return wire.fault(400, f"body is not JSON: {exc}")
+        error = body_error(self.spec, schema, body)
         if error is not None:
-            return _fault(400, f"{'/'.join(map(str, error.absolute_path)) or 'body'}: {error.message}")
-        return _response(204)
+            return wire.fault(400, error)
+        return wire.response(204)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._tasks.add(asyncio.current_task())
         try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                request_line, *header_lines = head.decode("latin-1").split("\r\n")
-                method, target, _ = request_line.split(" ", 2)
-                headers = dict(line.split(":", 1) for line in header_lines if line)
-                length = int({k.strip().lower(): v for k, v in headers.items()}.get("content-length", "0"))
-                raw = await reader.readexactly(length) if length else b""
-                self.requests.append((method, target, raw))
-                reply = await self.answer(method, target, raw)
+            while (request := await wire.read_request(reader)) is not None:
+                self.requests.append((request.method, request.target, request.body))
+                reply = await self.answer(request.method, request.target, request.body)
                 if reply is None:
                     return
                 writer.write(reply)
@@ -207,6 +117,8 @@ class StandInFirecracker:
         finally:
             self._tasks.discard(asyncio.current_task())
             writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
 
 
 @pytest.fixture
@@ -314,6 +226,7 @@ CALLS = [
     ("create_snapshot", (fcapi.SnapshotCreateParams("/snap/s", "/snap/m", "Diff"),), "PUT", "/snapshot/create"),
     ("load_snapshot", (fcapi.SnapshotLoadParams("/snap/s", "/snap/m", resume_vm=True),), "PUT", "/snapshot/load"),
     ("describe_instance", (), "GET", "/"),
+    ("vm_config", (), "GET", "/vm/config"),
     ("version", (), "GET", "/version"),
 ]
 
@@ -367,10 +280,10 @@ async def test_refused_body_is_a_fault_with_firecrackers_message(spec, sock_dir)
 
 
 @pytest.mark.parametrize(("reply", "said"), [
-    (_response(500, b"internal oops", "text/plain"), "without a fault_message; body: 'internal oops'"),
-    (_response(400, b""), "without a fault_message; body: (empty)"),
-    (_response(400, b'{"error": "no"}'), "without a fault_message; body: '{\"error\": \"no\"}'"),
-    (_response(400, b'{"fault_message": 7}'), "without a fault_message"),
+    (wire.response(500, b"internal oops", "text/plain"), "without a fault_message; body: 'internal oops'"),
+    (wire.response(400, b""), "without a fault_message; body: (empty)"),
+    (wire.response(400, b'{"error": "no"}'), "without a fault_message; body: '{\"error\": \"no\"}'"),
+    (wire.response(400, b'{"fault_message": 7}'), "without a fault_message"),
 ], ids=["500-text", "400-empty", "400-other-json", "400-fault-not-a-string"])
 async def test_fault_without_a_message_says_so(spec, sock_dir, reply, said):
     async def answer(method, path, raw):
@@ -387,7 +300,7 @@ async def test_fault_without_a_message_says_so(spec, sock_dir, reply, said):
 
 async def test_success_that_is_not_json_is_an_error(spec, sock_dir):
     async def answer(method, path, raw):
-        return _response(200, b"<html>", "text/html")
+        return wire.response(200, b"<html>", "text/html")
 
     async with StandInFirecracker(spec, sock_dir / "api.sock", answer), \
             fcapi.FirecrackerApi(sock_dir / "api.sock") as api:
@@ -464,7 +377,7 @@ async def test_wait_ready_gives_up_on_a_socket_that_never_appears(sock_dir):
 
 async def test_wait_ready_raises_a_fault_at_once(spec, sock_dir):
     async def answer(method, path, raw):
-        return _fault(500, "instance info unavailable")
+        return wire.fault(500, "instance info unavailable")
 
     async with StandInFirecracker(spec, sock_dir / "api.sock", answer) as server, \
             fcapi.FirecrackerApi(sock_dir / "api.sock") as api:

@@ -362,3 +362,29 @@ def test_every_emitted_flag_is_documented(spec):
     assert required <= emitted
     text = JAILER_MD.read_text()
     assert re.search(r"after\s+`--`\s+are\s+forwarded", text), "jailer.md no longer documents the -- separator"
+
+
+def test_cgroup_dirs_are_where_the_jailer_makes_them(tmp_path):
+    v2 = make_spec(cgroup_version=2)
+    assert jail.cgroup_dirs(v2, tmp_path) == [tmp_path / "firecracker" / v2.id]
+    assert jail.cgroup_dirs(make_spec(cgroup_version=2, parent_cgroup="nimbus/vms"), tmp_path) == \
+        [tmp_path / "nimbus" / "vms" / v2.id]
+    # v1: one hierarchy per controller named in --cgroup (memory, cpu), found by the mount's name.
+    for name in ("memory", "cpu,cpuacct", "pids", "blkio"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "cpu").symlink_to("cpu,cpuacct")
+    v1 = make_spec(cgroup_version=1)
+    assert jail.cgroup_dirs(v1, tmp_path) == [tmp_path / "cpu,cpuacct" / "firecracker" / v1.id,
+                                              tmp_path / "memory" / "firecracker" / v1.id]
+
+
+def test_stage_files_takes_extra_files_and_no_kernel(tmp_path, images):
+    _, rootfs = images
+    state = tmp_path / "snapshot.state"
+    state.write_text("{}")
+    spec = make_spec(chroot_base_dir=tmp_path / "jail", uid=os.getuid(), gid=os.getgid())
+    staged = jail.stage_files(spec, None, rootfs, extra={"snapshot.state": state})
+    assert staged == {"rootfs": "/rootfs.ext4", "snapshot.state": "/snapshot.state"}
+    root = jail.chroot_dir(spec)
+    assert not (root / "vmlinux").exists()
+    assert (root / "snapshot.state").stat().st_ino == state.stat().st_ino

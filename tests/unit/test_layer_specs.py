@@ -125,8 +125,11 @@ def test_pack_is_deterministic_and_unpacks_through_layer_dirs(tmp_path):
     assert paths[0] == paths[1] and fetched == [sha]  # unpacked once for two callers
     assert (tmp_path / "home" / "layers" / sha / "pkg" / "__init__.py").read_text() == "X = 1\n"
     assert asyncio.run(dirs.path(sha)) == paths[0] and fetched == [sha]
-    assert dirs.prune({sha}) == 0 and dirs.prune(set()) == 1
-    assert not (tmp_path / "home" / "layers" / sha).exists()
+    image = tmp_path / "home" / "layers" / f"{sha}.ext4"  # the firecracker driver's image of it
+    image.write_bytes(b"ext4")
+    assert dirs.prune({sha}) == 0 and image.exists()
+    assert dirs.prune(set()) == 1
+    assert not (tmp_path / "home" / "layers" / sha).exists() and not image.exists()
 
 
 def test_a_layer_whose_bytes_do_not_match_its_hash_is_not_unpacked(tmp_path):

@@ -450,7 +450,11 @@ class LayerDirs:
         return str(final)
 
     def prune(self, keep: set[str]) -> int:
-        """Remove unpacked layers not in ``keep`` (gc: the store no longer has them); how many went."""
+        """Remove unpacked layers not in ``keep`` (gc: the store no longer has them); how many went.
+
+        Files beside them named ``<sha256>.<suffix>`` (the Firecracker driver's ext4 image of a layer)
+        go with their layer.
+        """
         removed = 0
         if not self.root.is_dir():
             return 0
@@ -458,6 +462,10 @@ class LayerDirs:
             if entry.name.startswith("."):
                 if entry.name != ".work" and time.time() - entry.stat().st_mtime > STALE_UNPACK_S:
                     shutil.rmtree(entry, ignore_errors=True)  # a leftover of an unpack that died
+                continue
+            if entry.is_file():
+                if entry.name.split(".", 1)[0] not in keep:
+                    entry.unlink(missing_ok=True)
                 continue
             if entry.name not in keep:
                 shutil.rmtree(entry, ignore_errors=True)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 DRIVERS: dict[str, str] = {
     "bwrap": "nimbus.machines.bwrap:BwrapDriver",
+    "firecracker": "nimbus.machines.firecracker:FirecrackerDriver",
 }
 
 
@@ -34,7 +35,8 @@ def driver_class(name: str) -> type:
 def load_driver(name: str, home: Path, **options) -> Driver:
     """Build the driver registered as ``name``; its per-node state lives under ``home``.
 
-    ``options`` are the driver's own keyword arguments (``use_templates`` for bwrap).
+    ``options`` are the driver's own keyword arguments (``use_templates`` for bwrap, ``config`` for
+    firecracker).
     """
     from pathlib import Path
 

@@ -89,9 +89,8 @@ from pathlib import Path
 
 import nimbus
 from nimbus import protocol
-from nimbus.agent.base import RESULT_MAX
 from nimbus.errors import MachineDied, MachineStartError, MachineTimeout, ProtocolError
-from nimbus.machines import cgroups, seccomp
+from nimbus.machines import cgroups, frames, seccomp
 from nimbus.machines.base import DEFAULT_PING_TIMEOUT_S, DEFAULT_START_TIMEOUT_S, LAYER_DIR, MachineSpec
 
 log = logging.getLogger("nimbus.machines.bwrap")
@@ -133,13 +132,6 @@ TEMPLATE_RETRY_S = 30.0  # after a template fails to start, its runtime's machin
 MACHINE_CAPS = ("CAP_SETUID", "CAP_SETGID")
 # A template also makes its children's namespaces and mounts and brings up their loopback.
 TEMPLATE_CAPS = ("CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_SETUID", "CAP_SETGID")
-
-# Which reply types answer which request type.
-REPLIES = {
-    protocol.PING: frozenset({protocol.PONG}),
-    protocol.INIT: frozenset({protocol.INIT_OK, protocol.ERROR}),
-    protocol.EXEC: frozenset({protocol.RESULT, protocol.ERROR}),
-}
 
 _ETC_FILES = {
     "passwd": (
@@ -449,8 +441,7 @@ class BwrapMachine:
 
     async def _exchange(self, header: dict, blob: bytes, timeout: float | None) -> tuple[dict, bytes]:
         kind = header.get("type")
-        if kind not in REPLIES:
-            raise ProtocolError(f"the host does not send {kind!r} frames")
+        frames.check_request(kind)
         if not self.alive:
             raise MachineDied(f"machine {self.id} is not running ({describe_exit(self.returncode)}){self._tail_note()}")
         self._seq += 1
@@ -482,18 +473,10 @@ class BwrapMachine:
         except BaseException:  # cancelled mid-request: the channel is out of step, so the machine is done
             self._kill_now()  # no awaiting while cancelled; stop()/kill() will reap and release
             raise
-        if reply.get("id") != rid:
+        problem = frames.reply_problem(kind, rid, reply, reply_blob)
+        if problem is not None:
             await self._abort()
-            raise ProtocolError(f"machine {self.id}: reply id {reply.get('id')!r} does not answer request {rid}")
-        if reply["type"] not in REPLIES[kind]:
-            await self._abort()
-            raise ProtocolError(f"machine {self.id}: {reply['type']!r} does not answer {kind!r}; machine killed")
-        if len(reply_blob) > RESULT_MAX:
-            # The agent refuses such results itself: this frame was forged by code that took over the
-            # channel, so nothing the machine says can be trusted any more.
-            await self._abort()
-            raise ProtocolError(f"machine {self.id}: a reply of {len(reply_blob)} bytes is over the result limit "
-                                f"of {RESULT_MAX} bytes; machine killed")
+            raise ProtocolError(f"machine {self.id}: {problem}; machine killed")
         return reply, reply_blob
 
     async def _has_exited(self) -> bool:

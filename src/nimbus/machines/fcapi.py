@@ -311,6 +311,10 @@ class FirecrackerApi:
         """``GET /``: the instance's id, state (``Not started``, ``Running``, ``Paused``) and version."""
         return await self._request("GET", "/")
 
+    async def vm_config(self) -> dict:
+        """``GET /vm/config``: the whole configuration (boot source, drives, machine config, vsock…)."""
+        return await self._request("GET", "/vm/config")
+
     async def version(self) -> str:
         """The Firecracker version this process runs."""
         answer = await self._request("GET", "/version")

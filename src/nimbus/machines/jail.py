@@ -225,7 +225,8 @@ def _inside(root: Path, name: str, what: str) -> Path:
     return target
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` to ``dst``; copy it, with a warning, when they are on different file systems."""
     try:
         os.link(src, dst)
     except OSError as exc:
@@ -236,23 +237,29 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def stage_files(spec: JailSpec, kernel: Path, rootfs: Path, *,
-                kernel_name: str = DEFAULT_KERNEL_NAME, rootfs_name: str = DEFAULT_ROOTFS_NAME) -> dict[str, str]:
+def stage_files(spec: JailSpec, kernel: Path | None, rootfs: Path, *,
+                kernel_name: str = DEFAULT_KERNEL_NAME, rootfs_name: str = DEFAULT_ROOTFS_NAME,
+                extra: dict[str, Path] | None = None) -> dict[str, str]:
     """Hard-link ``kernel`` and ``rootfs`` into the jail, owned by the jail's uid/gid, before the jailer runs.
 
     Returns ``{"kernel": "/vmlinux", "rootfs": "/rootfs.ext4"}``: the paths Firecracker is given over its
-    API. Also makes the directories the API and vsock sockets go in, owned by the jail's uid/gid, since
+    API. ``kernel`` may be None (a snapshot restore boots no kernel); ``extra`` maps more jail file names
+    to their sources (a snapshot's state and memory files), returned under their names. Also makes the directories the API and vsock sockets go in, owned by the jail's uid/gid, since
     Firecracker creates the sockets but not their directories. Raises ValueError for a name that would
     leave the jail, and FileExistsError if the jail already holds a file of that name.
     """
     root = chroot_dir(spec)
     root.mkdir(parents=True, exist_ok=True)  # the jailer leaves an existing root as it is
     staged: dict[str, str] = {}
-    for key, src, name in (("kernel", kernel, kernel_name), ("rootfs", rootfs, rootfs_name)):
+    files = [("kernel", kernel, kernel_name), ("rootfs", rootfs, rootfs_name)]
+    files += [(name, src, name) for name, src in (extra or {}).items()]
+    for key, src, name in files:
+        if src is None:
+            continue
         dst = _inside(root, name, f"{key} name")
         if not Path(src).is_file():
             raise ValueError(f"{key} {src} is not a file")
-        _link_or_copy(Path(src), dst)
+        link_or_copy(Path(src), dst)
         os.chown(dst, spec.uid, spec.gid)
         staged[key] = f"/{name}"
     for sock in (spec.api_sock, spec.vsock_uds):
@@ -265,6 +272,24 @@ def stage_files(spec: JailSpec, kernel: Path, rootfs: Path, *,
                 raise ValueError(f"socket directory {current} leads outside the jail {root}")
             os.chown(current, spec.uid, spec.gid)
     return staged
+
+
+def cgroup_dirs(spec: JailSpec, cgroup_root: Path = Path("/sys/fs/cgroup")) -> list[Path]:
+    """The cgroup directories the jailer makes for this machine; the host removes them once the VMM is gone.
+
+    jailer.md: ``<cgroup_base>/<parent_cgroup>/<id>`` for each hierarchy that holds a controller named in
+    ``--cgroup``; v2 has one hierarchy, v1 one per controller (found here by its mount directory's name).
+    """
+    parent = spec.parent_cgroup or spec.exec_file.name
+    if spec.cgroup_version == 2:
+        return [cgroup_root / parent / spec.id]
+    found = []
+    controllers = {setting.split(".", 1)[0] for setting in spec.cgroups()}
+    if cgroup_root.is_dir():
+        for mount in sorted(cgroup_root.iterdir()):
+            if controllers & set(mount.name.split(",")) and not mount.is_symlink():
+                found.append(mount / parent / spec.id)
+    return found
 
 
 def direct_argv(firecracker: Path, api_sock: Path) -> list[str]:
