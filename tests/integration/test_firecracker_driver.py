@@ -303,6 +303,8 @@ async def test_snapshots_are_taken_once_then_restored_with_fresh_entropy(make_dr
     key = driver.snapshot_key(first.spec, first.image, first.kernel)
     snapshot = firecracker.Snapshot(key, image_home / firecracker.SNAPSHOTS_DIR / key)
     assert snapshot.complete()
+    for path in (snapshot.state, snapshot.memory):  # shared by every restore: no VMM may change it
+        assert path.stat().st_mode & 0o777 == 0o444 and path.stat().st_uid == 0
     # The snapshot reset its vsock connection; the driver reconnected, and the machine still serves.
     assert await init_and_call(first) == {"n": 42, "fn": "doubler"}
 

@@ -242,8 +242,9 @@ def images(tmp_path):
 
 
 @needs_root
-def test_stage_files_hard_links_and_chowns(tmp_path, images):
+def test_stage_files_hard_links_readable_but_not_owned_by_the_jail(tmp_path, images):
     kernel, rootfs = images
+    rootfs.chmod(0o600)
     spec = make_spec(chroot_base_dir=tmp_path / "jails", uid=123, gid=100)
     staged = jail.stage_files(spec, kernel, rootfs)
     assert staged == {"kernel": "/vmlinux", "rootfs": "/rootfs.ext4"}
@@ -252,7 +253,8 @@ def test_stage_files_hard_links_and_chowns(tmp_path, images):
         dst = root / inside.lstrip("/")
         assert dst.stat().st_ino == src.stat().st_ino
         assert dst.stat().st_nlink == 2
-        assert (dst.stat().st_uid, dst.stat().st_gid) == (123, 100)
+        assert (dst.stat().st_uid, dst.stat().st_gid) == (os.getuid(), os.getgid())  # not the jail's
+        assert dst.stat().st_mode & 0o777 in (0o644, 0o444, 0o755, 0o555)  # but readable by it
     run = root / "run"
     assert run.is_dir() and (run.stat().st_uid, run.stat().st_gid) == (123, 100)
     assert jail.api_socket_path(spec).parent == run

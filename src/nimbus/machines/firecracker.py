@@ -91,6 +91,7 @@ EXIT_WAIT_S = 5.0
 RESET_WAIT_S = 1.0  # how long a snapshotted machine's old vsock connection gets to be dropped
 KEY_CHARS = 16
 KVM_DEVICE = "/dev/kvm"
+READ_ONLY = 0o444
 
 
 @dataclass(frozen=True, slots=True)
@@ -592,6 +593,7 @@ class FirecrackerMachine:
             try:
                 for name in (STATE_NAME, MEMORY_NAME):
                     _move(self.host_path(name), partial / name)
+                    _seal(partial / name)
                 try:
                     os.rename(partial, directory)
                 except OSError as exc:
@@ -622,6 +624,14 @@ class FirecrackerMachine:
         self._kill_vmm()
         if self._undo is not None:
             await self._undo.aclose()
+
+
+def _seal(path: Path) -> None:
+    """Make a snapshot file read-only and, on a root node, root's: the VMM that wrote it ran as the jail's
+    uid, and every later machine restores from it, so no VMM may own it."""
+    if os.geteuid() == 0:
+        os.chown(path, 0, 0)
+    os.chmod(path, READ_ONLY)
 
 
 def _move(source: Path, target: Path) -> None:
@@ -697,6 +707,8 @@ class FirecrackerDriver:
             if not path.is_file() or not os.access(path, os.X_OK):
                 found.append(f"the {name} binary {path} is missing or not executable "
                              f"(NIMBUS_{name.upper()}_BIN)")
+        if self.config.jailer is not None and os.geteuid() != 0:
+            found.append("the jailer needs the node to run as root (or set NIMBUS_JAILER=off, unconfined)")
         if not os.path.exists(KVM_DEVICE):
             found.append(f"{KVM_DEVICE} does not exist: this host cannot run microVMs")
         kernel_path = self.kernel_path()

@@ -22,9 +22,10 @@ Every path Firecracker is given (``--api-sock``, the boot source and drives over
 sockets as the host sees them.
 
 Staging hard-links rather than copies because a rootfs image is large and a machine starts often; a link
-is one inode with two names, so ``chown`` on it changes the original file's owner too, and a writable
-rootfs linked into two jails is one disk written by two guests: callers give each machine its own
-writable image (or attach the shared one read-only). Linking fails across file systems (``EXDEV``); then
+is one inode with two names. So staged files are never handed to the jail's uid (a VMM owning the
+inode could rewrite the image every other machine boots from), only made readable by it; and a
+writable rootfs linked into two jails would be one disk written by two guests: callers give each
+machine its own writable image (or attach the shared one read-only, as the driver does). Linking fails across file systems (``EXDEV``); then
 the file is copied, with a warning, since that is slow and uses disk.
 
 What is exercised here: ``tests/unit/test_jail.py`` checks the argv against the rules of Firecracker's
@@ -68,6 +69,7 @@ CPU_PERIOD_US = 100_000
 DEFAULT_RESOURCE_LIMITS: tuple[tuple[str, int], ...] = (("no-file", 2048),)
 RESOURCE_NAMES = ("fsize", "no-file")  # the resources jailer.md documents for --resource-limit
 CGROUP_VERSIONS = (1, 2)
+READ_ALL = 0o444
 
 
 def _jail_relative(path: str, what: str) -> PurePosixPath:
@@ -240,12 +242,13 @@ def link_or_copy(src: Path, dst: Path) -> None:
 def stage_files(spec: JailSpec, kernel: Path | None, rootfs: Path, *,
                 kernel_name: str = DEFAULT_KERNEL_NAME, rootfs_name: str = DEFAULT_ROOTFS_NAME,
                 extra: dict[str, Path] | None = None) -> dict[str, str]:
-    """Hard-link ``kernel`` and ``rootfs`` into the jail, owned by the jail's uid/gid, before the jailer runs.
+    """Hard-link ``kernel`` and ``rootfs`` into the jail, readable by the jail's uid/gid, before the jailer runs.
 
     Returns ``{"kernel": "/vmlinux", "rootfs": "/rootfs.ext4"}``: the paths Firecracker is given over its
     API. ``kernel`` may be None (a snapshot restore boots no kernel); ``extra`` maps more jail file names
-    to their sources (a snapshot's state and memory files), returned under their names. Also makes the directories the API and vsock sockets go in, owned by the jail's uid/gid, since
-    Firecracker creates the sockets but not their directories. Raises ValueError for a name that would
+    to their sources (a snapshot's state and memory files), returned under their names. Also makes the
+    directories the API and vsock sockets go in, owned by the jail's uid/gid, since Firecracker creates
+    the sockets but not their directories. Raises ValueError for a name that would
     leave the jail, and FileExistsError if the jail already holds a file of that name.
     """
     root = chroot_dir(spec)
@@ -260,7 +263,11 @@ def stage_files(spec: JailSpec, kernel: Path | None, rootfs: Path, *,
         if not Path(src).is_file():
             raise ValueError(f"{key} {src} is not a file")
         link_or_copy(Path(src), dst)
-        os.chown(dst, spec.uid, spec.gid)
+        # Readable, never owned, by the jail's uid: a link is the shared inode itself, and a VMM that
+        # owned it could rewrite the image (or snapshot) every other machine boots from.
+        mode = dst.stat().st_mode
+        if mode & READ_ALL != READ_ALL:
+            os.chmod(dst, mode | READ_ALL)
         staged[key] = f"/{name}"
     for sock in (spec.api_sock, spec.vsock_uds):
         parent = _jail_relative(sock, "socket path").parent
