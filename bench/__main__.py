@@ -13,7 +13,9 @@ Figures (python3 no-op function unless said otherwise):
 - an idle initialised python3 machine's PSS (every process of the machine, /proc/<pid>/smaps_rollup);
 - N idle initialised machines on the node (``--machines``; the goal is 500): all still answering after
   a health round, and the node's warm p50 with them vs just before they were made;
-- for each compiled runtime (go, rust, wasm): first build, cached deploy and warm p50.
+- for each compiled runtime (go, rust, wasm): first build, cached deploy and warm p50;
+- on a host that can run Firecracker microVMs: boot and snapshot restore to agent ready vs the VMM alone
+  (``bench/firecracker.py``); elsewhere those rows say why they were not measured.
 
 Writes bench/results.json and bench/latency.png (warm vs cold histogram). Flags: ``--help``.
 Profile the warm path with ``python -m bench.profile`` (py-spy; see bench/profile.py).
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from bench import compiled, floors, inprocess, plot, report
+from bench import compiled, firecracker, floors, inprocess, plot, report
 from bench.common import (
     HERE,
     NOOP_CODE,
@@ -69,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--concurrent-requests", type=int, default=2000, help="calls in the c=32 run")
     ap.add_argument("--cold", type=int, default=30, help="cold starts measured (and bare bwrap runs)")
     ap.add_argument("--acquires", type=int, default=20_000, help="acquire/release pairs in the pool microbenchmark")
+    ap.add_argument("--microvms", type=int, default=10, help="firecracker boots and restores measured (KVM hosts)")
     ap.add_argument("--skip-compiled", action="store_true", help="leave out go/rust/wasm (their builds are slow)")
     ap.add_argument("--fill-concurrency", type=int, default=8, help="parallel first calls when making N machines")
     return ap.parse_args(argv)
@@ -302,6 +305,8 @@ def main(argv=None) -> None:
     ordered["idle_machines_healthy"] = healthy_row
     ordered["node_p50_with_idle_machines_ms"] = p50_row
     ordered.update(extra)
+    print("firecracker microVMs (where this host can run them) ...", flush=True)
+    ordered.update(firecracker.measure(args.microvms))
     report.annotate(ordered)
     ordered["_run"] = {"seconds": time.monotonic() - started, "args": vars(args),
                        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -24,6 +24,8 @@ LABELS = {
     "idle_machine_pss_mib": "idle warm python3 machine PSS (MiB)",
     "idle_machines_healthy": "N idle warm machines healthy",
     "node_p50_with_idle_machines_ms": "node p50 with N idle (ms)",
+    "firecracker_boot_p50_ms": "firecracker boot to agent ready (ms)",
+    "firecracker_restore_p50_ms": "firecracker restore to agent ready (ms)",
 }
 
 
@@ -117,4 +119,10 @@ def details(results: dict[str, dict]) -> str:
                    f"({n['node_machine_trees']} machines, {n.get('node_templates', 0)} template(s) counted in, "
                    f"{n['node_pss_mib_total']:.0f} MiB in all); "
                    f"filling took {n['fill_s']:.1f} s")
+    for key in ("firecracker_boot_p50_ms", "firecracker_restore_p50_ms"):
+        f = results.get(key)
+        if f and f.get("value") is not None:
+            steps = ", ".join(f"{name} {ms:.1f}" for name, ms in f["steps_p50_ms"].items())
+            out.append(f"{LABELS[key]}: {f['samples']} machines; floor = the VMM alone (vmm.start + api.ready); "
+                       f"steps p50 (ms): {steps}")
     return "\n".join(out)

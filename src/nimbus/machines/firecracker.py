@@ -63,7 +63,7 @@ from pathlib import Path
 
 from nimbus import protocol
 from nimbus.errors import MachineDied, MachineStartError, MachineTimeout, ProtocolError
-from nimbus.machines import fcapi, frames, images, jail, kernel, vsock
+from nimbus.machines import fcapi, frames, images, jail, kernel, kvm, vsock
 from nimbus.machines.base import DEFAULT_PING_TIMEOUT_S, DEFAULT_START_TIMEOUT_S, MachineSpec
 
 log = logging.getLogger("nimbus.machines.firecracker")
@@ -178,7 +178,8 @@ class FirecrackerMachine:
     """One microVM with the guest agent in it; see :class:`nimbus.machines.base.Machine`.
 
     ``restored`` is True for a machine loaded from a snapshot; ``ready_ms`` is how long its start took,
-    from the first step to the agent's pong. ``step`` names the step running (or that failed).
+    from the first step to the agent's pong, and ``step_ms`` what each step took of it (``make bench``
+    reports them). ``step`` names the step running (or that failed).
     """
 
     def __init__(self, driver: FirecrackerDriver, spec: MachineSpec, image: Path, kernel_path: Path | None,
@@ -190,6 +191,7 @@ class FirecrackerMachine:
         self.uses = 0
         self.restored = False
         self.ready_ms: float | None = None
+        self.step_ms: dict[str, float] = {}
         self.step: str | None = None
         self.pid: int | None = None
         self.image = image
@@ -275,6 +277,7 @@ class FirecrackerMachine:
         async with contextlib.AsyncExitStack() as undo:
             for name in self.plan:
                 self.step = name
+                step_began = time.perf_counter()
                 try:
                     action = await self._steps[name]()
                 except asyncio.CancelledError:
@@ -285,6 +288,7 @@ class FirecrackerMachine:
                     raise MachineStartError(f"machine {self.id}: {name} failed: {exc}{self._tail_note()}") from exc
                 if action is not None:
                     undo.push_async_callback(action)
+                self.step_ms[name] = (time.perf_counter() - step_began) * 1000
             self._undo = undo.pop_all()
         self._started = True
         self.step = None
@@ -711,6 +715,9 @@ class FirecrackerDriver:
             found.append("the jailer needs the node to run as root (or set NIMBUS_JAILER=off, unconfined)")
         if not os.path.exists(KVM_DEVICE):
             found.append(f"{KVM_DEVICE} does not exist: this host cannot run microVMs")
+        elif kvm.detect_pvm()[0]:
+            found.append(f"{KVM_DEVICE} is PVM nested KVM (kvm_pvm): stock guest kernels hang on it "
+                         "(see nimbus doctor)")
         kernel_path = self.kernel_path()
         if kernel_path is None or not kernel_path.is_file():
             found.append(f"no guest kernel ({kernel_path or 'none registered'}): run 'nimbus images kernel' "
