@@ -8,8 +8,8 @@ STAMP  := $(VENV)/.installed-stamp
 
 # Debian packages the runtimes need: node (nodejs runtime), go and rustc (their builds). A rustup Rust in
 # ~/.cargo/bin counts as installed (the node finds it there too); Debian's rustc is the fallback.
-# e2fsprogs: mkfs.ext4/debugfs for Firecracker guest images (nimbus images build, and their tests).
-DEB_TOOLS := node:nodejs go:golang-go rustc:rustc mkfs.ext4:e2fsprogs debugfs:e2fsprogs
+# e2fsprogs and debootstrap: Firecracker guest images (nimbus images build, and their tests).
+DEB_TOOLS := node:nodejs go:golang-go rustc:rustc mkfs.ext4:e2fsprogs debugfs:e2fsprogs debootstrap:debootstrap
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
