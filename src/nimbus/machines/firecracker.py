@@ -92,6 +92,8 @@ RESET_WAIT_S = 1.0  # how long a snapshotted machine's old vsock connection gets
 KEY_CHARS = 16
 KVM_DEVICE = "/dev/kvm"
 READ_ONLY = 0o444
+# A restore that fails here blames the snapshot (unloadable, or a guest that does not come back).
+SNAPSHOT_FAULT_STEPS = ("snapshot.load", "agent.ready")
 
 
 @dataclass(frozen=True, slots=True)
@@ -760,6 +762,8 @@ class FirecrackerDriver:
                 try:
                     await machine.start()
                 except MachineStartError as exc:
+                    if machine.step not in SNAPSHOT_FAULT_STEPS:
+                        raise  # not the snapshot's fault (a jail, the VMM): booting would fail the same way
                     log.warning("restoring snapshot %s failed, so it is deleted and machines of its kind boot "
                                 "until a new one is taken: %s", key, exc)
                     await asyncio.to_thread(shutil.rmtree, snapshot.directory, True)
