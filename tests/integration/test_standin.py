@@ -134,6 +134,16 @@ async def configure(api: fcapi.FirecrackerApi, uds_path: str = "v.sock") -> None
 
 
 @contextlib.asynccontextmanager
+async def running_vm(api_socket: Path):
+    """The API client of a stand-in that answers, configured with :func:`configure` and started."""
+    async with fcapi.FirecrackerApi(api_socket) as api:
+        await api.wait_ready(timeout=WAIT_S)
+        await configure(api)
+        await api.instance_start()
+        yield api
+
+
+@contextlib.asynccontextmanager
 async def channel(uds_path: Path):
     """The frame streams of a vsock connection to the agent's port, through the stand-in's device."""
     sock = await vsock.connect(uds_path, timeout=WAIT_S, retry_interval=RETRY_S)
@@ -249,10 +259,7 @@ async def test_stand_in_boots_and_the_agent_answers_over_vsock(firecracker, work
 
 async def test_a_connect_before_the_agent_listens_is_closed_then_retried(firecracker, work):
     proc = firecracker("early")
-    async with fcapi.FirecrackerApi(work / "early.sock") as api:
-        await api.wait_ready(timeout=WAIT_S)
-        await configure(api)
-        await api.instance_start()
+    async with running_vm(work / "early.sock"):
         # At once: the agent takes tens of milliseconds (its interpreter and imports) to listen.
         await closed_unanswered(work / "v.sock")
         assert "the guest agent does not listen on port 9999" in log_of(work, "early")
@@ -266,10 +273,7 @@ async def test_a_connect_before_the_agent_listens_is_closed_then_retried(firecra
 
 async def test_a_connect_to_another_port_is_closed(firecracker, work):
     firecracker("port")
-    async with fcapi.FirecrackerApi(work / "port.sock") as api:
-        await api.wait_ready(timeout=WAIT_S)
-        await configure(api)
-        await api.instance_start()
+    async with running_vm(work / "port.sock"):
         async with channel(work / "v.sock") as (reader, writer):
             await ping(reader, writer)
         await closed_unanswered(work / "v.sock", port=52)
@@ -278,10 +282,7 @@ async def test_a_connect_to_another_port_is_closed(firecracker, work):
 
 async def test_a_protocol_violation_ends_the_agent_and_powers_off(firecracker, work):
     proc = firecracker("bad")
-    async with fcapi.FirecrackerApi(work / "bad.sock") as api:
-        await api.wait_ready(timeout=WAIT_S)
-        await configure(api)
-        await api.instance_start()
+    async with running_vm(work / "bad.sock"):
         async with channel(work / "v.sock") as (reader, writer):
             await ping(reader, writer)
             writer.write(b"\xff" * 64)  # not a frame: the agent ends, as it does in a real guest
@@ -295,10 +296,7 @@ async def test_a_protocol_violation_ends_the_agent_and_powers_off(firecracker, w
 
 async def test_ctrl_alt_del_powers_the_guest_off(firecracker, work):
     proc = firecracker("cad")
-    async with fcapi.FirecrackerApi(work / "cad.sock") as api:
-        await api.wait_ready(timeout=WAIT_S)
-        await configure(api)
-        await api.instance_start()
+    async with running_vm(work / "cad.sock") as api:
         await api.send_ctrl_alt_del()
     assert await exited(proc) == 0
     assert not (work / "cad.sock").exists() and not (work / "v.sock").exists()
@@ -306,10 +304,8 @@ async def test_ctrl_alt_del_powers_the_guest_off(firecracker, work):
 
 async def test_sigterm_removes_the_sockets(firecracker, work):
     proc = firecracker("term")
-    async with fcapi.FirecrackerApi(work / "term.sock") as api:
-        await api.wait_ready(timeout=WAIT_S)
-        await configure(api)
-        await api.instance_start()
+    async with running_vm(work / "term.sock"):
+        pass
     proc.send_signal(signal.SIGTERM)
     assert await exited(proc) == 0
     assert not (work / "term.sock").exists() and not (work / "v.sock").exists()
@@ -317,10 +313,7 @@ async def test_sigterm_removes_the_sockets(firecracker, work):
 
 async def test_paused_guest_takes_no_connection_until_resumed(firecracker, work):
     firecracker("pause")
-    async with fcapi.FirecrackerApi(work / "pause.sock") as api:
-        await api.wait_ready(timeout=WAIT_S)
-        await configure(api)
-        await api.instance_start()
+    async with running_vm(work / "pause.sock") as api:
         await api.pause()
         assert (await api.describe_instance())["state"] == "Paused"
         await refused(work / "v.sock")
@@ -338,10 +331,7 @@ async def test_paused_guest_takes_no_connection_until_resumed(firecracker, work)
 
 async def test_snapshot_then_load_into_a_second_process(firecracker, work):
     first = firecracker("a")
-    async with fcapi.FirecrackerApi(work / "a.sock") as api:
-        await api.wait_ready(timeout=WAIT_S)
-        await configure(api)
-        await api.instance_start()
+    async with running_vm(work / "a.sock") as api:
         with pytest.raises(fcapi.FirecrackerApiError, match="must be Paused"):
             await api.create_snapshot(fcapi.SnapshotCreateParams("snap.state", "snap.mem"))
         async with channel(work / "v.sock") as (reader, writer):
@@ -388,10 +378,7 @@ async def test_snapshot_then_load_into_a_second_process(firecracker, work):
 
 async def test_snapshot_resets_an_open_connection_and_the_agent_accepts_again(firecracker, work):
     first = firecracker("a")
-    async with fcapi.FirecrackerApi(work / "a.sock") as api:
-        await api.wait_ready(timeout=WAIT_S)
-        await configure(api)
-        await api.instance_start()
+    async with running_vm(work / "a.sock") as api:
         async with channel(work / "v.sock") as (reader, writer):
             agent_pid = (await ping_init_exec(reader, writer))["pid"]
             await api.pause()
@@ -426,10 +413,7 @@ async def test_snapshot_resets_an_open_connection_and_the_agent_accepts_again(fi
 @pytest.mark.parametrize("case", ["not-a-snapshot", "no-memory-file", "drive-moved"])
 async def test_a_failed_load_is_a_fault_and_ends_the_process(firecracker, work, case):
     vm = firecracker("a")
-    async with fcapi.FirecrackerApi(work / "a.sock") as api:
-        await api.wait_ready(timeout=WAIT_S)
-        await configure(api)
-        await api.instance_start()
+    async with running_vm(work / "a.sock") as api:
         await api.pause()
         await api.create_snapshot(fcapi.SnapshotCreateParams("snap.state", "snap.mem"))
     vm.send_signal(signal.SIGTERM)
@@ -592,10 +576,7 @@ def test_jailer_wants_a_firecracker_exec_file(installed, work):
 
 async def test_the_agent_does_not_outlive_a_killed_stand_in(firecracker, work):
     proc = firecracker("killed")
-    async with fcapi.FirecrackerApi(work / "killed.sock") as api:
-        await api.wait_ready(timeout=WAIT_S)
-        await configure(api)
-        await api.instance_start()
+    async with running_vm(work / "killed.sock"):
         async with channel(work / "v.sock") as (reader, writer):
             agent_pid = (await ping_init_exec(reader, writer))["pid"]
             proc.kill()  # no clean-up can run: the kernel ends the agent (PR_SET_PDEATHSIG)
