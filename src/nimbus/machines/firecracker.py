@@ -34,8 +34,9 @@ once) and marked ``restored``. What the snapshot documentation warns about is ha
 device is reset on snapshot, so the host reconnects (the agent keeps listening); every clone wakes with
 the same entropy, so a restored machine's ``init`` carries 32 fresh bytes that the agent mixes into the
 kernel's pool and reseeds from before any function code runs (the guest kernel's VMGenID does the
-kernel side too on ≥ 5.18); identical paths, as above. A snapshot that fails to load is deleted and the
-machine boots instead.
+kernel side too on ≥ 5.18); identical paths, as above. The snapshot's files, written by a jailed VMM,
+are made root's and read-only before any restore uses them. A snapshot that fails to load (or whose
+guest does not come back) is deleted and the machine boots instead.
 
 What runs where. No host that develops Nimbus can boot a Firecracker guest (no ``firecracker`` binary
 in any registry; a nested PVM ``/dev/kvm``). ``tests/integration/test_firecracker_driver.py`` drives
