@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import standin
 from standin import firecracker as fc_standin
-from standin.frames import exchange, exec_header, ping_init_exec
+from standin.frames import exchange, exec_header, ping_init_exec, streams
 from standin.schema import definition, load_spec
 
 import firecracker_spec
@@ -147,13 +147,8 @@ async def running_vm(api_socket: Path):
 async def channel(uds_path: Path):
     """The frame streams of a vsock connection to the agent's port, through the stand-in's device."""
     sock = await vsock.connect(uds_path, timeout=WAIT_S, retry_interval=RETRY_S)
-    reader, writer = await asyncio.open_unix_connection(sock=sock)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
+    async with streams(sock) as both:
+        yield both
 
 
 async def ping(reader, writer, rid: int = 9) -> None:

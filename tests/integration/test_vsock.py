@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 from standin import muxer
 from standin.agent import LAUNCH, SANDBOX_ENV, SRC, start_agent
-from standin.frames import exchange, exec_header, handler_code, init_header, ping_init_exec
+from standin.frames import exchange, exec_header, handler_code, init_header, ping_init_exec, streams
 
 from nimbus import protocol
 from nimbus.agent import main as agent_main
@@ -174,15 +174,6 @@ async def standins(short_dir):
         await standin.close()
 
 
-@contextlib.asynccontextmanager
-async def streams(sock: socket.socket):
-    reader, writer = await asyncio.open_unix_connection(sock=sock)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
 
 
 def retry_records(caplog) -> list[str]:

@@ -6,7 +6,9 @@ Used over whatever carries the frames: a vsock bridge of a stand-in, or a real v
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 import textwrap
 
 from nimbus import protocol
@@ -54,3 +56,15 @@ async def ping_init_exec(reader, writer, n: int = 21) -> dict:
     assert reply["type"] == "result", reply
     assert f"handling {n}" in reply["logs"]
     return json.loads(output)
+
+
+@contextlib.asynccontextmanager
+async def streams(sock: socket.socket):
+    """Asyncio streams over a connected socket (a vsock connection), closed on the way out."""
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
