@@ -107,19 +107,15 @@ def parse_args(argv: list[str]) -> Options:
             options.poweroff = False
         elif name == "--report-pid" and not eq:
             options.report_pid = True
+        elif name in ("--layer", "--tmp-size", "--task-size") and not eq:
+            if not args:
+                raise ValueError(f"{name} needs a value")
+            args.insert(0, f"{name}={args.pop(0)}")  # parsed as the --name=value form, next round
         elif name == "--layer":
-            if not eq:
-                if not args:
-                    raise ValueError("--layer needs a device")
-                value = args.pop(0)
             if not value.startswith("/dev/") or "/../" in value or "\0" in value:
                 raise ValueError(f"--layer must name a device under /dev, not {value!r}")
             options.layer = value
         elif name in ("--tmp-size", "--task-size"):
-            if not eq:
-                if not args:
-                    raise ValueError(f"{name} needs a value")
-                value = args.pop(0)
             if not _valid_size(value):
                 raise ValueError(f"{name} must be a size such as 64m, 1g or 50%, not {value!r}")
             if name == "--tmp-size":
