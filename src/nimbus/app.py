@@ -15,6 +15,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from nimbus import compiler, machines
+from nimbus import home as nimbus_home
 from nimbus.callbacks import AllowList
 from nimbus.compiler.layers import LayerDirs
 from nimbus.config import Settings
@@ -44,8 +45,7 @@ class Node:
 
     @classmethod
     async def start(cls, settings: Settings) -> "Node":
-        home = settings.home.resolve()
-        home.mkdir(parents=True, exist_ok=True)
+        home = nimbus_home.prepare(settings.home)
         store = await Store.open(settings.db_url, write_behind_ms=settings.write_behind_ms,
                                  function_cache_s=settings.function_cache_s)
         driver = builds = None

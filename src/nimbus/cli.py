@@ -1167,10 +1167,32 @@ def _doctor_settings():
         return Settings.model_construct()
 
 
+def _check_home(settings) -> dict:
+    """The node's home and SQLite files closed to other local accounts (they hold secrets and results)."""
+    from sqlalchemy.engine import make_url
+
+    from nimbus.home import exposure
+
+    home = settings.home.expanduser().resolve()
+    database = None
+    url = make_url(settings.db_url)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        database = Path(url.database).expanduser()
+    found = exposure(home, database)
+    if found:
+        check = _check("home", False, "readable by other accounts: " + "; ".join(found) +
+                       " (nimbus up makes the home 0700 and the database 0600)", exposed=found)
+        return {**check, "status": "warning"}
+    if not home.exists():
+        return _check("home", True, f"{home} does not exist yet (nimbus up creates it 0700)")
+    return _check("home", True, f"{home} is private to its owner")
+
+
 def _doctor_checks() -> list[dict]:
     settings = _doctor_settings()
     cgroups_check, seccomp_check = _check_cgroups(), _check_seccomp()
     return [
+        _check_home(settings),
         _check_bwrap(),
         _check_userns(),
         cgroups_check,

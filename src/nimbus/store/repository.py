@@ -43,6 +43,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from nimbus.errors import Conflict, NimbusError, NotFound, StoreError
+from nimbus.home import private_file
 from nimbus.store import tables
 from nimbus.store.records import (
     DEFAULT_MAX_RETRIES,
@@ -267,7 +268,7 @@ def _create_engine(url: URL) -> AsyncEngine:
     if url.get_backend_name() == "sqlite":
         database = url.database or ""
         if database and database != ":memory:" and not database.startswith("file:"):
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            private_file(Path(database).expanduser())  # results and secrets: never readable by others
         engine = create_async_engine(url)
         _configure_sqlite(engine.sync_engine)
         return engine
