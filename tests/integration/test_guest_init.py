@@ -80,8 +80,10 @@ HANDLER = """
             while not os.path.exists("/tmp/orphan") and time.monotonic() < deadline:
                 time.sleep(0.01)
             orphan, reparented_to = map(int, open("/tmp/orphan").read().split())
-            while os.path.exists(f"/proc/{orphan}") and _state(orphan) == "Z" and time.monotonic() < deadline:
-                time.sleep(0.01)  # PID 1 reaps it as soon as it exits: bounded wait, never a threshold
+            # Until it is gone (PID 1 reaps it as soon as it exits): waiting only while it is a zombie
+            # raced an orphan that had written its note but not yet exited. Bounded, never a threshold.
+            while os.path.exists(f"/proc/{orphan}") and time.monotonic() < deadline:
+                time.sleep(0.01)
             states = {}
             for name in os.listdir("/proc"):
                 if name.isdigit():
