@@ -51,11 +51,12 @@ class RunningNode:
 
         import uvicorn
 
-        from nimbus.app import create_app
+        from nimbus.app import create_app, server_config
 
         self.settings = settings
         self.app = create_app(settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        # The node's own server configuration (its client deadlines included), on a free loopback port.
+        config = server_config(self.app, settings, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="nimbus-node", daemon=True)
 

@@ -20,11 +20,13 @@ from nimbus.callbacks import AllowList
 from nimbus.compiler.layers import LayerDirs
 from nimbus.config import Settings
 from nimbus.gateway import auth, build_api
+from nimbus.machines import frames
 from nimbus.machines.base import Driver
 from nimbus.metrics import Metrics
 from nimbus.pool import Pool
 from nimbus.scheduler import CodeCache, Scheduler
 from nimbus.store import Store
+from nimbus.store.retention import Retention
 
 log = logging.getLogger("nimbus")
 STORE_FLUSH_TIMEOUT_S = 10.0  # a failing database must not hold the shutdown up for long
@@ -42,6 +44,7 @@ class Node:
     metrics: Metrics
     compiler: compiler.Compiler
     layers: LayerDirs
+    retention: Retention | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> "Node":
@@ -61,11 +64,12 @@ class Node:
             )
             options = _driver_options(settings)
             driver = machines.load_driver(settings.driver, home, **options)
+            driver.reply_budget = frames.ReplyBudget(settings.reply_buffer_mb << 20)
             metrics = Metrics()
             layer_dirs = LayerDirs(home, store.get_code)
             pool = Pool(
                 driver,
-                CodeCache(store).load,
+                CodeCache(store, settings.code_cache_mb << 20).load,
                 runtimes=settings.runtimes,
                 min_warm=settings.min_warm,
                 max_warm=settings.max_warm,
@@ -86,10 +90,17 @@ class Node:
                 async_lease_s=settings.async_lease_s,
                 async_retry_base_s=settings.async_retry_base_s,
                 callback_allow=AllowList(settings.callback_allow),
+                tenant_budget=int(settings.tenant_store_mb * (1 << 20)),
+                budget_retry_s=settings.retention_interval_s,
+                # With auth off there is one tenant: a share would only shrink its queue.
+                tenant_queue_share=settings.tenant_queue_share if settings.auth == "on" else 1.0,
             )
+            retention = Retention(store, max_age_s=settings.retention_max_age_s,
+                                  max_count=settings.retention_max_count, interval_s=settings.retention_interval_s)
             metrics.watch(pool.stats, lambda: scheduler.queue_depth)
             await pool.start()
             await scheduler.start()
+            await retention.start()
         except BaseException:
             if driver is not None:
                 await driver.close()
@@ -97,9 +108,11 @@ class Node:
                 await builds.close()
             await store.close()
             raise
-        return cls(settings, store, driver, pool, scheduler, metrics, builds, layer_dirs)
+        return cls(settings, store, driver, pool, scheduler, metrics, builds, layer_dirs, retention)
 
     async def stop(self) -> None:
+        if self.retention is not None:
+            await self.retention.close()
         await self.scheduler.close()
         # No call finishes after this (HTTP drained, scheduler closed): write the sync results kept in
         # memory now, not after the slow machine teardown, so a crash during it loses none of them.
@@ -164,15 +177,29 @@ def serve(settings: Settings) -> None:
                 node.scheduler.stop_claiming()
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=False, timeout_graceful_shutdown=30)
-    Server(config).run()
+    Server(server_config(app, settings)).run()
+
+
+def server_config(app, settings: Settings, **overrides):
+    """The uvicorn configuration of a node: its address, and deadlines for clients slow to send a request.
+
+    ``overrides``: other ``uvicorn.Config`` arguments (tests serve on port 0 with quieter logs).
+    """
+    import uvicorn
+
+    from nimbus.gateway.deadlines import protocol_class
+
+    options = dict(host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
+                   timeout_graceful_shutdown=30,
+                   http=protocol_class(settings.header_timeout_s, settings.body_timeout_s))
+    return uvicorn.Config(app, **{**options, **overrides})
 
 
 def _driver_options(settings: Settings) -> dict:
     """The chosen driver's own keyword arguments, from the settings."""
     if settings.driver == "bwrap":
-        return {"use_templates": {"auto": None, "on": True, "off": False}[settings.templates]}
+        return {"use_templates": {"auto": None, "on": True, "off": False}[settings.templates],
+                "uid_base": settings.machine_uid_base, "uid_count": settings.machine_uid_count}
     from nimbus.machines.firecracker import FirecrackerConfig
 
     return {"config": FirecrackerConfig(

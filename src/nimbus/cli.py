@@ -503,6 +503,12 @@ def _event(data: str | None) -> bytes:
         json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         fail(f"{source} is not valid JSON: {exc}", 2)
+    except RecursionError:
+        pass  # deeper than Python's decoder goes: refused just below, as the node would
+    from nimbus.protocol import NESTING_MAX, nesting_over
+
+    if nesting_over(raw):
+        fail(f"{source} is nested more than {NESTING_MAX} levels deep", 2)
     return raw
 
 

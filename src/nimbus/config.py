@@ -49,19 +49,41 @@ class Settings(BaseSettings):
     templates: Literal["auto", "on", "off"] = Field("auto", description="fork machines from a per-runtime template "
                                                    "sandbox (bwrap on a root node with cgroups; auto: when possible)")
     max_machines: int = Field(64, ge=1, description="all machines on this node")
+    reply_buffer_mb: int = Field(256, ge=1, description="MiB of machine replies the node reads at once; a reply "
+                                 "that does not fit waits for others (at least one largest reply always fits)")
+    machine_uid_base: int = Field(0x70000000, ge=1, le=(1 << 31) - 1, description="first host uid (and gid) given "
+                                  "to machines on a root node, one per machine; outside /etc/subuid ranges and users")
+    machine_uid_count: int = Field(65536, ge=1, le=1 << 24, description="how many uids from machine_uid_base machines "
+                                   "may use: at most this many machines at once")
+    header_timeout_s: float = Field(10.0, gt=0, le=3600, description="how long a client may take to send a "
+                                    "request's headers (and to start the next one on a kept-alive connection)")
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="how long a client may take to send a "
+                                  "request's body once its headers are in (408 after that)")
     max_age_s: float = Field(3600.0, gt=0, description="a machine older than this is recycled")
     max_uses: int = Field(10_000, ge=1, description="a machine that served this many calls is recycled")
     idle_ttl_s: float = Field(300.0, gt=0, description="how long an idle initialised machine is kept")
     health_interval_s: float = Field(10.0, gt=0, description="how often idle machines are pinged")
     queue_size: int = Field(DEFAULT_QUEUE_SIZE, ge=1, description="invocations waiting for a worker")
     workers: int = Field(DEFAULT_WORKERS, ge=1, description="invocations run at once on this node")
+    tenant_queue_share: float = Field(0.5, gt=0, le=1, description="the part of this node's sync calls (waiting "
+                                      "and running) one tenant may hold; past it that tenant gets 429")
     write_behind_ms: float = Field(5.0, ge=0, le=60_000, description="how long a finished sync invocation may wait "
                                    "in memory to be written with others in one INSERT; 0: written before the reply")
     function_cache_s: float = Field(1.0, ge=0, le=60, description="how long a sync invoke's function look-up is cached")
+    code_cache_mb: int = Field(256, ge=0, le=1 << 20, description="memory for the code machines load, kept between "
+                               "starts (least recently used goes first; code bigger than this is never kept)")
     async_poll_s: float = Field(1.0, gt=0, description="how often the store is polled for async work")
     async_lease_s: float = Field(60.0, gt=0, description="lease on a claimed async invocation, renewed while it runs")
     async_retry_base_s: float = Field(1.0, gt=0, le=3600,
                                       description="backoff before the first retry of a failed async invocation; doubles")
+    retention_max_age_s: float = Field(7 * 86400.0, ge=0, description="finished invocations older than this are "
+                                       "deleted; 0: kept whatever their age")
+    retention_max_count: int = Field(1000, ge=0, description="finished invocations kept per function, the newest; "
+                                     "older ones are deleted; 0: no limit")
+    retention_interval_s: float = Field(60.0, gt=0, le=86400, description="how often the node deletes what "
+                                        "retention allows and measures each tenant's stored bytes")
+    tenant_store_mb: float = Field(1024.0, gt=0, description="MiB of events, results and logs a tenant's stored "
+                                   "invocations may hold: beyond it async calls get 429, sync results are not kept")
     callback_allow: str = Field("", description="hosts, IPs and CIDRs callback_url may name (comma-separated); "
                                 "empty refuses callbacks")
     runtimes: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["python3", "nodejs"], description="runtimes pre-warmed")

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from nimbus import protocol, runtimes
+from nimbus import packages, protocol, runtimes
 from nimbus.errors import InitFailed, MachineDied, MachineError, MachineTimeout, Unavailable
 from nimbus.machines.base import DEFAULT_MEMORY_MB, LAYER_DIR, Driver, Machine, MachineSpec
 
@@ -39,7 +39,6 @@ DEFAULT_BOOT_S = 0.1  # assumed boot time of a runtime's machine until one has b
 BOOT_WEIGHT = 0.2  # weight of the newest boot in the moving average of boot times
 MIN_STARTS = 2.0  # starts in the decayed window below which the rate counts as none
 PING_WAIT_S = 0.1  # how long a call waits for its idle machine to come back from a health ping
-PACKAGE_FILENAME = protocol.TREE_FILENAME  # the code loader sends a package as a file tree
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +70,15 @@ class Lease:
     idle_since: float = 0.0
 
 
-CodeLoader = Callable[[Deployment], Awaitable[bytes]]
+CodeLoader = Callable[[Deployment], Awaitable[bytes]]  # a package as ``packages.to_machine`` makes it
 LayerPath = Callable[[str], Awaitable[str]]  # a layer's sha256 → its unpacked directory on this host
+
+
+def _filename(dep: Deployment, code: bytes) -> str:
+    """The file name Init gives the code: a package's tells the agent whether it came as a tree or a zip."""
+    if dep.package:
+        return protocol.ZIP_FILENAME if packages.is_zip(code) else protocol.TREE_FILENAME
+    return runtimes.get(dep.runtime).machine_filename(dep.handler)
 
 
 async def _no_layers(sha256: str) -> str:
@@ -401,7 +407,7 @@ class Pool:
                 "type": protocol.INIT,
                 "runtime": dep.runtime,
                 "handler": dep.handler,
-                "filename": PACKAGE_FILENAME if dep.package else runtimes.get(dep.runtime).machine_filename(dep.handler),
+                "filename": _filename(dep, code),
                 "env": dep.env,
                 "memory_mb": dep.memory_mb,
                 "timeout_s": dep.timeout_s,

@@ -13,6 +13,9 @@ import struct
 
 HEADER_MAX = 1 << 20  # 1 MiB
 BLOB_MAX = 64 << 20  # 64 MiB
+# How deep an event's JSON may nest. The gateway refuses deeper events (orjson alone takes 1024) and the
+# agent refuses them too, well before Python's json decoder runs out of stack (~1000 with its frames).
+NESTING_MAX = 512
 PREFIX = struct.Struct(">II")
 
 # Message types.
@@ -32,18 +35,74 @@ class ProtocolError(Exception):
     """A frame broke the protocol; the channel must be closed."""
 
 
+class FrameTooLarge(ProtocolError):
+    """A frame's prefix announced more than may come at that point; refused before a byte of it is read."""
+
+
+def nesting_over(raw: bytes, value=None, limit: int = NESTING_MAX) -> bool:
+    """True when the JSON text ``raw`` nests deeper than ``limit``.
+
+    Fewer brackets than the limit cannot nest deeper, so most events cost two ``bytes.count`` calls;
+    otherwise ``value`` (``raw`` parsed, or parsed here) is walked without recursion. JSON too deep for
+    this Python's decoder counts as too deep; text that is not JSON at all is not (its reader says so).
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    if value is None:
+        try:
+            value = json.loads(raw)
+        except RecursionError:
+            return True
+        except ValueError:
+            return False
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        stack.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
+    return False
+
+
 # ---------------------------------------------------------------- file trees (a package, in an Init blob)
 #
 # A package reaches the agent as a tree, not a zip: ``u32 index_len | index | contents``, the index a
 # JSON list of ``[name, kind, size]`` (kind ``""`` a file, ``"x"`` an executable file, ``"d"`` a
 # directory), the contents the files' bytes in index order. The host reads the zip once (with
 # ``zipfile``); the agent writes files with ``os`` alone, so no machine pays zipfile's ~11 ms of
-# imports, and a template does not carry them in every child's memory.
+# imports, and a template does not carry them in every child's memory. Only small packages go as trees
+# (``nimbus.packages.TREE_MAX``): a big one is sent as its zip (``ZIP_FILENAME``), so the host never
+# holds a whole unpacked tree and no frame must carry more than the 50 MiB a zip may be.
 
 TREE_FILENAME = "package.tree"
 TREE_ENTRIES_MAX = 10_000
 TREE_KINDS = ("", "x", "d")
 TREE_PREFIX = struct.Struct(">I")
+# A package too big to send as a tree is sent as its checked zip, which the agent unpacks itself.
+ZIP_FILENAME = "package.zip"
+UNPACKED_MAX = 250 << 20  # what a package may unpack to, as Lambda's unzipped deployment package
+
+
+def package_path(name: str) -> str:
+    """A zip entry's name as the path it unpacks to: no empty or ``.`` components, no trailing slash.
+
+    The host's checks and the agent's unpacking both use this, so names that collide once unpacked
+    (``main.py`` and ``./main.py``, ``a//b`` and ``a/b``) are caught before anything is stored.
+    """
+    return "/".join(part for part in name.split("/") if part not in ("", "."))
+
+
+def zip_name_error(name) -> str | None:
+    """Why a zip entry's name must not be unpacked (absolute, a ``..``, a backslash or a NUL); None if it may."""
+    if not isinstance(name, str) or len(name) > 4096:
+        return "must be a path of at most 4096 characters"
+    if name.startswith("/") or "\\" in name or "\0" in name or ".." in name.split("/"):
+        return "must be relative, without '..' components, backslashes or NULs"
+    return None
 
 
 def _tree_name_error(name) -> str | None:
@@ -197,8 +256,15 @@ def send_frame(sock, header: dict, blob: bytes = b"") -> None:
     sock.sendall(encode(header, blob))
 
 
-async def read_frame(reader, allowed: frozenset | None = None) -> tuple[dict, bytes]:
-    """Read one frame from an ``asyncio.StreamReader`` (the host's side). EOFError on a clean close."""
+async def read_frame(reader, allowed: frozenset | None = None, max_blob: int = BLOB_MAX,
+                     hold=None) -> tuple[dict, bytes]:
+    """Read one frame from an ``asyncio.StreamReader`` (the host's side). EOFError on a clean close.
+
+    A prefix announcing a blob over ``max_blob`` (what a reply to this request may carry) is a
+    :class:`FrameTooLarge` before anything else is read, so a guest cannot make the host buffer more.
+    ``hold(size)``, when given, is an async context manager held while the frame's ``size`` bytes are read
+    (the node's budget of reply bytes in flight).
+    """
     try:
         prefix = await reader.readexactly(PREFIX.size)
     except Exception as exc:  # IncompleteReadError, ConnectionResetError
@@ -207,6 +273,15 @@ async def read_frame(reader, allowed: frozenset | None = None) -> tuple[dict, by
             raise ProtocolError("channel closed mid-frame") from None
         raise EOFError("channel closed") from None
     head_len, blob_len = parse_prefix(prefix)
+    if blob_len > max_blob:
+        raise FrameTooLarge(f"the frame announces a blob of {blob_len} bytes; a reply here may carry {max_blob}")
+    if hold is None:
+        return await _read_body(reader, head_len, blob_len, allowed)
+    async with hold(head_len + blob_len):
+        return await _read_body(reader, head_len, blob_len, allowed)
+
+
+async def _read_body(reader, head_len: int, blob_len: int, allowed: frozenset | None) -> tuple[dict, bytes]:
     try:
         raw = await reader.readexactly(head_len)
         blob = await reader.readexactly(blob_len) if blob_len else b""

@@ -8,7 +8,11 @@ admitted calls not yet running; when it is full, calls are refused with 429 rath
 A plain sync call costs one store write: its finished row, written behind (``Store.record_invocation``;
 the caller already has its answer). A sync call with an Idempotency-Key is recorded before it runs.
 Async invocations are written to the store before their 202 and reach a machine only through
-``claim_async``: a restart (or another node on PostgreSQL) finds them there. Durability rules:
+``claim_async``: a restart (or another node on PostgreSQL) finds them there. A claim takes no more of a
+function's calls than the function can start now on this node (its concurrency less the calls of it this
+node already runs or holds), and takes tenants and functions in turn: a backlog of one function holds
+neither worker slots nor anyone else's calls. A call that ends wakes the dispatcher, so a function's
+backlog still runs back to back. Durability rules:
 
 - A claim is a lease whose token (``"<node id>:<nonce>"``, new with every claim) fences every later
   write of that attempt; it is renewed while the call waits and runs. A task whose lease was lost (or
@@ -25,6 +29,7 @@ Async invocations are written to the store before their 202 and reach a machine 
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -41,7 +46,9 @@ from nimbus.errors import (
     MachineDied,
     MachineTimeout,
     NotFound,
+    OverBudget,
     Overloaded,
+    PayloadTooLarge,
     ProtocolError,
     Unavailable,
 )
@@ -55,7 +62,7 @@ log = logging.getLogger("nimbus.scheduler")
 RESULT_MAX = 6 << 20  # Lambda's synchronous response limit
 LOGS_MAX = 64 << 10  # log tail kept per invocation
 MAX_TIMEOUT_S = 900.0
-CODE_CACHE_ENTRIES = 128
+CODE_CACHE_BYTES = 256 << 20  # the code cache's default budget (the code_cache_mb setting)
 DRAIN_TIMEOUT_S = 30.0
 # Runtimes that enforce the deadline themselves (wasm's epoch interruption) answer at it with a
 # TimeoutError and keep their machine's state clean; the host kills a machine this much later.
@@ -64,6 +71,10 @@ IDEMPOTENCY_KEY_MAX = 256
 IDEMPOTENT_POLL_S = 0.05  # how often a repeated sync key looks whether the first call has finished
 # A repeated sync key waits for the first call at most its timeout plus this (acquiring, init, recording).
 IDEMPOTENT_WAIT_EXTRA_S = 60.0
+DEFAULT_TENANT_BUDGET = 1 << 30  # bytes of events, outputs and logs a tenant's stored invocations may hold
+# What a plain sync call's record keeps instead of its output and logs when its tenant is over budget.
+NOT_KEPT = ("[nimbus] the output and logs of this call were not kept: this tenant's stored invocations fill "
+            "its storage budget")
 
 
 class _Held:
@@ -96,6 +107,9 @@ class Scheduler:
         async_retry_base_s: float = 1.0,
         callback_allow: callbacks.AllowList | None = None,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        tenant_budget: int = DEFAULT_TENANT_BUDGET,
+        budget_retry_s: float = 60.0,
+        tenant_queue_share: float = 0.5,
     ) -> None:
         self.store = store
         self.pool = pool
@@ -107,6 +121,8 @@ class Scheduler:
         self.async_lease_s = async_lease_s
         self.async_retry_base_s = async_retry_base_s
         self.drain_timeout_s = drain_timeout_s
+        self.tenant_budget = tenant_budget
+        self.budget_retry_s = budget_retry_s
         self.callback_allow = callback_allow if callback_allow is not None else callbacks.AllowList()
         self.callbacks = callbacks.Deliverer(store, self.callback_allow, node_id, poll_s=async_poll_s,
                                              base_s=async_retry_base_s)
@@ -115,8 +131,16 @@ class Scheduler:
         self._leases_valid_until = 0.0
         self._worker_slots = asyncio.Semaphore(workers)
         self._function_slots: dict[str, tuple[int, asyncio.Semaphore]] = {}
+        # Calls of each function this node runs or holds (sync and async, waiting or running): a claim
+        # takes no more of a function's async calls than its concurrency leaves free.
+        self._in_use: dict[str, int] = {}
+        # Functions the last claim found busy: a slot of theirs coming free wakes the dispatcher.
+        self._capped: set[str] = set()
         self._admitted = 0
         self._running = 0
+        # Sync calls each tenant has in this node, waiting or running (see _admit).
+        self._tenant_calls: dict[str, int] = {}
+        self.tenant_calls_max = max(1, int((queue_size + workers) * tenant_queue_share))
         self._closing = False
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task | None = None
@@ -197,18 +221,18 @@ class Scheduler:
         """
         if idempotency_key is not None:
             return await self._invoke_once(fn, event, idempotency_key)
-        self._admit()
+        self._admit(fn.tenant)
         try:
             dep = deployment_of(fn)
             inv = self._sync_record(fn, dep)
-            await self._execute(dep, inv, event)
+            await self._execute_sync(dep, inv, event)
             try:
-                await self.store.record_invocation(inv)
+                await self.store.record_invocation(self._as_kept(inv))
             except Exception:
                 log.exception("could not record invocation %s", inv.id)
             return inv
         finally:
-            self._admitted -= 1
+            self._leave(fn.tenant)
 
     @staticmethod
     def _sync_record(fn, dep: Deployment, **extra) -> InvocationRecord:
@@ -223,30 +247,32 @@ class Scheduler:
         existing = await self.store.get_by_idempotency_key(fn.tenant, key)
         if existing is not None:
             return await self._first_result(existing, fn, "sync")
-        self._admit()
+        await self._check_budget(fn.tenant, 0)
+        self._admit(fn.tenant)
         try:
             dep = deployment_of(fn)
             inv = self._sync_record(fn, dep, idempotency_key=key, lease_owner=self.node_id)
             stored, created = await self.store.insert_idempotent(inv)
         except BaseException:
-            self._admitted -= 1
+            self._leave(fn.tenant)
             raise
         if not created:
-            self._admitted -= 1
+            self._leave(fn.tenant)
             return await self._first_result(stored, fn, "sync")
         try:
-            await self._execute(dep, inv, event)
+            await self._execute_sync(dep, inv, event)
             try:
                 await self.store.finish_invocation(
                     inv.id, status=inv.status, start=inv.start, output=inv.output, error=inv.error, logs=inv.logs,
                     logs_truncated=inv.logs_truncated, duration_ms=inv.duration_ms,
                     finished_at=inv.finished_at or _now(), started_at=inv.started_at, restored=inv.restored,
+                    tenant=inv.tenant,
                 )
             except Exception:
                 log.exception("could not record invocation %s", inv.id)
             return inv
         finally:
-            self._admitted -= 1
+            self._leave(fn.tenant)
 
     async def _first_result(self, first: InvocationRecord, fn, mode: str) -> InvocationRecord:
         """The invocation a repeated Idempotency-Key names; a sync repeat waits for it to finish."""
@@ -274,8 +300,12 @@ class Scheduler:
             raise Unavailable("the node is shutting down")
         if idempotency_key is not None:
             idempotency_key = check_idempotency_key(idempotency_key)
+            existing = await self.store.get_by_idempotency_key(fn.tenant, idempotency_key)
+            if existing is not None:  # a repeat gets its first invocation, budget or not
+                return await self._first_result(existing, fn, "async")
         if callback_url is not None:
             callback_url = self.callback_allow.check(callback_url)
+        await self._check_budget(fn.tenant, len(event))
         inv = InvocationRecord(
             id=new_id(), function_id=fn.id, function_name=fn.name, tenant=fn.tenant, version=fn.version,
             version_id=fn.version_id, mode="async", status="queued", event=event, created_at=_now(),
@@ -287,15 +317,82 @@ class Scheduler:
         self._wakeup.set()
         return inv
 
+    async def _check_budget(self, tenant: str, size: int) -> None:
+        """Refuse a call whose row is stored before it runs (async, idempotent sync) when the tenant's
+        stored invocations, with its ``size`` bytes of event, would pass the tenant's budget.
+
+        A soft limit: checked against the bytes measured a few seconds ago plus this node's writes since,
+        and a call's result, written when it ends, is not known yet."""
+        if size > self.tenant_budget:
+            raise PayloadTooLarge(f"the event is {size} bytes; a tenant's stored invocations may hold at most "
+                                  f"{self.tenant_budget} bytes")
+        used = await self.store.tenant_usage(tenant)
+        if used + size > self.tenant_budget:
+            raise OverBudget(
+                f"this tenant's stored invocations hold {used} bytes; with this event they would pass the "
+                f"tenant's budget of {self.tenant_budget} bytes. Finished invocations are deleted after the "
+                "node's retention period (and beyond its count per function), or with their function",
+                retry_after=self.budget_retry_s)
+
+    def _as_kept(self, inv: InvocationRecord) -> InvocationRecord:
+        """The record a plain sync call leaves: the call itself (the caller has its answer) but, when the
+        tenant is over its budget as last measured, without output and logs, and saying so."""
+        used = self.store.known_usage(inv.tenant)
+        if used is None or used + len(inv.output or b"") + len(inv.logs) <= self.tenant_budget:
+            return inv
+        return dataclasses.replace(inv, output=None, logs=NOT_KEPT, logs_truncated=True)
+
     # ---------------------------------------------------------------- running one call
 
-    def _admit(self) -> None:
+    def _admit(self, tenant: str) -> None:
+        """Take a sync call in, or refuse it (429): the node's queue is full, or this tenant holds its share.
+
+        The share keeps one tenant's flood of calls to a slow function from filling the queue that
+        every other tenant's calls need.
+        """
         if self._closing:
             raise Unavailable("the node is shutting down")
         if self.queue_depth >= self.queue_size:
             self.metrics.rejected.inc()
             raise Overloaded(f"the invocation queue is full ({self.queue_size} waiting); retry shortly")
+        held = self._tenant_calls.get(tenant, 0)
+        if held >= self.tenant_calls_max:
+            self.metrics.rejected.inc()
+            raise Overloaded(f"this tenant has {held} calls in this node, its share of the queue; retry shortly")
+        self._tenant_calls[tenant] = held + 1
         self._admitted += 1
+
+    def _leave(self, tenant: str) -> None:
+        """A sync call taken in by ``_admit`` is over."""
+        self._admitted -= 1
+        left = self._tenant_calls[tenant] - 1
+        if left:
+            self._tenant_calls[tenant] = left
+        else:
+            del self._tenant_calls[tenant]
+
+    def _use(self, function_id: str) -> None:
+        self._in_use[function_id] = self._in_use.get(function_id, 0) + 1
+
+    def _done_with(self, function_id: str, concurrency: int | None = None) -> None:
+        """One call of the function is over. The dispatcher is woken when that frees a slot the last
+        claim could not use (``concurrency`` None: always, after an async call, whose function may
+        have more queued)."""
+        left = self._in_use[function_id] - 1
+        if left:
+            self._in_use[function_id] = left
+        else:
+            del self._in_use[function_id]
+        if concurrency is None or (function_id in self._capped and left < concurrency):
+            self._capped.discard(function_id)
+            self._wakeup.set()
+
+    async def _execute_sync(self, dep: Deployment, inv: InvocationRecord, event: bytes) -> None:
+        self._use(dep.function_id)
+        try:
+            await self._execute(dep, inv, event)
+        finally:
+            self._done_with(dep.function_id, dep.concurrency)
 
     def _function_slot(self, dep: Deployment) -> asyncio.Semaphore:
         entry = self._function_slots.get(dep.function_id)
@@ -343,10 +440,15 @@ class Scheduler:
             inv.status = "timed_out"
             inv.error = {"type": "TimeoutError", "message": f"the function ran past its {dep.timeout_s:g} s timeout",
                          "stack": ""}
-        except (MachineDied, ProtocolError) as exc:
+        except MachineDied as exc:
             inv.duration_ms = round((time.perf_counter() - began) * 1000, 3)
             inv.status = "failed"
             inv.error = {"type": "RuntimeExit", "message": f"the function's machine died: {exc}", "stack": ""}
+        except ProtocolError as exc:  # the machine (code in it) broke the guest protocol: it was killed
+            inv.duration_ms = round((time.perf_counter() - began) * 1000, 3)
+            inv.status = "failed"
+            inv.error = {"type": "ProtocolViolation", "message": f"the function's machine broke the protocol: {exc}",
+                         "stack": ""}
         finally:
             self.pool.release(lease, healthy=healthy)
 
@@ -392,9 +494,12 @@ class Scheduler:
             free = self.workers - self._admitted
             if free <= 0 or self._closing:
                 continue
+            busy = dict(self._in_use)
+            self._capped = set(busy)  # before the claim: a slot freed while it runs wakes the next one
             try:
                 began = time.monotonic()
-                claimed = await self.store.claim_async(self.node_id, limit=free, lease_s=self.async_lease_s)
+                claimed = await self.store.claim_async(self.node_id, limit=free, lease_s=self.async_lease_s,
+                                                       busy=busy)
             except Exception:
                 log.exception("claiming async invocations failed")
                 continue
@@ -406,6 +511,7 @@ class Scheduler:
             for inv in claimed:
                 held = self._held[inv.id] = _Held(inv.lease_owner)
                 self._admitted += 1
+                self._use(inv.function_id)
                 task = held.task = asyncio.create_task(self._run_async(inv, held), name=f"async-{inv.id}")
                 self._async_tasks.add(task)
                 task.add_done_callback(self._async_tasks.discard)
@@ -464,6 +570,7 @@ class Scheduler:
                           inv.id)
         finally:
             self._admitted -= 1
+            self._done_with(inv.function_id)
 
     async def _attempt(self, inv: InvocationRecord, held: _Held) -> None:
         """Run one claimed attempt and write what comes next: finished, retried later, or given up."""
@@ -520,7 +627,7 @@ class Scheduler:
         written = await self.store.finish_invocation(
             inv.id, status=inv.status, start=inv.start, output=inv.output, error=inv.error, logs=inv.logs,
             logs_truncated=inv.logs_truncated, duration_ms=inv.duration_ms, finished_at=inv.finished_at or _now(),
-            token=held.token, callback=inv.callback_url is not None, restored=inv.restored,
+            token=held.token, callback=inv.callback_url is not None, restored=inv.restored, tenant=inv.tenant,
         )
         if not written:
             log.warning("async invocation %s: its attempt ended after lease %s was lost; the outcome is dropped",
@@ -530,27 +637,54 @@ class Scheduler:
 
 
 class CodeCache:
-    """A small LRU of code bytes in front of the store: Init needs the code on every warm and cold start.
+    """An LRU of what Init sends, in front of the store: every warm and cold start needs the code.
 
-    A package is kept as the file tree machines unpack (``packages.to_tree``), converted once per version.
+    Bounded by bytes, not entries: a package may be tens of MiB, so 128 of them could hold GiBs. One
+    bigger than the whole budget is loaded for each start and never kept. A package is kept as
+    ``packages.to_machine`` makes it (a small one's tree, a big one's zip), converted once per version;
+    starts that miss the cache together share one load.
     """
 
-    def __init__(self, store: Store, entries: int = CODE_CACHE_ENTRIES) -> None:
+    def __init__(self, store: Store, max_bytes: int = CODE_CACHE_BYTES) -> None:
         self.store = store
-        self.entries = entries
+        self.max_bytes = max_bytes
+        self.size = 0
         self._code: OrderedDict[str, bytes] = OrderedDict()
+        self._loading: dict[str, asyncio.Future] = {}
+
+    def __len__(self) -> int:
+        return len(self._code)
+
+    def __contains__(self, sha256: str) -> bool:
+        return sha256 in self._code
 
     async def load(self, dep: Deployment) -> bytes:
-        code = self._code.get(dep.code_sha256)
-        if code is None:
-            code = await self.store.get_code(dep.code_sha256)
-            if dep.package:
-                code = await asyncio.to_thread(packages.to_tree, code)
+        key = dep.code_sha256
+        code = self._code.get(key)
+        if code is not None:
+            self._code.move_to_end(key)
+            return code
+        loading = self._loading.get(key)
+        if loading is None:
+            loading = self._loading[key] = asyncio.ensure_future(self._fetch(dep))
+            loading.add_done_callback(lambda done: self._loaded(key, done))
+        return await asyncio.shield(loading)  # a cancelled start leaves the load to the others
+
+    def _loaded(self, key: str, loading: asyncio.Future) -> None:
+        del self._loading[key]
+        if not loading.cancelled():
+            loading.exception()  # retrieved: each start that waited has raised it already
+
+    async def _fetch(self, dep: Deployment) -> bytes:
+        code = await self.store.get_code(dep.code_sha256)
+        if dep.package:
+            code = await asyncio.to_thread(packages.to_machine, code)
+        if len(code) <= self.max_bytes and dep.code_sha256 not in self._code:
             self._code[dep.code_sha256] = code
-            if len(self._code) > self.entries:
-                self._code.popitem(last=False)
-        else:
-            self._code.move_to_end(dep.code_sha256)
+            self.size += len(code)
+            while self.size > self.max_bytes:
+                _, evicted = self._code.popitem(last=False)
+                self.size -= len(evicted)
         return code
 
 

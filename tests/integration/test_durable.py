@@ -188,7 +188,9 @@ def test_sigterm_hands_back_work_and_a_restart_finishes_it_without_running_anyth
     assert not [r for r in after if r.status == "running" or r.lease_owner is not None], log
     assert any(r.status == "queued" for r in after), "the node was stopped after all the work was done"
     assert all(r.attempts == 0 for r in after if r.status == "queued")  # none had reached a machine
-    assert "handed back" in log
+    # A node claims no more than its functions can start (issue 15, finding 4), so it seldom holds a call
+    # that has not started: whatever it held was handed back or finished (no lease is left, above).
+    assert "could not hand back" not in log
 
     with NodeProcess(tmp_path, database_url, **FAST):
         wait_until(lambda: all(r.status in FINISHED for r in rows(database_url, fn["id"])), 120,

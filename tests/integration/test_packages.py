@@ -26,10 +26,10 @@ def zipped(files: dict[str, bytes | str], links: dict[str, str] | None = None) -
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def create(api, code_base64: str, runtime: str, handler: str):
+def create(api, code_base64: str, runtime: str, handler: str, **fields):
     name = f"pkg-{uuid.uuid4().hex[:8]}"
     return name, api.post("/api/v1/functions", json={"name": name, "runtime": runtime, "handler": handler,
-                                                      "code_base64": code_base64})
+                                                      "code_base64": code_base64, **fields})
 
 
 PYTHON_PACKAGE = {

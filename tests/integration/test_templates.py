@@ -171,7 +171,8 @@ async def test_two_children_of_one_template_cannot_see_each_other(driver):
 async def test_a_child_keeps_no_privilege_and_no_descriptor_of_the_template(driver):
     machine = await machine_with(driver)
     me = await call(machine, {"what": "whoami"})
-    assert (me["uid"], me["gid"], me["groups"]) == (65534, 65534, [])
+    assert (me["uid"], me["gid"], me["groups"]) == (machine.uid, machine.uid, [])  # its own host uid
+    assert machine.uid in driver.uid_range
     status = me["status"]
     assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0, status
     assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2", status

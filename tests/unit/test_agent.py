@@ -282,6 +282,60 @@ def test_a_tree_that_breaks_its_rules_fails_the_init(agent, index):
     assert_error(agent.init(blob, filename=protocol.TREE_FILENAME), "InvalidCode", fatal=True)
 
 
+def _zip_of(entries: list[tuple[str, bytes, int]]) -> bytes:
+    """``(name, data, unix mode)`` entries as zip bytes (no checks: the agent must make its own)."""
+    import io
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data, mode in entries:
+            info = zipfile.ZipInfo(name)
+            info.external_attr = mode << 16
+            archive.writestr(info, data)
+    return buffer.getvalue()
+
+
+APP = b"def handler(event):\n    return event\n"
+
+
+def test_a_package_sent_as_its_zip_is_written_with_its_modes(agent):
+    """A package too big for a tree comes as its zip: names normalised as for a tree, exec bits kept."""
+    package = _zip_of([
+        ("./app.py", b"import os\nfrom lib.helpers import double\n"
+                     b"def handler(event):\n    return [double(event), os.access('bin/tool', os.X_OK),\n"
+                     b"            os.access('lib/helpers.py', os.X_OK), sorted(os.listdir('data'))]\n", 0o100644),
+        ("lib//__init__.py", b"", 0o100644),
+        ("lib/helpers.py", b"def double(x):\n    return 2 * x\n", 0o100644),
+        ("bin/tool", b"#!/bin/sh\n", 0o100755),
+        ("data/", b"", 0o40755),
+    ])
+    started(agent, package, handler="app.handler", filename=protocol.ZIP_FILENAME)
+    assert agent.invoke(21) == [42, True, False, []]
+
+
+@pytest.mark.parametrize("entries", [
+    [("app.py", APP, 0o100644), ("link", b"/etc/passwd", 0o120777)],
+    [("app.py", APP, 0o100644), ("../escape.py", b"x", 0o100644)],
+    [("app.py", APP, 0o100644), ("/abs.py", b"x", 0o100644)],
+    [("app.py", APP, 0o100644), ("./app.py", b"x", 0o100644)],
+    [("app.py", APP, 0o100644), ("lib", b"x", 0o100644), ("lib/x.py", b"x", 0o100644)],
+    [("app.py", APP, 0o100644), ("lib/x.py", b"x", 0o100644), ("lib", b"x", 0o100644)],
+], ids=["link", "dotdot", "absolute", "duplicate", "file-then-dir", "dir-then-file"])
+def test_a_zip_that_breaks_the_rules_fails_the_init(agent, entries):
+    reply = agent.init(_zip_of(entries), handler="app.handler", filename=protocol.ZIP_FILENAME)
+    assert_error(reply, "InvalidCode", fatal=True)
+    assert not os.path.lexists(agent.task_dir.parent / "escape.py")
+
+
+def test_a_zip_entry_holding_more_than_it_declares_is_not_written_past_its_size(agent):
+    package = bytearray(_zip_of([("app.py", APP, 0o100644), ("big.txt", b"y" * 5000, 0o100644)]))
+    central = package.index(b"PK\x01\x02", package.index(b"PK\x01\x02") + 4)  # big.txt's central entry
+    package[central + 24:central + 28] = (100).to_bytes(4, "little")  # it says 100 bytes unpacked
+    reply = agent.init(bytes(package), handler="app.handler", filename=protocol.ZIP_FILENAME)
+    assert_error(reply, "InvalidCode", fatal=True)
+    assert (agent.task_dir / "big.txt").stat().st_size <= 100
+
+
 # ---------------------------------------------------------------- python3: calls
 
 
@@ -920,3 +974,23 @@ def test_listener_mode_serves_each_connection_with_one_function(tmp_path):
     assert status == [agent_main.EXIT_PROTOCOL]
     agent_obj.close()
     listener.close()
+
+
+# ---------------------------------------------------------------- security review: findings 6 and 8
+
+
+@pytest.mark.parametrize("depth, over", [(protocol.NESTING_MAX, False), (protocol.NESTING_MAX + 1, True),
+                                         (100_000, True)])
+def test_nesting_over_counts_arrays_and_objects_not_brackets_in_strings(depth, over):
+    raw = ('{"a":' * (depth // 2) + "[" * (depth - depth // 2) + "]" * (depth - depth // 2) + "}" * (depth // 2))
+    assert protocol.nesting_over(raw.encode()) is over
+    assert protocol.nesting_over(json.dumps({"s": "[" * 100_000}).encode()) is False
+
+
+async def test_read_frame_refuses_an_oversized_announcement_before_reading_the_body():
+    import asyncio
+
+    reader = asyncio.StreamReader()
+    reader.feed_data(protocol.PREFIX.pack(20, 60 << 20))  # the body never comes: only the prefix can be judged
+    with pytest.raises(protocol.FrameTooLarge, match=str(60 << 20)):
+        await asyncio.wait_for(protocol.read_frame(reader, protocol.GUEST_TYPES, max_blob=6 << 20), TIMEOUT_S)

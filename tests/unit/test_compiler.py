@@ -133,6 +133,23 @@ async def test_cache_hit_does_no_build():
     assert len(builder.runs) == 2
 
 
+async def test_f10_a_compiled_build_cache_hit_does_not_tell_another_tenant():
+    """Security review F10: the artifact is shared, the fact that another tenant built it is not."""
+    builder = FakeBuilder()
+    comp = compiler.Compiler(builder, compiler.MemoryCache())
+    try:
+        first = await comp.build("rust", RUST_OK, tenant="a")
+        other = await comp.build("rust", RUST_OK, tenant="b")
+        again = await comp.build("rust", RUST_OK, tenant="b")
+        mine = await comp.build("rust", RUST_OK, tenant="a")
+    finally:
+        await comp.close()
+    assert len(builder.runs) == 1 and first.artifact == other.artifact == again.artifact
+    assert first.cached is False and other.cached is False
+    assert again.cached is True and again.duration_ms == other.duration_ms
+    assert mine.cached is True and mine.duration_ms == first.duration_ms
+
+
 async def test_a_new_toolchain_is_a_new_build():
     comp, builder = make()
     await comp.build("rust", RUST_OK)
@@ -266,11 +283,18 @@ async def test_rust_to_wasm_without_the_target_says_how_to_get_it():
 
 
 class FakeStore:
-    """The three store methods StoreCache uses, kept in dicts (the real ones are tested against databases)."""
+    """The four store methods StoreCache uses, kept in dicts (the real ones are tested against databases)."""
 
     def __init__(self) -> None:
         self.builds: dict[str, object] = {}
         self.code: dict[str, bytes] = {}
+        self.claims: dict[tuple[str, str], float] = {}
+
+    async def claim_build(self, key, tenant, duration_ms):
+        if (key, tenant) in self.claims:
+            return self.claims[key, tenant]
+        self.claims[key, tenant] = duration_ms
+        return None
 
     async def get_build(self, key):
         return self.builds.get(key)

@@ -4,6 +4,7 @@ import asyncio
 import hashlib
 import io
 import json
+import re
 import tarfile
 import zipfile
 
@@ -58,6 +59,15 @@ def test_spec_of_finds_the_manifest_at_the_package_root_only():
     assert layers.spec_of("nodejs", zipped({"index.js": "", "package.json": '{"devDependencies": {"a": "1"}}'})) is None
 
 
+def test_spec_of_finds_a_manifest_named_as_the_machine_will_see_it():
+    # ./requirements.txt unpacks to /var/task/requirements.txt: a package must not dodge its layer that way.
+    for name in ("./requirements.txt", ".//requirements.txt"):
+        spec = layers.spec_of("python3", zipped({"app.py": "", name: "six\n"}))
+        assert spec is not None and spec.files == (("requirements.txt", b"six\n"),), name
+    spec = layers.spec_of("nodejs", zipped({"index.js": "", "./package.json": '{"dependencies": {"is-number": "7"}}'}))
+    assert spec is not None and spec.files[0][0] == "package.json"
+
+
 def test_node_spec_takes_the_lock_file_beside_package_json():
     pkg = '{"dependencies": {"ms": "^2.1.0", "alias": "npm:left-pad@1.3.0", "@scope/pkg": "latest"}}'
     lock = json.dumps({"lockfileVersion": 3, "packages": {"": {}, "node_modules/ms": {
@@ -69,7 +79,7 @@ def test_node_spec_takes_the_lock_file_beside_package_json():
 @pytest.mark.parametrize("value", ["file:../x", "link:/etc", "git+ssh://git@h/x.git", "github:user/repo",
                                    "https://example.com/x.tgz", "user/repo", "/abs/path", "./rel", "~/home"])
 def test_npm_dependencies_outside_the_registry_are_refused(value):
-    with pytest.raises(InvalidRequest, match="only versions from the npm registry"):
+    with pytest.raises(InvalidRequest, match="only packages from the npm registry"):
         layers.npm_dependencies(json.dumps({"dependencies": {"x": value}}).encode())
 
 
@@ -79,14 +89,74 @@ def test_npm_overrides_are_checked_too():
 
 
 @pytest.mark.parametrize(("entry", "words"), [
-    ({"node_modules/x": {"resolved": "file:/etc"}}, "only https registry tarballs"),
+    ({"node_modules/x": {"version": "1.0.0", "resolved": "file:/etc"}}, "only tarballs from an npm registry"),
     ({"node_modules/x": {"link": True, "resolved": "../x"}}, "is a link"),
     ({"packages/local": {"version": "1.0.0"}}, "local package"),
     ({"node_modules/x": "nope"}, "must be an object"),
 ])
 def test_lock_files_that_leave_the_registry_are_refused(entry, words):
     with pytest.raises(InvalidRequest, match=words):
-        layers.check_npm_lock("package-lock.json", json.dumps({"packages": {"": {}, **entry}}).encode())
+        layers.check_npm_lock("package-lock.json",
+                              json.dumps({"lockfileVersion": 3, "packages": {"": {}, **entry}}).encode())
+
+
+REGISTRY = "https://registry.example/npm/"
+
+
+@pytest.mark.parametrize(("resolved", "ok"), [
+    ("https://registry.example/npm/ms/-/ms-2.1.3.tgz", True),
+    ("https://registry.example/npm/@scope/x/-/x-1.0.0.tgz", True),
+    ("https://registry.example/other/ms/-/ms-2.1.3.tgz", False),  # the host, but not the registry's path
+    ("https://registry.example/npm/../other/ms.tgz", False),
+    ("https://registry.example/npm/%2e%2e/other/ms.tgz", False),
+    ("https://registry.example:8443/npm/ms.tgz", False),
+    ("http://registry.example/npm/ms.tgz", False),
+    ("https://user:pw@registry.example/npm/ms.tgz", False),
+    ("https://registry.example.evil/npm/ms.tgz", False),
+    ("https://127.0.0.1/npm/ms.tgz", False),
+])
+def test_lock_entries_must_resolve_under_the_configured_registry(resolved, ok):
+    lock = json.dumps({"lockfileVersion": 3, "packages": {"": {}, "node_modules/ms": {
+        "version": "2.1.3", "resolved": resolved}}}).encode()
+    layers.check_npm_lock("package-lock.json", lock)  # the shape is fine either way
+    if ok:
+        layers.check_npm_lock("package-lock.json", lock, REGISTRY)
+    else:
+        with pytest.raises(InvalidRequest, match="only tarballs from the configured registry"):
+            layers.check_npm_lock("package-lock.json", lock, REGISTRY)
+
+
+@pytest.mark.parametrize(("lock", "words"), [
+    ({"lockfileVersion": 1, "dependencies": {"x": {"version": "https://evil/x.tgz"}}}, "lockfileVersion 2 or 3"),
+    ({"lockfileVersion": 2, "packages": {"": {}}, "dependencies": {"x": {"version": "git+https://h/x.git"}}},
+     "only registry versions"),
+    ({"lockfileVersion": 3, "packages": {"": {"workspaces": ["a"]}}}, "workspaces"),
+    ({"lockfileVersion": 3, "packages": {"": {}, "node_modules/x": {"version": "github:u/x"}}}, "registry versions"),
+    ({"lockfileVersion": 3, "packages": {"": {}, "node_modules/x": {"version": "1.0.0",
+                                                                    "dependencies": {"y": "gist:1"}}}}, "gist:1"),
+    ({"lockfileVersion": 3, "packages": {"": {}, "node_modules/../../x": {"version": "1.0.0"}}}, "local package"),
+])
+def test_lock_files_are_checked_entry_by_entry(lock, words):
+    with pytest.raises(InvalidRequest, match=re.escape(words)):
+        layers.check_npm_lock("package-lock.json", json.dumps(lock).encode())
+
+
+@pytest.mark.parametrize("spec", ["2.1.3", "^1.2.3", "~1.2", "1.x", "*", "", ">=1.0.0 <2", "1.0.0 - 2.0.0",
+                                  "^1 || ^2", "latest", "next", "npm:left-pad@1.3.0", "npm:@scope/x@^1",
+                                  "npm:left-pad"])
+def test_registry_specs_are_accepted(spec):
+    assert layers.npm_dependencies(json.dumps({"dependencies": {"x": spec}}).encode()) == {"x": spec}
+
+
+def test_requirements_are_re_emitted_and_refuse_environment_variables():
+    spec = layers.spec_of("python3", zipped({"app.py": "", "requirements.txt": "# c\nSix >= 1.0 # pinned\n"}))
+    assert spec.files == (("requirements.txt", b"Six>=1.0\n"),)
+    for text in ("six===${HOME}\n", "six===$\\\n{HOME}\n", "six; extra == '${HOME}'\n"):
+        with pytest.raises(InvalidRequest, match=re.escape("${")):
+            layers.requirement_lines(text.encode())
+    for text in ("six===$HOME\n", "six; extra == 'a -r b'\n", "six; extra == 'a#b'\n"):
+        with pytest.raises(InvalidRequest, match="option, a comment or a variable"):
+            layers.requirement_lines(text.encode())
 
 
 def test_the_key_covers_runtime_platform_and_every_manifest_byte():

@@ -320,3 +320,44 @@ def test_bytes_after_the_last_entry_are_refused():
     blob = protocol.encode_tree([("a.py", "", b"x")]) + b"extra"
     with pytest.raises(protocol.ProtocolError, match="after the last entry"):
         protocol.decode_tree(blob)
+
+
+_ZIP_NAMES = st.lists(st.lists(st.sampled_from(["a", "b", "A", ".", ""]), min_size=1, max_size=3).map("/".join).filter(bool),
+                      min_size=1, max_size=5)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(_ZIP_NAMES)
+def test_a_package_is_refused_exactly_when_its_names_collide_once_unpacked(names):
+    """``packages.check`` against a model: two files on one path, or a file where a directory must be."""
+    import io
+    import warnings
+    import zipfile
+
+    from nimbus import packages
+    from nimbus.errors import InvalidRequest
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), zipfile.ZipFile(buffer, "w") as archive:
+        warnings.simplefilter("ignore")  # zipfile warns of a name it writes twice: the point here
+        archive.writestr("main.py", "def handler(event, context):\n    return 1\n")
+        for name in names:
+            archive.writestr(name, b"" if name.endswith("/") else b"x")
+    files, dirs = ["main.py"], []
+    for name in names:
+        path = protocol.package_path(name)
+        parts = path.split("/") if path else []
+        dirs += ["/".join(parts[:end]) for end in range(1, len(parts))]
+        if path:
+            (dirs if name.endswith("/") else files).append(path)
+    collide = len(set(files)) < len(files) or bool(set(files) & set(dirs))
+    absolute = any(name.startswith("/") for name in names)
+    try:
+        packages.check(buffer.getvalue(), "python3", "main.handler")
+    except InvalidRequest as exc:
+        assert absolute or collide, exc
+        assert absolute or "duplicate" in str(exc)
+    else:
+        assert not (absolute or collide), names
+        tree = protocol.decode_tree(packages.to_tree(buffer.getvalue()))
+        assert len({name for name, kind, _ in tree if kind != "d"}) == len(files)

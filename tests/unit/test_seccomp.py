@@ -152,3 +152,38 @@ async def test_build_jobs_run_under_the_filter(tmp_path):
     assert (rc, err, mode, nnp) == (-1, 1, "2", "1"), result.output  # unshare: EPERM
     assert str(9) not in fds  # bwrap read the program and closed its descriptor
     assert builder.enforcement["syscalls"] == "seccomp filter"
+
+
+SOCKETS_UNDER_FILTER = textwrap.dedent("""
+    import ctypes, errno, json, socket
+    from nimbus.machines import seccomp
+    seccomp.build().load()
+    libc = ctypes.CDLL(None, use_errno=True)
+    def sc(nr, *args):
+        ctypes.set_errno(0)
+        r = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) for a in args])
+        return "ok" if r >= 0 else errno.errorcode[ctypes.get_errno()]
+    # socket(family, SOCK_STREAM|SOCK_DGRAM, proto); socketpair; personality
+    out = {f"socket {family}": sc(41, family, 1 if family != 16 else 3, 0) for family in (0, 1, 2, 10, 16, 17, 38, 40, 45, 63, 64, 1000)}
+    out["netlink audit"] = sc(41, 16, 3, 9)
+    out["socketpair unix"] = "ok" if socket.socketpair() else "?"
+    out["socketpair vsock"] = sc(53, 40, 1, 0, 0)
+    out["personality query"] = sc(135, 0xFFFFFFFF)
+    out["personality set"] = sc(135, 0x0040000)
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the syscall numbers are x86_64's")
+def test_f12_only_unix_inet_and_route_netlink_sockets_and_no_personality_changes():
+    done = subprocess.run([sys.executable, "-c", SOCKETS_UNDER_FILTER], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    allowed = {"socket 1", "socket 2", "socket 10", "socket 16", "socketpair unix", "personality query"}
+    for name, how in out.items():
+        if name in allowed:
+            assert how == "ok", (name, how)
+        elif name.startswith("personality"):
+            assert how == "EPERM", (name, how)
+        else:
+            assert how == "EAFNOSUPPORT", (name, how)

@@ -55,6 +55,13 @@ def result_too_large(size: int) -> InvocationError:
     return InvocationError("ResultTooLarge", f"result of {size} bytes is over the limit of {RESULT_MAX} bytes (6 MiB)")
 
 
+def too_deep() -> InvocationError:
+    """The error for an event nested deeper than ``protocol.NESTING_MAX`` (the gateway refuses them too)."""
+    from nimbus.protocol import NESTING_MAX
+
+    return InvocationError("InvalidEvent", f"the event is nested more than {NESTING_MAX} levels deep")
+
+
 def check_result_size(output: bytes) -> bytes:
     """Return ``output`` when it fits the result limit; raise ``ResultTooLarge`` otherwise."""
     if len(output) > RESULT_MAX:

@@ -22,7 +22,7 @@ import sys
 import time
 
 from nimbus import protocol
-from nimbus.agent.base import Call, FunctionSpec, InvocationError
+from nimbus.agent.base import Call, FunctionSpec, InvocationError, too_deep
 from nimbus.agent.channel import VSOCK_PORT_MAX, FdStream, VsockUnavailable, accept, listen_vsock
 from nimbus.agent.logs import LogCapture
 
@@ -104,15 +104,9 @@ def _write_tree(spec: FunctionSpec, blob: bytes) -> None:
     made = {spec.task_dir}
     try:
         for name, kind, content in entries:
-            path = os.path.join(spec.task_dir, name)
-            parent = path if kind == "d" else os.path.dirname(path)
-            if parent not in made:
-                os.makedirs(parent, mode=0o755, exist_ok=True)
-                made.add(parent)
-            if kind == "d":
+            fd = _create(spec, made, name, kind)
+            if fd is None:
                 continue
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                         TREE_EXEC_MODE if kind == "x" else TREE_FILE_MODE)
             try:
                 view = content
                 while view:
@@ -123,20 +117,87 @@ def _write_tree(spec: FunctionSpec, blob: bytes) -> None:
         raise InvocationError("InvalidCode", f"cannot unpack the package: {exc}", fatal=True) from None
 
 
+def _create(spec: FunctionSpec, made: set, name: str, kind: str) -> int | None:
+    """Make ``name`` (a checked relative path) in the task directory: a directory (None), or a new file's fd.
+
+    ``O_EXCL | O_NOFOLLOW``: a file is never written twice, nor through a link, whatever the package holds.
+    """
+    path = os.path.join(spec.task_dir, name)
+    parent = path if kind == "d" else os.path.dirname(path)
+    if parent not in made:
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+        made.add(parent)
+    if kind == "d":
+        return None
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                   TREE_EXEC_MODE if kind == "x" else TREE_FILE_MODE)
+
+
+def _write_zip(spec: FunctionSpec, blob: bytes) -> None:
+    """Unpack a package sent as its zip (one too big to send as a tree) as strictly as a tree.
+
+    Every name is checked and normalised as the host did (``protocol.package_path``), links are refused,
+    files are made as by :func:`_create`, exec bits kept, and no entry writes more than the size it
+    declared (nor all more than ``protocol.UNPACKED_MAX``). Only such machines import zipfile.
+    """
+    import io
+    import zipfile
+    import zlib
+
+    try:
+        from lzma import LZMAError
+    except ImportError:  # a Python without lzma: zipfile cannot read such entries at all
+        LZMAError = NotImplementedError
+
+    def fail(message: str) -> InvocationError:
+        return InvocationError("InvalidCode", f"cannot unpack the package: {message}", fatal=True)
+
+    made = {spec.task_dir}
+    try:
+        with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+            infos = archive.infolist()
+            if len(infos) > protocol.TREE_ENTRIES_MAX:
+                raise fail(f"{len(infos)} entries, over {protocol.TREE_ENTRIES_MAX}")
+            if sum(info.file_size for info in infos) > protocol.UNPACKED_MAX:
+                raise fail(f"it unpacks to more than {protocol.UNPACKED_MAX} bytes")
+            for info in infos:
+                why = protocol.zip_name_error(info.filename)
+                mode = info.external_attr >> 16
+                if why is None and mode & 0o170000 == 0o120000:  # S_IFLNK: stat is one import more
+                    why = "is a symbolic link"
+                if why is not None:
+                    raise fail(f"entry {info.filename[:200]!r} {why}")
+                name = protocol.package_path(info.filename)
+                if not name:
+                    continue
+                kind = "d" if info.is_dir() else "x" if mode & 0o111 else ""
+                fd = _create(spec, made, name, kind)
+                if fd is None:
+                    continue
+                try:
+                    left = info.file_size
+                    with archive.open(info) as source:
+                        while chunk := source.read(min(left + 1, 1 << 20)):
+                            left -= len(chunk)
+                            if left < 0:
+                                raise fail(f"entry {name!r} holds more than its {info.file_size} bytes")
+                            view = memoryview(chunk)
+                            while view:
+                                view = view[os.write(fd, view):]
+                finally:
+                    os.close(fd)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError, RuntimeError,
+            zlib.error, LZMAError, OSError) as exc:
+        raise fail(str(exc)) from None
+
+
 def _write_code(spec: FunctionSpec, code: bytes) -> None:
     """Put the function's code in the task directory: one source file, or a package (a tree, or a zip)."""
     if spec.filename == protocol.TREE_FILENAME:
         _write_tree(spec, code)
         return
-    if spec.filename.endswith(".zip"):
-        import io
-        import zipfile
-
-        try:
-            with zipfile.ZipFile(io.BytesIO(code)) as package:
-                package.extractall(spec.task_dir)  # extractall drops absolute and ``..`` member paths
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise InvocationError("InvalidCode", f"cannot unpack {spec.filename}: {exc}", fatal=True) from None
+    if spec.filename == protocol.ZIP_FILENAME:
+        _write_zip(spec, code)
         return
     try:
         with open(os.path.join(spec.task_dir, spec.filename), "wb") as file:
@@ -315,6 +376,8 @@ class Agent:
         try:
             if self.runtime is None:
                 raise InvocationError("NotInitialized", "exec before a successful init", fatal=True)
+            if not getattr(self.runtime, "checks_nesting", False) and protocol.nesting_over(blob):
+                raise too_deep()
             output = self.runtime.invoke(blob, Call(header, self.spec))
         except InvocationError as exc:
             return self.error_reply(exc, started), b""

@@ -10,7 +10,8 @@ import importlib
 import json
 import sys
 
-from nimbus.agent.base import Call, FunctionSpec, InvocationError, check_result_size
+from nimbus import protocol
+from nimbus.agent.base import Call, FunctionSpec, InvocationError, check_result_size, too_deep
 
 _CO_VARARGS = 0x04  # code.co_flags bit for a ``*args`` parameter
 
@@ -109,6 +110,8 @@ def encode_result(value) -> bytes:
 class PythonRuntime:
     """Loads ``module.function`` from the task directory and calls it in this process."""
 
+    checks_nesting = True  # invoke() checks the event's depth on the value it parses anyway
+
     def __init__(self, spec: FunctionSpec) -> None:
         self.spec = spec
         self.handler = None
@@ -151,6 +154,10 @@ class PythonRuntime:
             payload = json.loads(event)
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
             raise InvocationError("InvalidEvent", f"the event is not valid JSON: {exc}") from None
+        except RecursionError:  # deeper than the decoder's stack: the agent must live on
+            raise too_deep() from None
+        if protocol.nesting_over(event, payload):
+            raise too_deep()
         args = (payload, Context(self.spec, call))[: self.arguments]
         try:
             value = self.handler(*args)

@@ -17,7 +17,8 @@ re-isolates itself before it accepts any code:
    and stderr sent to the machine's own output pipe. C2 then waits for the agent's one request to make
    ``/var/task`` read-only (sent once the function's code is written there, before any of it runs), and
    after that only reaps orphans, as bwrap's init does.
-3. (C3, the agent) uid and gid 65534 with no groups, which clears every capability; the seccomp
+3. (C3, the agent) the machine's own host uid and gid (the host picks it) with no groups and no
+   capability in any set (:mod:`nimbus.agent.privileges`); the seccomp
    filter installed (``no_new_privs`` is inherited from bwrap); a clean environment; then
    :func:`nimbus.agent.main.main` on the channel it was sent.
 
@@ -45,6 +46,7 @@ import struct
 import sys
 
 from nimbus.agent import main as agent_main
+from nimbus.agent import privileges
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -65,9 +67,12 @@ SECCOMP_MODE_FILTER = 2
 SIOCSIFFLAGS = 0x8914
 IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x1, 0x8, 0x40
 PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")  # as bwrap's --proc leaves them
+# Kernel facts hidden behind /dev/null, as nimbus.machines.bwrap.PROC_HIDDEN.
+PROC_HIDDEN = ("config.gz", "kallsyms", "modules", "keys", "key-users", "timer_list", "sched_debug", "kcore")
+MNT_DETACH = 2
+ETC_FILES = ("passwd", "group")  # the machine's own, naming its uid; sent with the fork request
 MAX_MESSAGE = 64 * 1024
 MAX_FDS = 8
-SANDBOX_UID = SANDBOX_GID = 65534
 SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
 TASK_DIR = "/var/task"
 LAYER_DIR = "/opt/layer"  # as nimbus.machines.base.LAYER_DIR (the agent imports nothing else of the host)
@@ -120,25 +125,59 @@ def _exit_status(status: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
+def _bind_read_only(source: str, target: str) -> None:
+    _mount(source, target, None, MS_BIND | MS_REC)
+    _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+def _own_etc_files(request: dict) -> None:
+    """Bind the machine's own passwd and group (naming its uid) over the template's, read-only.
+
+    They are written to a scratch tmpfs on /var/task, which is then detached (the binds keep their files)
+    before the real /var/task is mounted: nothing of them stays reachable but the two read-only files.
+    """
+    files = request.get("etc") or {}
+    if not files:
+        return
+    _mount("tmpfs", TASK_DIR, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=65536,mode=0755")
+    for name in ETC_FILES:
+        text = files.get(name)
+        if not isinstance(text, str):
+            continue
+        scratch = f"{TASK_DIR}/{name}"
+        with open(scratch, "w") as f:
+            f.write(text)
+        os.chmod(scratch, 0o644)
+        _bind_read_only(scratch, f"/etc/{name}")
+    _check(_libc.umount2(TASK_DIR.encode(), MNT_DETACH), f"umount {TASK_DIR}")
+
+
 def _fresh_filesystems(request: dict, layer: int | None) -> None:
     """Step 2: this mount namespace's own /proc, /dev/pts, /tmp, /dev/shm and /var/task, and its layer.
 
     ``layer``: the detached read-only mount of the function's layer, attached at /opt/layer and closed.
+    The tmpfs dirs belong to the machine's uid; its passwd and group name that uid.
     """
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates back to the template
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     for name in PROC_READ_ONLY:
         path = f"/proc/{name}"
         if os.path.exists(path):
-            _mount(path, path, None, MS_BIND | MS_REC)
-            _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            _bind_read_only(path, path)
+    for name in PROC_HIDDEN:
+        path = f"/proc/{name}"
+        if os.path.exists(path):
+            _bind_read_only("/dev/null", path)
+    _own_etc_files(request)
+    uid = int(request["uid"])
     # bwrap's /dev has its own devpts, the template's: one per child, or a pty opened by one function
-    # (the same uid in every machine) could be opened by its siblings. /dev/ptmx points into it.
+    # could be opened by its siblings. /dev/ptmx points into it.
     _mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620")
-    tmp = f"size={int(request['tmp_bytes'])},mode=1777"
+    tmp = f"size={int(request['tmp_bytes'])},mode=1777,uid={uid},gid={uid}"
     _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, tmp)
     _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, tmp)
-    _mount("tmpfs", TASK_DIR, "tmpfs", MS_NOSUID | MS_NODEV, f"size={int(request['task_bytes'])},mode=1777")
+    _mount("tmpfs", TASK_DIR, "tmpfs", MS_NOSUID | MS_NODEV,
+           f"size={int(request['task_bytes'])},mode=1777,uid={uid},gid={uid}")
     if layer is not None:
         _attach(layer, LAYER_DIR)  # after "/" went private: the mount stays in this namespace
         os.close(layer)
@@ -177,9 +216,8 @@ def _become_agent(request: dict, channel: int, program: bytes, seal: int) -> Non
     """Step 3: drop to the sandbox user, install the filter, and run the agent (never returns)."""
     for name, value in request.get("rlimits", ()):
         resource.setrlimit(getattr(resource, name), (value, value))
-    os.setgroups([])
-    os.setgid(SANDBOX_GID)
-    os.setuid(SANDBOX_UID)  # from uid 0 to another: the kernel clears every capability
+    uid = int(request["uid"])
+    privileges.drop(uid, uid)  # the machine's own uid; no capability left in any set
     _prctl(PR_SET_NO_NEW_PRIVS, 1)  # bwrap set it already; a filter without it would need privilege
     _install_seccomp(program)
     os.environ.clear()

@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from nimbus.errors import InvalidRequest
+from nimbus.errors import InvalidRequest, redact
 
 OUTPUT_MAX = 16 << 10  # compiler output kept in errors and logs: its head and its tail
 SRC_DIR = "/build/src"  # where a job's source directory is, inside the builder (its working directory)
@@ -39,12 +39,12 @@ class BuildFailed(InvalidRequest):
 
     ``str(exc)`` is the message followed by the toolchain's output (the API's 422 ``detail``);
     ``output`` is that output alone, clipped to its head and tail; ``timed_out`` tells a build killed at
-    its wall-clock limit.
+    its wall-clock limit. Both are shown to the tenant, so both are :func:`redact`-ed.
     """
 
     def __init__(self, message: str, output: str | bytes = "", *, timed_out: bool = False) -> None:
-        self.message = message
-        self.output = clip(output)
+        self.message = message = redact(message)
+        self.output = clip(redact(output if isinstance(output, str) else output.decode(errors="replace")))
         self.timed_out = timed_out
         text = self.output.strip()
         super().__init__(f"{message}:\n{text}" if text else message)

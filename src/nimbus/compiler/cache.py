@@ -21,11 +21,17 @@ class Cache(Protocol):
 
     ``put`` may return the build the cache already held under that key (another node's concurrent build
     won): the compiler then hands out that one, whose artifact is the one stored. None means ``build`` itself.
+
+    ``claim`` records that ``tenant`` asked for ``key`` and says whether it had before: None on its first
+    request (recorded with ``duration_ms``), else that first request's duration. The artifact is shared
+    across tenants; the fact that it was already there is told only to a tenant that asked for it before.
     """
 
     async def get(self, key: str) -> Build | None: ...
 
     async def put(self, build: Build) -> Build | None: ...
+
+    async def claim(self, key: str, tenant: str, duration_ms: float) -> float | None: ...
 
 
 class MemoryCache:
@@ -34,6 +40,7 @@ class MemoryCache:
     def __init__(self, max_entries: int = DEFAULT_MEMORY_ENTRIES) -> None:
         self.max_entries = max_entries
         self._builds: OrderedDict[str, Build] = OrderedDict()
+        self._tenants: dict[str, dict[str, float]] = {}  # key → tenant → its first request's duration
         self.hits = 0
         self.misses = 0
 
@@ -53,7 +60,15 @@ class MemoryCache:
         self._builds[build.key] = dataclasses.replace(build, cached=False)
         self._builds.move_to_end(build.key)
         while len(self._builds) > self.max_entries:
-            self._builds.popitem(last=False)
+            key, _ = self._builds.popitem(last=False)
+            self._tenants.pop(key, None)
+        return None
+
+    async def claim(self, key: str, tenant: str, duration_ms: float) -> float | None:
+        asked = self._tenants.setdefault(key, {})
+        if tenant in asked:
+            return asked[tenant]
+        asked[tenant] = duration_ms
         return None
 
 
@@ -104,9 +119,12 @@ class StoreCache:
         if record.artifact_sha256 == build.artifact_sha256:
             return None
         # The key was stored first by another build (put_build keeps the first): only its artifact is stored.
+        # Ours ran for this request all the same: it is reported as built, with its own log and duration.
         return dataclasses.replace(build, artifact=await self.store.get_code(record.artifact_sha256),
-                                   artifact_sha256=record.artifact_sha256, log=record.log,
-                                   duration_ms=record.duration_ms)
+                                   artifact_sha256=record.artifact_sha256)
+
+    async def claim(self, key: str, tenant: str, duration_ms: float) -> float | None:
+        return await self.store.claim_build(key, tenant, duration_ms)
 
 
 __all__ = ["Cache", "MemoryCache", "StoreCache"]

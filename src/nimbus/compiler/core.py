@@ -10,6 +10,13 @@
    waits for a slot (``concurrency``, default 1: builds are CPU-bound and these are small machines),
    runs the job in the builder, turns failures into :class:`BuildFailed` and stores the result.
 
+The cache is shared by every tenant, but whether an artifact was already there is not: the answer says
+``cached: true`` only to a tenant that asked for the same key before (the cache's ``claim`` keeps who
+asked: the store's ``artifact_tenants`` table, or memory), with that first request's duration. A tenant's
+first request for what another tenant built says ``cached: false`` with its own, measured duration, so
+a hit never confirms another tenant's source or manifest (the response time still differs: a cache
+hit is fast whoever asks).
+
 A build runs as a task of its own, so a client that goes away does not kill a build that others wait for
 (and a finished one still fills the cache). ``close()`` cancels builds still running; the builders kill
 their sandboxes or containers on cancellation.
@@ -30,7 +37,8 @@ from pathlib import Path
 from nimbus.compiler import layers, recipes, toolchains, wasm
 from nimbus.compiler.base import Build, Builder, BuildFailed, Job, JobResult
 from nimbus.compiler.cache import Cache, MemoryCache
-from nimbus.errors import InvalidRequest, Unavailable
+from nimbus.errors import InvalidRequest, Unavailable, redact
+from nimbus.store.records import DEFAULT_TENANT
 
 log = logging.getLogger("nimbus.compiler")
 
@@ -111,30 +119,37 @@ class Compiler:
             return toolchains.wasmtime_version()
         raise InvalidRequest(f"runtime {runtime!r} is not compiled")
 
-    async def build(self, runtime: str, source: bytes) -> Build:
-        """The artifact of ``source``: from the cache, from an identical build in flight, or built now."""
+    async def build(self, runtime: str, source: bytes, *, tenant: str = DEFAULT_TENANT) -> Build:
+        """The artifact of ``source``: from the cache, from an identical build in flight, or built now.
+
+        ``cached`` and ``duration_ms`` are as ``tenant`` may see them (see the module docstring).
+        """
         if self._closed:
             raise Unavailable("the compiler is shut down")
+        started = time.monotonic()
         plan = await self._plan(runtime, source)
         key = cache_key(runtime, plan.identity, source)
-        return await self._once(key, lambda: self._build(key, runtime, source, plan))
+        return await self._once(key, lambda: self._build(key, runtime, source, plan), tenant, started)
 
-    async def layer(self, spec: layers.LayerSpec) -> Build:
+    async def layer(self, spec: layers.LayerSpec, *, tenant: str = DEFAULT_TENANT) -> Build:
         """The dependency layer ``spec`` resolves to: cached by (runtime, platform, manifest), else built now.
 
         ``BuildFailed`` carries the package tool's output (an unknown package, a version conflict…).
         """
         if self._closed:
             raise Unavailable("the compiler is shut down")
+        started = time.monotonic()
         platform = await self.layers.platform(spec.runtime)
+        await self.layers.check(spec)
         key = spec.key(platform)
-        return await self._once(key, lambda: self._build_layer(key, spec, platform))
+        return await self._once(key, lambda: self._build_layer(key, spec, platform), tenant, started)
 
-    async def _once(self, key: str, start) -> Build:
-        """The build under ``key``: a cache hit, the identical build already running, or ``start()`` as a task."""
+    async def _once(self, key: str, start, tenant: str, started: float) -> Build:
+        """The build under ``key``: a cache hit, the identical build already running, or ``start()`` as a task;
+        told as ``tenant`` may see it."""
         hit = await self.cache.get(key)
         if hit is not None:
-            return hit
+            return await self._told(hit, tenant, started)
         task = self._inflight.get(key)
         leader = task is None
         if task is None:
@@ -148,7 +163,18 @@ class Compiler:
             if task.cancelled() and me is not None and not me.cancelling():
                 raise Unavailable("the build was cancelled: the node is shutting down") from None
             raise
-        return build if leader else dataclasses.replace(build, cached=True)
+        return await self._told(build if leader else dataclasses.replace(build, cached=True), tenant, started)
+
+    async def _told(self, build: Build, tenant: str, started: float) -> Build:
+        """``build`` as ``tenant`` may see it: ``cached`` only when that tenant asked for it before."""
+        if not build.cached:  # built for this very request
+            await self.cache.claim(build.key, tenant, build.duration_ms)
+            return build
+        measured = round((time.monotonic() - started) * 1000, 1)
+        first = await self.cache.claim(build.key, tenant, measured)
+        if first is None:
+            return dataclasses.replace(build, cached=False, duration_ms=measured)
+        return dataclasses.replace(build, cached=True, duration_ms=first)
 
     async def close(self) -> None:
         """Cancel running builds (their sandboxes are killed) and release the builder."""
@@ -211,7 +237,7 @@ class Compiler:
                 artifact = await self._in_thread(handoff, deadline, wasm.precompile, module)
             else:
                 result = await self._run_job(runtime, plan.job)
-                output = result.output
+                output = redact(result.output)  # shown to the tenant, like a failure's output
                 artifact = result.artifact
                 if plan.kind == "rust-wasm":
                     artifact = await self._in_thread(handoff, deadline, wasm.precompile, artifact)

@@ -11,6 +11,7 @@ stays the documented one in ``/openapi.json``.
 
 import orjson
 
+from nimbus import protocol
 from nimbus.errors import InvalidRequest, NimbusError, PayloadTooLarge
 from nimbus.gateway import problems, schemas
 from nimbus.gateway.responses import dumps
@@ -45,8 +46,8 @@ async def read_event(scope, receive) -> bytes:
     chunks, size = [], 0
     while True:
         message = await receive()
-        if message["type"] == "http.disconnect":
-            break
+        if message["type"] == "http.disconnect":  # gone mid-body (or cut off by its deadline): no call
+            raise InvalidRequest("the client went away before the whole event arrived")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > EVENT_MAX:
@@ -63,10 +64,19 @@ def check_event(event: bytes) -> bytes:
     if not event.strip():
         return b"{}"
     try:
-        orjson.loads(event)
+        value = orjson.loads(event)
     except orjson.JSONDecodeError as exc:
+        if str(exc).startswith("depth limit"):  # orjson's own limit (1024), above ours
+            raise _too_deep() from None
         raise InvalidRequest(f"the event is not valid JSON: {exc}") from None
+    if protocol.nesting_over(event, value):  # the agents' JSON decoders refuse it too
+        raise _too_deep()
     return event
+
+
+def _too_deep() -> InvalidRequest:
+    return InvalidRequest(f"the event is nested more than {protocol.NESTING_MAX} levels deep; "
+                          f"at most {protocol.NESTING_MAX} levels of arrays and objects are allowed")
 
 
 class FastInvoke:

@@ -18,6 +18,7 @@ router = APIRouter(prefix="/api/v1", tags=["functions"])
 SOURCE_MAX = 512 << 10  # source text
 ARTIFACT_MAX = 50 << 20  # decoded code_base64
 EVENT_MAX = fast.EVENT_MAX
+LIST_BYTES_MAX = 16 << 20  # outputs and logs one listing loads: 1,000 rows of 6 MiB would be 6 GiB of memory
 
 EVENT_BODY = {
     "requestBody": {
@@ -70,11 +71,12 @@ def _handler(handler: str | None, runtime: str) -> str:
     return handler
 
 
-async def _check_code(runtime: str, code: bytes, handler: str) -> None:
-    """Refuse a bad package (which entry, and why), or Python that does not parse (which line), now
-    rather than on every call later."""
+async def _check_code(runtime: str, code: bytes, handler: str, memory_mb: int) -> None:
+    """Refuse a bad package (which entry, and why; one the function's memory cannot unpack), or Python
+    that does not parse (which line), now rather than on every call later."""
     if packages.is_zip(code):
-        await asyncio.to_thread(packages.check, code, runtime, handler)  # reads every entry: off the loop
+        # Reads every entry: off the loop.
+        await asyncio.to_thread(packages.check, code, runtime, handler, memory_mb=memory_mb)
         return
     if runtime != "python3":
         return
@@ -92,7 +94,7 @@ def _code_kind(code: bytes) -> str:
     return "module" if code.startswith(WASM_MAGIC) else "source"
 
 
-async def _layer(node, runtime: str, code: bytes):
+async def _layer(node, runtime: str, code: bytes, tenant: str):
     """The dependency layer a package's requirements.txt or package.json resolves to; None without one.
 
     Resolved inside the request, like a build: 201 once the layer is stored (or found in the cache),
@@ -101,10 +103,10 @@ async def _layer(node, runtime: str, code: bytes):
     if not packages.is_zip(code):
         return None
     spec = await asyncio.to_thread(layers.spec_of, runtime, code)
-    return await node.compiler.layer(spec) if spec is not None else None
+    return await node.compiler.layer(spec, tenant=tenant) if spec is not None else None
 
 
-async def _build(node, runtime: str, code: bytes):
+async def _build(node, runtime: str, code: bytes, tenant: str):
     """Build compiled code (or take it from the build cache); None for interpreted runtimes.
 
     Runs inside the request: the API answers 201 once the artifact exists, 422 with the compiler's
@@ -112,7 +114,7 @@ async def _build(node, runtime: str, code: bytes):
     """
     if not runtimes.get(runtime).compiled:
         return None
-    return await node.compiler.build(runtime, code)
+    return await node.compiler.build(runtime, code, tenant=tenant)
 
 
 @router.post("/functions", status_code=201, response_model=schemas.FunctionOut,
@@ -123,7 +125,7 @@ async def create_function(body: schemas.FunctionCreate, request: Request) -> Res
     runtime = runtimes.normalise(body.runtime)
     handler = _handler(body.handler, runtime)
     code = _source(body, runtime)
-    await _check_code(runtime, code, handler)
+    await _check_code(runtime, code, handler, body.memory_mb)
     if runtimes.get(runtime).compiled or packages.is_zip(code):
         # A taken name answers 409 now, not after a build of minutes (the insert still decides races).
         try:
@@ -132,8 +134,8 @@ async def create_function(body: schemas.FunctionCreate, request: Request) -> Res
             pass
         else:
             raise Conflict(f"a function named {body.name!r} already exists")
-    build = await _build(node, runtime, code)
-    layer = await _layer(node, runtime, code)
+    build = await _build(node, runtime, code, auth.tenant(request))
+    layer = await _layer(node, runtime, code, auth.tenant(request))
     fn = await node.store.create_function(
         name=body.name, runtime=runtime, handler=handler, env=body.env or {}, memory_mb=body.memory_mb,
         timeout_s=body.timeout_s, concurrency=body.concurrency, code=code, code_kind=_code_kind(code),
@@ -174,11 +176,11 @@ async def update_function(name: str, body: schemas.FunctionUpdate, request: Requ
         raise InvalidRequest(f"changing the runtime from {current.runtime} to {runtime} needs new code")
     handler = _handler(body.handler or current.handler, runtime) if (body.handler or body.runtime) else None
     code = _source(body, runtime) if has_code else None
-    if code is not None or handler is not None:
+    if code is not None or handler is not None or (body.memory_mb is not None and current.code_kind == "zip"):
         await _check_code(runtime, code if code is not None else await node.store.get_code(current.code_sha256),
-                          handler or current.handler)
-    build = await _build(node, runtime, code) if code is not None else None
-    layer = await _layer(node, runtime, code) if code is not None else None
+                          handler or current.handler, body.memory_mb or current.memory_mb)
+    build = await _build(node, runtime, code, auth.tenant(request)) if code is not None else None
+    layer = await _layer(node, runtime, code, auth.tenant(request)) if code is not None else None
     fn = await node.store.update_function(
         current.id, code=code, code_kind=_code_kind(code) if code is not None else None,
         runtime=runtime if runtime != current.runtime else None, handler=handler, env=body.env,
@@ -220,7 +222,8 @@ IDEMPOTENCY_KEY = Header(None, alias="Idempotency-Key", max_length=256, pattern=
 
 @router.post("/functions/{name}/invoke", response_model=schemas.InvokeOut, openapi_extra=EVENT_BODY,
              responses={404: {}, 409: {"description": "Idempotency-Key used for another request"}, 413: {},
-                        429: {"description": "queue full; see Retry-After"}, 503: {}})
+                        429: {"description": "queue full, or (with an Idempotency-Key) the tenant's storage budget "
+                                             "is full; see Retry-After"}, 503: {}})
 async def invoke(name: str, request: Request, idempotency_key: str | None = IDEMPOTENCY_KEY) -> Response:
     """Calls without an Idempotency-Key are answered by ``fast.FastInvoke`` before they get here."""
     node = _node(request)
@@ -234,6 +237,8 @@ async def invoke(name: str, request: Request, idempotency_key: str | None = IDEM
              openapi_extra=EVENT_BODY,
              responses={404: {}, 409: {"description": "Idempotency-Key used for another request"}, 413: {},
                         422: {"description": "invalid, or a callback URL NIMBUS_CALLBACK_ALLOW does not allow"},
+                        429: {"description": "the tenant's stored invocations fill its storage budget; see "
+                                             "Retry-After"},
                         503: {}})
 async def invoke_async(
     name: str,
@@ -259,5 +264,5 @@ async def invoke_async(
 async def list_invocations(name: str, request: Request, limit: int = Query(50, ge=1, le=1000)) -> Response:
     node = _node(request)
     fn = await node.store.get_function(name, auth.tenant(request))
-    invs = await node.store.list_invocations(fn.id, limit=limit)
-    return JSON({"invocations": [schemas.invocation_view(i) for i in invs]})
+    invs, truncated = await node.store.list_invocations_page(fn.id, limit=limit, max_bytes=LIST_BYTES_MAX)
+    return JSON({"invocations": [schemas.invocation_view(i) for i in invs], "truncated": truncated})

@@ -2,8 +2,10 @@
 
 A layer is shared by every function with the same dependencies, whichever tenant owns it: a tenant sees
 the layers its own functions mount; an admin key (or a node with auth off) sees them all, unused ones
-too. Garbage collection removes build-cache entries and layers no function version references, and
-the node's unpacked copies of them; it needs an admin key.
+too. A tenant is shown its own first request for a layer (when, how long), never the build another
+tenant ran, which would tell it what that tenant deployed. Garbage collection removes build-cache
+entries and layers no function version references, and the node's unpacked copies of them; it needs
+an admin key.
 """
 
 from datetime import datetime
@@ -28,8 +30,8 @@ class LayerOut(BaseModel):
     runtime: str
     platform: str = Field(description="what it was resolved for: interpreter or node version, machine, libc")
     size: int = Field(description="bytes of the archive (tar.gz)")
-    duration_ms: float = Field(description="how long resolving it took")
-    created_at: datetime
+    duration_ms: float = Field(description="how long resolving it took: for a tenant, its own first request")
+    created_at: datetime = Field(description="when it was resolved: for a tenant, when it first asked for it")
     functions: list[str] = Field(description="functions with a version that mounts it")
 
 

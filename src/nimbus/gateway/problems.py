@@ -1,6 +1,8 @@
 """Errors as ``application/problem+json`` (RFC 9457): every failure says what was wrong, never a bare 500.
 
 Nimbus's own exceptions map to statuses here, at the HTTP boundary, so the layers below stay HTTP-free.
+Every detail is scrubbed of the node's environment values on its way out (:func:`redact`): a message
+that quotes one by mistake (a resolver's output, an echoed input) must not hand a tenant the node's keys.
 """
 
 import logging
@@ -13,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from nimbus import errors
+from nimbus.errors import redact
 from nimbus.gateway.responses import dumps
 
 log = logging.getLogger("nimbus.gateway")
@@ -35,8 +38,11 @@ STATUS_OF: tuple[tuple[type[errors.NimbusError], int], ...] = (
 def problem(status: int, detail: str, *, title: str | None = None, headers: dict | None = None,
             **extra) -> Response:
     phrase = HTTPStatus(status).phrase
+    if isinstance(extra.get("errors"), list):
+        extra["errors"] = [dict(item, msg=redact(item["msg"])) if isinstance(item.get("msg"), str) else item
+                           for item in extra["errors"]]
     body = {"type": f"urn:nimbus:problem:{phrase.lower().replace(' ', '-')}", "title": title or phrase,
-            "status": status, "detail": detail, **extra}
+            "status": status, "detail": redact(detail), **extra}
     return Response(dumps(body), status_code=status, media_type=PROBLEM_TYPE, headers=headers)
 
 

@@ -120,8 +120,11 @@ class BuildOut(BaseModel):
     """How a compiled version's artifact was made; only in the answer to the create or update that built it."""
 
     toolchain: str
-    cached: bool = Field(description="true when the artifact came from the build cache (no build ran)")
-    duration_ms: float = Field(description="the build's duration (the original build's, when cached)")
+    cached: bool = Field(description="true when this tenant asked for the same build before and it came from "
+                         "the build cache; a build another tenant ran says false (the cache is shared, that "
+                         "fact is not)")
+    duration_ms: float = Field(description="how long this request's build took; when cached, this tenant's "
+                               "first request's")
     log: str = Field(description="the toolchain's output (warnings), clipped")
 
 
@@ -130,8 +133,11 @@ class LayerBuildOut(BaseModel):
 
     sha256: str
     platform: str
-    cached: bool = Field(description="true when the layer came from the cache (nothing was downloaded)")
-    duration_ms: float = Field(description="how long resolving it took (the original's, when cached)")
+    cached: bool = Field(description="true when this tenant asked for the same layer before and it came from "
+                         "the cache; a layer another tenant resolved says false (the cache is shared, that "
+                         "fact is not)")
+    duration_ms: float = Field(description="how long this request's resolve took; when cached, this tenant's "
+                               "first request's")
     size: int = Field(description="bytes of the layer archive")
     log: str = Field(description="pip's or npm's output, clipped")
 
@@ -213,6 +219,8 @@ class InvocationOut(BaseModel):
 
 class InvocationList(BaseModel):
     invocations: list[InvocationOut]
+    truncated: bool = Field(False, description="true when the listing stopped before `limit` rows because their "
+                                               "outputs and logs passed 16 MiB; ask for fewer or fetch each by id")
 
 
 def function_view(fn, build=None, layer=None) -> dict:

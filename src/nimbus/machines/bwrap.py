@@ -1,12 +1,13 @@
 """The bwrap driver: one machine is one bubblewrap sandbox running the guest agent.
 
 Each machine is a ``bwrap`` process tree in new pid, network, ipc, uts, mount and cgroup namespaces,
-with ``--die-with-parent`` and ``--new-session``. Inside, the agent runs as uid/gid 65534 with a
-cleared environment (PATH, HOME=/tmp, LANG only) and sees only:
+with ``--die-with-parent`` and ``--new-session``. Inside, the agent runs as a uid/gid of its own (see
+below) with a cleared environment (PATH, HOME=/tmp, LANG only) and sees only:
 
 * the host's ``/usr`` read-only (``/bin``, ``/lib``, ``/lib64``, ``/sbin`` recreated as the symlinks
   they are on merged-usr hosts, or bound read-only where they are real directories);
-* the base Python installation (``sys.base_prefix``, read-only, at the same path) — not the venv;
+* the base Python installation (``sys.base_prefix``, read-only, at the same path, since its
+  libpython is found there) — not the venv — run through the link ``/opt/nimbus/bin/python3``;
 * Nimbus's ``__init__.py``, ``protocol.py`` and ``agent/`` at ``/opt/nimbus/nimbus`` (read-only);
 * in ``wasm`` machines only, the installed ``wasmtime`` package directory, alone, at
   ``/opt/nimbus/site/wasmtime`` (read-only; the agent's wasm runtime puts ``/opt/nimbus/site`` on its
@@ -16,10 +17,16 @@ cleared environment (PATH, HOME=/tmp, LANG only) and sees only:
   read-only directory there for a function without one. ``/opt/node_modules`` is a symlink to it, so
   that an ES module in a nodejs layer finds its sibling packages (ESM resolution ignores ``NODE_PATH``
   and walks up from the file's real path);
-* ``/etc/ld.so.cache``, ``/etc/localtime`` and a minimal passwd, group, hosts and nsswitch.conf
-  written by the driver (never the host's shadow or passwd files);
-* fresh ``/proc`` and ``/dev``, private size-capped tmpfs on ``/tmp``, ``/dev/shm`` and ``/var/task``;
-  the root and everything else read-only, so the function can write to those three places only.
+* ``/etc/ld.so.cache``, ``/etc/localtime`` and a minimal passwd (naming the machine's uid), group,
+  hosts and nsswitch.conf that bwrap copies in from descriptors (never the host's shadow or passwd);
+* fresh ``/proc`` (``/dev/null`` over ``config.gz``, ``kallsyms`` and the like) and ``/dev``, private
+  size-capped tmpfs on ``/tmp``, ``/dev/shm`` and ``/var/task``; the root and everything else
+  read-only, so the function can write to those three places only.
+
+bwrap reads its options from a descriptor (``--args``), so no command line in the sandbox (not its pid
+1's, which is bwrap's own) names a host path. ``/proc/self/mountinfo`` shows the sandbox's mount points,
+but a bind mount's source path within its filesystem (the Python installation's, Nimbus's, a layer's)
+stays in its root column: only copying those files in would hide it.
 
 The node's home, ``/root``, ``/work`` and other machines' files are simply not mounted. There is no
 network: a new network namespace holds nothing but its own loopback.
@@ -38,8 +45,13 @@ Who the sandbox is on the host depends on who runs the node:
 * **root** — a user namespace made by root can only map the sandbox to host uid 0, and host uid 0
   owns ``/proc/sys`` (``kernel.core_pattern`` would be a way out), the device nodes and every
   root-owned file; so no user namespace is made: bwrap sets the sandbox up as root, keeps only
-  ``CAP_SETUID``/``CAP_SETGID`` for the agent's interpreter, whose first statement drops to host uid
-  and gid 65534 with no groups, before any Nimbus or function code runs (``no_new_privs`` is set).
+  ``CAP_SETUID``/``CAP_SETGID``/``CAP_SETPCAP``/``CAP_CHOWN`` for the agent's interpreter, whose first
+  statements give the tmpfs dirs to the machine's own host uid, empty the bounding, inheritable and
+  ambient capability sets and drop to that uid and gid with no groups, before any function code runs
+  (:mod:`nimbus.agent.privileges`; ``no_new_privs`` is set). Each machine gets a uid of its own from
+  ``uid_base``/``uid_count`` (0x70000000 and 65536 by default: above every ``/etc/subuid`` range
+  useradd hands out, below 2^31; the driver refuses a range holding a host user, group or subordinate
+  range), so per-user kernel limits (inotify instances, ``RLIMIT_NPROC``...) are per machine.
   Without ``--disable-userns`` (it needs a user namespace) the function may still make user
   namespaces of its own, as any unprivileged user may; the seccomp filter is where that gets closed.
 
@@ -62,9 +74,8 @@ in:
   reserves gigabytes of address space it never touches, so node would not even start. ``RLIMIT_DATA``
   ignores those ``PROT_NONE`` reservations and tracks what a runtime really dirties;
 * pids → ``RLIMIT_NPROC``, set inside the machine's user namespace so it counts that machine's
-  processes, not every process of the host user. A root node has no user namespace and all its
-  machines share host uid 65534, so there it has no per-machine pids limit without cgroups (the pid
-  namespace still dies with the machine);
+  processes, not every process of the host user. On a root node each machine has a host uid of its
+  own, so there it counts that machine's processes too;
 * CPU → none (rlimits have no rate limit). tmpfs sizes still bound what ``/tmp`` and ``/dev/shm`` hold.
 
 Core dumps are off (``RLIMIT_CORE`` 0) either way.
@@ -115,9 +126,18 @@ MIN_TMP_MB = 16  # /tmp and /dev/shm are sized like the machine's memory, with t
 # Python host (about 40 MiB resident, measured) are the platform's, so the machine gets this on top.
 # Without it a module filling its linear memory meets the kernel's OOM killer, not a clear error.
 WASM_HOST_MB = 64
-AGENT_BOOT = (
-    "import sys; sys.path.insert(0, '/opt/nimbus'); from nimbus.agent.main import main; main(sys.argv[1:])"
-)
+BOOT_PATH = "import sys; sys.path.insert(0, '/opt/nimbus');"
+BOOT_AGENT = "from nimbus.agent.main import main; main(sys.argv[1:])"
+# The interpreter as the sandbox runs it: a link to the host's, so that the sandbox's command lines
+# (its pid 1's included) name no host path.
+PYTHON_LINK = f"{OPT_DIR}/bin/python3"
+# Kernel facts /proc would show every function: /dev/null is bound over those the host has.
+PROC_HIDDEN = ("config.gz", "kallsyms", "modules", "keys", "key-users", "timer_list", "sched_debug", "kcore")
+# A root node gives each machine a host uid (and gid) of its own from this range, so per-user kernel limits
+# (inotify instances, RLIMIT_NPROC, user namespaces, ...) are not shared between machines. systemd calls
+# 0x70000000-0x7FFFFFFF unused; useradd hands out /etc/subuid ranges below 600100000 (SUB_UID_MAX).
+MACHINE_UID_BASE = 0x70000000
+MACHINE_UID_COUNT = 65536
 # The outer bwrap and its init (pid 1 of the sandbox) live in the machine's cgroup too.
 BWRAP_PROCS = 2
 SHELL = "/bin/sh"
@@ -128,10 +148,11 @@ DEATH_REPORT_WAIT_S = 1.0  # after EOF, how long to wait for the exit status to 
 CGROUP_REMOVE_TRIES = 40
 CGROUP_REMOVE_PAUSE_S = 0.025
 TEMPLATE_RETRY_S = 30.0  # after a template fails to start, its runtime's machines boot for this long
-# What the sandbox's first process keeps on a root node: enough to drop to uid 65534, nothing else.
-MACHINE_CAPS = ("CAP_SETUID", "CAP_SETGID")
+# What the sandbox's first process keeps on a root node: enough to hand its tmpfs dirs to the machine's
+# uid, empty the bounding and inheritable sets and drop to that uid (nimbus.agent.privileges), nothing else.
+MACHINE_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_CHOWN")
 # A template also makes its children's namespaces and mounts and brings up their loopback.
-TEMPLATE_CAPS = ("CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_SETUID", "CAP_SETGID")
+TEMPLATE_CAPS = ("CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP")
 
 _ETC_FILES = {
     "passwd": (
@@ -143,6 +164,32 @@ _ETC_FILES = {
     "nsswitch.conf": "passwd: files\ngroup: files\nshadow: files\nhosts: files\n",
 }
 _MERGED_USR_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+SANDBOX_USER = "sandbox"  # the passwd name of a machine's own uid
+
+
+def etc_files(uid: int = SANDBOX_UID, gid: int = SANDBOX_GID) -> dict[str, str]:
+    """The sandbox's passwd, group, hosts and nsswitch.conf, naming the machine's own uid and gid."""
+    if uid == SANDBOX_UID:
+        return dict(_ETC_FILES)
+    return {**_ETC_FILES,
+            "passwd": f"root:x:0:0:root:/root:/usr/sbin/nologin\n{SANDBOX_USER}:x:{uid}:{gid}:{SANDBOX_USER}:/tmp:"
+                      "/usr/sbin/nologin\n",
+            "group": f"root:x:0:\n{SANDBOX_USER}:x:{gid}:\n"}
+
+
+def data_fd(text: str) -> int:
+    """An inheritable descriptor to read ``text`` from, once (bwrap's ``--file``/``--args`` take one each)."""
+    fd = os.memfd_create("nimbus", 0)
+    try:
+        data = text.encode()
+        while data:
+            data = data[os.write(fd, data):]
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.set_inheritable(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def find_bwrap() -> str:
@@ -227,15 +274,6 @@ def _compiled(source: Path, cached: Path) -> bool:
         return False
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    if path.exists() and path.read_text() == text:
-        return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o644)  # read by the sandbox's uid 65534
-    os.replace(tmp, path)
-
-
 def describe_exit(returncode: int | None) -> str:
     """Say how a bwrap process ended (bwrap reports a sandboxed process killed by signal N as 128+N)."""
     if returncode is None:
@@ -297,6 +335,7 @@ class BwrapMachine:
         self._started = False
         self._released = False
         self._killed = False  # by us: the exit status is ours, not the function's
+        self.uid: int | None = None  # its own host uid (and gid) on a root node, from the driver's range
         self._cgroup: cgroups.Cgroup | None = None
         self._transport: asyncio.SubprocessTransport | None = None
         self._pidfd: int | None = None
@@ -338,6 +377,8 @@ class BwrapMachine:
             raise MachineStartError(f"machine {self.id} was already started")
         async with contextlib.AsyncExitStack() as undo:
             try:
+                self.uid = self._driver.take_uid()
+                undo.callback(self._give_uid)
                 self._make_cgroup()
                 undo.push_async_callback(self._remove_cgroup)
                 parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -372,34 +413,44 @@ class BwrapMachine:
         except OSError as exc:
             raise MachineStartError(f"cannot create its cgroup: {exc}") from exc
 
+    def _give_uid(self) -> None:
+        if self.uid is not None:
+            self._driver.give_uid(self.uid)
+            self.uid = None
+
     async def _spawn(self, fd: int) -> None:
         loop = asyncio.get_running_loop()
-        filter_fd = self._driver.open_seccomp()
+        fds: list[int] = []  # what bwrap reads once: the seccomp program, the /etc files, its own arguments
         try:
-            argv = self._driver.command(self.spec, fd, self._cgroup, filter_fd)
-        except BaseException:
+            filter_fd = self._driver.open_seccomp()
             if filter_fd is not None:
-                os.close(filter_fd)
-            raise
-        if self._cgroup is not None:
-            # Join the cgroup before bwrap exists, so it and all it forks are inside. A shell does it
-            # and execs bwrap: cheaper than a preexec_fn, which forces a full fork() of the node.
-            argv = [SHELL, "-c", self._cgroup.shell_join() + 'ulimit -c 0; exec "$@"', "nimbus-machine", *argv]
-        try:
+                fds.append(filter_fd)
+            etc = {name: data_fd(text) for name, text in self._driver.etc_files(self.uid).items()}
+            fds += etc.values()
+            argv = self._driver.command(self.spec, fd, self._cgroup, filter_fd, uid=self.uid, etc_fds=etc)
+            # bwrap's options through --args, so no command line in the sandbox (its pid 1's is bwrap's)
+            # shows the host paths they bind.
+            cut = len(argv) - 1 - argv[::-1].index(PYTHON_LINK)
+            fds.append(data_fd("".join(f"{arg}\0" for arg in argv[1:cut])))
+            argv = [argv[0], "--args", str(fds[-1]), *argv[cut:]]
+            if self._cgroup is not None:
+                # Join the cgroup before bwrap exists, so it and all it forks are inside. A shell does it
+                # and execs bwrap: cheaper than a preexec_fn, which forces a full fork() of the node.
+                argv = [SHELL, "-c", self._cgroup.shell_join() + 'ulimit -c 0; exec "$@"', "nimbus-machine", *argv]
             self._transport, _ = await loop.subprocess_exec(
                 lambda: _Watch(self),
                 *argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                pass_fds=(fd,) if filter_fd is None else (fd, filter_fd),
+                pass_fds=(fd, *fds),
                 start_new_session=True,  # the node's terminal signals (Ctrl-C) are for the node, not its machines
                 cwd="/",
                 env={"PATH": SANDBOX_ENV["PATH"]},
             )
         finally:
-            if filter_fd is not None:
-                os.close(filter_fd)  # bwrap has its own copy
+            for extra in fds:
+                os.close(extra)  # bwrap has its own copies
         self.pid = self._transport.get_pid()
         try:
             self._pidfd = os.pidfd_open(self.pid)
@@ -453,7 +504,7 @@ class BwrapMachine:
             async with asyncio.timeout(timeout):
                 self._writer.write(data)
                 await self._writer.drain()
-                reply, reply_blob = await protocol.read_frame(self._reader, protocol.GUEST_TYPES)
+                reply, reply_blob = await frames.read_reply(self._reader, kind, self._driver.reply_budget)
         except TimeoutError:
             await self._abort()
             raise MachineTimeout(
@@ -550,6 +601,8 @@ class BwrapMachine:
                 await self._stop_process()
                 await self._close_channel()
                 await self._remove_cgroup()
+                if self._exited.done():  # a uid still running somewhere is not handed to another machine
+                    self._give_uid()
             finally:
                 self._driver._forget(self)
 
@@ -595,7 +648,7 @@ def enforcement(controllers: frozenset[str], version: int, *, privileged: bool, 
     if "pids" in controllers:
         pids = f"{kind} pids"
     elif privileged:
-        pids = f"none (every machine runs as host uid {SANDBOX_UID}, so RLIMIT_NPROC cannot count one)"
+        pids = "RLIMIT_NPROC of the machine's own host uid"
     else:
         pids = "RLIMIT_NPROC in the machine's user namespace"
     return {
@@ -614,6 +667,8 @@ class BwrapDriver:
     ``None`` uses them when the host lets this process manage a cgroup tree, ``False`` never (rlimits
     only), ``True`` requires them (``MachineStartError`` when unavailable). ``use_seccomp`` likewise
     for the seccomp filter (``None``: applied when libseccomp is there, with a warning when not).
+    ``reply_buffer_bytes``: how many bytes of replies all its machines may have in flight at once.
+    ``uid_base``/``uid_count``: the host uids (and gids) its machines get, one each, on a root node.
     """
 
     name = "bwrap"
@@ -627,11 +682,20 @@ class BwrapDriver:
         use_seccomp: bool | None = None,
         start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
         use_templates: bool | None = None,
+        reply_buffer_bytes: int = frames.DEFAULT_REPLY_BUFFER_BYTES,
+        uid_base: int = MACHINE_UID_BASE,
+        uid_count: int = MACHINE_UID_COUNT,
     ) -> None:
         self.home = Path(home)
+        self.reply_budget = frames.ReplyBudget(reply_buffer_bytes)
         self.bwrap = bwrap_path or find_bwrap()
         self.python, self._prefixes = base_python()
         self.privileged = os.geteuid() == 0
+        self.uid_range = range(uid_base, uid_base + uid_count)
+        self.uids_in_use: set[int] = set()
+        self._next_uid = uid_base
+        if self.privileged:
+            check_uid_range(self.uid_range)
         self.start_timeout_s = start_timeout_s
         self._machines: dict[str, BwrapMachine] = {}
         self._closed = False
@@ -749,19 +813,24 @@ class BwrapDriver:
             self.hierarchy.close()
 
     def command(self, spec: MachineSpec, fd: int, cgroup: cgroups.Cgroup | None,
-                seccomp_fd: int | None = None) -> list[str]:
+                seccomp_fd: int | None = None, *, uid: int | None = None,
+                etc_fds: dict[str, int] | None = None) -> list[str]:
         """The full bwrap command line for one machine whose channel is inherited as ``fd``.
 
-        ``seccomp_fd`` is an inherited descriptor of the seccomp program (see :meth:`open_seccomp`).
+        ``seccomp_fd`` is an inherited descriptor of the seccomp program (see :meth:`open_seccomp`);
+        ``uid`` the machine's own host uid on a root node; ``etc_fds`` descriptors of its ``/etc`` files
+        by name (:meth:`etc_files`).
         """
-        argv = self._filesystem(spec.runtime, *self.tmpfs_bytes(spec), layer=spec.layer)
+        argv = self._filesystem(spec.runtime, *self.tmpfs_bytes(spec), layer=spec.layer, etc_fds=etc_fds)
         if seccomp_fd is not None:
             argv += ["--seccomp", str(seccomp_fd)]
-        boot = self._prologue(spec, cgroup.controllers if cgroup is not None else frozenset()) + AGENT_BOOT
-        argv += [str(self.python), "-I", "-S", "-c", boot, "--fd", str(fd), "--task-dir", TASK_DIR]
+        prologue = self._prologue(spec, cgroup.controllers if cgroup is not None else frozenset(), uid)
+        argv += [PYTHON_LINK, "-I", "-S", "-c", BOOT_PATH + prologue + BOOT_AGENT, "--fd", str(fd),
+                 "--task-dir", TASK_DIR]
         return argv
 
-    def template_command(self, runtime: str, control_fd: int, seccomp_fd: int | None) -> list[str]:
+    def template_command(self, runtime: str, control_fd: int, seccomp_fd: int | None,
+                         etc_fds: dict[str, int] | None = None) -> list[str]:
         """The bwrap command line of ``runtime``'s template (see :mod:`nimbus.machines.template`).
 
         A machine's sandbox, but the process keeps root and ``CAP_SYS_ADMIN`` to build its children's
@@ -771,24 +840,51 @@ class BwrapDriver:
 
         if self._template_layout is None:
             self._template_layout = self._sandbox_layout(TEMPLATE_CAPS)
-        argv = self._filesystem(runtime, MIN_TMP_MB << 20, MIN_TMP_MB << 20, self._template_layout)
-        argv += [str(self.python), "-I", "-S", "-c", TEMPLATE_BOOT, "--control", str(control_fd),
+        argv = self._filesystem(runtime, MIN_TMP_MB << 20, MIN_TMP_MB << 20, self._template_layout, etc_fds=etc_fds)
+        argv += [PYTHON_LINK, "-I", "-S", "-c", TEMPLATE_BOOT, "--control", str(control_fd),
                  "--seccomp", "-" if seccomp_fd is None else str(seccomp_fd), "--runtime", runtime]
         return argv
+
+    def etc_files(self, uid: int | None) -> dict[str, str]:
+        """The ``/etc`` files of a machine running as ``uid`` (None: the sandbox uid of the user namespace)."""
+        return etc_files() if uid is None else etc_files(uid, uid)
+
+    def take_uid(self) -> int | None:
+        """A host uid no other machine of this driver runs as (root nodes only; None otherwise)."""
+        if not self.privileged:
+            return None
+        span = self.uid_range
+        for step in range(len(span)):  # next-fit: a uid just given back is the last to be taken again
+            uid = span.start + (self._next_uid - span.start + step) % len(span)
+            if uid not in self.uids_in_use:
+                self.uids_in_use.add(uid)
+                self._next_uid = uid + 1
+                return uid
+        raise MachineStartError(f"all {len(span)} machine uids from {span.start} are in use "
+                                "(NIMBUS_MACHINE_UID_COUNT)")
+
+    def give_uid(self, uid: int) -> None:
+        self.uids_in_use.discard(uid)
 
     def tmpfs_bytes(self, spec: MachineSpec) -> tuple[int, int]:
         """Sizes of a machine's ``/tmp`` (and ``/dev/shm``) and of its ``/var/task``."""
         return max(spec.memory_mb, MIN_TMP_MB) << 20, TASK_DIR_MB << 20
 
     def _filesystem(self, runtime: str, tmp_bytes: int, task_bytes: int,
-                    layout: list[str] | None = None, layer: str | None = None) -> list[str]:
+                    layout: list[str] | None = None, layer: str | None = None,
+                    etc_fds: dict[str, int] | None = None) -> list[str]:
         """bwrap and its arguments up to the command: namespaces, binds and the writable tmpfs mounts.
 
         ``layer``: the host directory to bind read-only over the empty ``/opt/layer`` of the layout.
+        ``etc_fds``: descriptors bwrap copies the ``/etc`` files from, by name (no mount, no host path).
         """
-        # As root the tmpfs mounts belong to root, and the agent runs as 65534: let it write.
+        # As root the tmpfs mounts belong to root until the prologue hands them to the machine's uid.
         perms = ["--perms", "1777"] if self.privileged else []
-        argv = [self.bwrap, *(self._layout if layout is None else layout)]
+        if not os.access(self.python, os.X_OK):
+            raise MachineStartError(f"cannot run the sandbox's Python interpreter {self.python}")
+        argv = [self.bwrap, *(self._layout if layout is None else layout), "--symlink", str(self.python), PYTHON_LINK]
+        for name, fd in (etc_fds or {}).items():
+            argv += ["--perms", "0644", "--file", str(fd), f"/etc/{name}"]
         if runtime == "wasm":
             argv += self._wasm_layout
         if layer is not None:
@@ -841,17 +937,18 @@ class BwrapDriver:
         limits = []
         if "memory" not in enforced:
             limits.append(("RLIMIT_DATA", machine_memory_mb(spec) << 20))
-        if "pids" not in enforced and not self.privileged:
+        if "pids" not in enforced:  # per uid: the machine's own (root node) or its user namespace's
             limits.append(("RLIMIT_NPROC", spec.pids_max))
         return limits
 
-    def _prologue(self, spec: MachineSpec, enforced: frozenset[str]) -> str:
+    def _prologue(self, spec: MachineSpec, enforced: frozenset[str], uid: int | None = None) -> str:
         """Python the sandbox's first process runs before the agent: rlimits, then (as root) dropping root.
 
         The rlimits stand in for missing cgroup controllers. They are set in there rather than before
-        bwrap so that, in the user-namespace mode, ``RLIMIT_NPROC`` counts this machine's processes and
-        not every process of the host user. Core dumps go off with them (the cgroup launcher does that
-        with ``ulimit -c 0``).
+        bwrap so that ``RLIMIT_NPROC`` counts this machine's processes: its user namespace's, or on a root
+        node its own uid's. Core dumps go off with them (the cgroup launcher does that with ``ulimit -c 0``).
+        On a root node the tmpfs dirs go to the machine's ``uid``, then every capability and root itself
+        (:func:`nimbus.agent.privileges.drop`).
         """
         limits = self.rlimits(spec, enforced)
         code = ""
@@ -862,8 +959,11 @@ class BwrapDriver:
                 for name, value in limits
             ) + "del r,h,l;"
         if self.privileged:
-            # The only privilege left (CAP_SETUID/SETGID) goes with it; no_new_privs is already set.
-            code += f"import os;os.setgroups([]);os.setgid({SANDBOX_GID});os.setuid({SANDBOX_UID});del os;"
+            # The only privileges left go with it; no_new_privs is already set. (Every machine the driver
+            # starts has a uid; a command line made without one drops to the shared SANDBOX_UID.)
+            uid = SANDBOX_UID if uid is None else uid
+            owned = ("/tmp", "/dev/shm", TASK_DIR)
+            code += f"from nimbus.agent.privileges import drop;drop({uid},{uid},{owned!r});del drop;"
         return code
 
     def _sandbox_layout(self, caps: tuple[str, ...] = MACHINE_CAPS) -> list[str]:
@@ -890,9 +990,10 @@ class BwrapDriver:
                 bound.append(prefix)
         binds += [(str(host), inside) for host, inside in _nimbus_binds()]
         etc = self._etc_files()
-        # bwrap makes missing parents of mount points 0700, which the agent (uid 65534 when the node is
+        # bwrap makes missing parents of mount points 0700, which the agent (not root when the node is
         # root) could not cross: make them first, world-readable.
         mount_points = [inside for _, inside in binds] + [inside for _, inside in etc] + [TASK_DIR, LAYER_DIR]
+        mount_points += [f"/etc/{name}" for name in _ETC_FILES] + [PYTHON_LINK]
         for parent in _parents(mount_points):
             args += ["--perms", "0755", "--dir", parent]
         # The mount point of a function's layer: empty, and read-only with the root, when it has none.
@@ -909,7 +1010,11 @@ class BwrapDriver:
         for host, inside in etc:
             args += ["--symlink", host[len("symlink:"):], inside] if host.startswith("symlink:") else \
                 ["--ro-bind", host, inside]
-        args += ["--proc", "/proc", "--dev", "/dev"]
+        args += ["--proc", "/proc"]
+        for name in PROC_HIDDEN:
+            if os.path.exists(f"/proc/{name}"):
+                args += ["--ro-bind", "/dev/null", f"/proc/{name}"]
+        args += ["--dev", "/dev"]
         return args
 
     def _wasmtime_layout(self) -> list[str]:
@@ -921,9 +1026,11 @@ class BwrapDriver:
         return ["--perms", "0755", "--dir", WASMTIME_SITE, "--ro-bind", str(package), f"{WASMTIME_SITE}/wasmtime"]
 
     def _etc_files(self) -> list[tuple[str, str]]:
-        """(host path, or ``symlink:<target>``; sandbox path) of what the sandbox gets in ``/etc``."""
-        etc = self.home / "bwrap" / "etc"
-        etc.mkdir(parents=True, exist_ok=True)
+        """(host path, or ``symlink:<target>``; sandbox path) of what the sandbox binds in ``/etc``.
+
+        Its own passwd, group, hosts and nsswitch.conf are not among them: bwrap copies each machine's
+        from a descriptor (:meth:`etc_files`), so they can name its uid and its mounts no host path.
+        """
         files: list[tuple[str, str]] = []
         cache = Path("/etc/ld.so.cache")
         if cache.is_file():
@@ -933,10 +1040,32 @@ class BwrapDriver:
             files.append((f"symlink:{os.readlink(zone)}", str(zone)))
         elif zone.is_file():
             files.append((str(zone), str(zone)))
-        for name, text in _ETC_FILES.items():
-            _write_atomic(etc / name, text)
-            files.append((str(etc / name), f"/etc/{name}"))
         return files
+
+
+def check_uid_range(uids: range) -> None:
+    """Refuse a machine uid range that holds a user, a group or a subordinate id range of the host.
+
+    A machine running as a host user's uid could signal that user's processes and open its files.
+    """
+    taken: list[str] = []
+    for path, kind in (("/etc/passwd", "user"), ("/etc/group", "group")):
+        with contextlib.suppress(OSError):
+            for line in Path(path).read_text().splitlines():
+                fields = line.split(":")
+                if len(fields) > 2 and fields[2].isdigit() and int(fields[2]) in uids:
+                    taken.append(f"{kind} {fields[0]} ({fields[2]}) in {path}")
+    for path in ("/etc/subuid", "/etc/subgid"):
+        with contextlib.suppress(OSError):
+            for line in Path(path).read_text().splitlines():
+                fields = line.split(":")
+                if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
+                    start, count = int(fields[1]), int(fields[2])
+                    if start < uids.stop and uids.start < start + count:
+                        taken.append(f"{fields[0]}'s range {start}-{start + count - 1} in {path}")
+    if taken:
+        raise MachineStartError(f"the machine uid range {uids.start}-{uids.stop - 1} (NIMBUS_MACHINE_UID_BASE, "
+                                f"NIMBUS_MACHINE_UID_COUNT) overlaps the host's: {'; '.join(taken[:5])}")
 
 
 def check_layer(path: str) -> None:

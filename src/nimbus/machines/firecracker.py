@@ -554,7 +554,7 @@ class FirecrackerMachine:
             async with asyncio.timeout(timeout):
                 self._writer.write(data)
                 await self._writer.drain()
-                reply, reply_blob = await protocol.read_frame(self._reader, protocol.GUEST_TYPES)
+                reply, reply_blob = await frames.read_reply(self._reader, kind, frames.budget_of(self._driver))
         except TimeoutError:
             await self._fail()
             raise MachineTimeout(f"machine {self.id} gave no reply to {kind} within {timeout:g}s and was killed"

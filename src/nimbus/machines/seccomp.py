@@ -79,6 +79,18 @@ CLONE_NAMESPACE_FLAGS = (CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIP
 TIOCSTI = 0x5412
 TIOCLINUX = 0x541C
 
+# Socket families a function may make: Unix sockets (asyncio, libuv and Go use socketpairs), IPv4 and
+# IPv6 (the machine's own loopback; builds fetch dependencies), and route netlink, which glibc's
+# getaddrinfo reads the interfaces with. Every other family (vsock, a way to the hypervisor on a VM
+# host; packet, alg, bluetooth, can, tipc, xdp...) fails with EAFNOSUPPORT, as on a kernel without it.
+AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 1, 2, 10, 16
+SOCKET_FAMILIES = (AF_UNIX, AF_INET, AF_INET6, AF_NETLINK)
+NETLINK_ROUTE = 0
+AF_MAX = 64  # above every family the kernel knows (46 in 6.x): refused whatever a future kernel adds
+# personality(2) may only be queried: setting it could turn ASLR off (ADDR_NO_RANDOMIZE) for what the
+# function executes, or make its data executable (READ_IMPLIES_EXEC).
+PERSONALITY_QUERY = 0xFFFFFFFF
+
 
 class SeccompUnavailable(Exception):
     """libseccomp (or its Python binding) is missing, or it cannot build the filter here."""
@@ -124,6 +136,21 @@ def build(sc=None):
     filt.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
     for request in (TIOCSTI, TIOCLINUX):
         filt.add_rule(eperm, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
+    no_family = sc.ERRNO(errno.EAFNOSUPPORT)
+    for call in ("socket", "socketpair"):
+        for family in range(AF_MAX):
+            if family not in SOCKET_FAMILIES:
+                filt.add_rule(no_family, call, sc.Arg(0, sc.EQ, family))
+        filt.add_rule(no_family, call, sc.Arg(0, sc.GE, AF_MAX))
+    filt.add_rule(no_family, "socket", sc.Arg(0, sc.EQ, AF_NETLINK), sc.Arg(2, sc.NE, NETLINK_ROUTE))
+    # The 32-bit socketcall(2) passes the family in memory, out of the filter's sight (x86 has had
+    # direct socket calls since Linux 4.3, which glibc uses).
+    if sc.resolve_syscall(sc.Arch.X86, "socketcall") >= 0 and sc.Arch.X86 in _arches(sc):
+        try:
+            filt.add_rule(sc.ERRNO(errno.ENOSYS), "socketcall")
+        except OSError as exc:
+            log.debug("seccomp: no rule for socketcall: %s", exc)
+    filt.add_rule(eperm, "personality", sc.Arg(0, sc.NE, PERSONALITY_QUERY))
     return filt
 
 

@@ -9,8 +9,8 @@ end is learnt differ.
 
 Each child gets its own cgroup (the host creates it and opens its join files; the child writes itself
 in before anything else), its own pid, mount, network, IPC, UTS and cgroup namespaces, its own
-``/proc``, ``/tmp``, ``/dev/shm`` and ``/var/task``, and the same seccomp filter and uid 65534 as a
-booted machine. The template needs ``CAP_SYS_ADMIN`` for that, so it exists only on a root node, and
+``/proc``, ``/tmp``, ``/dev/shm`` and ``/var/task``, and the same seccomp filter as a booted
+machine and a host uid of its own, as a booted machine has. The template needs ``CAP_SYS_ADMIN`` for that, so it exists only on a root node, and
 only with a cgroup tree (the machine's cgroup is what counts and kills its processes); elsewhere the
 driver boots every machine.
 
@@ -31,7 +31,7 @@ import subprocess
 
 from nimbus.errors import MachineStartError
 from nimbus.machines import mounts
-from nimbus.machines.bwrap import EXIT_WAIT_S, STDERR_TAIL_BYTES, BwrapDriver, BwrapMachine
+from nimbus.machines.bwrap import EXIT_WAIT_S, STDERR_TAIL_BYTES, BwrapDriver, BwrapMachine, data_fd
 
 log = logging.getLogger("nimbus.machines.template")
 
@@ -98,13 +98,21 @@ class Template:
         """Spawn the template's bwrap and wait for its ``ready``."""
         loop = asyncio.get_running_loop()
         host_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        filter_fd = self.driver.open_seccomp()
+        fds: list[int] = []  # what bwrap reads once: the seccomp program and the /etc files
         try:
-            argv = self.driver.template_command(self.runtime, child_end.fileno(), filter_fd)
-            fds = (child_end.fileno(),) if filter_fd is None else (child_end.fileno(), filter_fd)
+            filter_fd = self.driver.open_seccomp()
+            if filter_fd is not None:
+                fds.append(filter_fd)
+            # The template's own /etc files; each child binds a passwd and group naming its uid over them.
+            etc = {name: data_fd(text) for name, text in self.driver.etc_files(None).items()}
+            fds += etc.values()
+            try:
+                argv = self.driver.template_command(self.runtime, child_end.fileno(), filter_fd, etc)
+            except MachineStartError as exc:
+                raise MachineStartError(f"the {self.runtime} template did not start: {exc}") from None
             self._transport, _ = await loop.subprocess_exec(
                 lambda: _TemplateWatch(self), *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, pass_fds=fds, start_new_session=True, cwd="/",
+                stderr=subprocess.STDOUT, pass_fds=(child_end.fileno(), *fds), start_new_session=True, cwd="/",
                 env={"PATH": "/usr/bin:/bin"},
             )
         except BaseException:
@@ -112,8 +120,8 @@ class Template:
             raise
         finally:
             child_end.close()
-            if filter_fd is not None:
-                os.close(filter_fd)
+            for fd in fds:
+                os.close(fd)
         self.pid = self._transport.get_pid()
         host_end.setblocking(False)
         self._control = host_end
@@ -137,7 +145,9 @@ class Template:
         if not self.alive:
             raise MachineStartError(f"the {self.runtime} template is not running")
         request = {"op": "fork", "id": machine.id, "tmp_bytes": machine.tmp_bytes, "task_bytes": machine.task_bytes,
-                   "rlimits": machine.rlimits}
+                   "rlimits": machine.rlimits, "uid": machine.uid,
+                   "etc": {name: text for name, text in self.driver.etc_files(machine.uid).items()
+                           if name in ("passwd", "group")}}
         fds = [channel, output, *joins]
         if layer is not None:
             request["layer"] = True

@@ -29,7 +29,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import fields
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -62,6 +62,9 @@ log = logging.getLogger("nimbus.store")
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 30_000  # how long a writer waits for another process's transaction
+SQLITE_INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
+VACUUM_STEP_PAGES = 2048  # pages given back per write transaction: other writers get the lock in between
+SWEEP_BATCH = 500  # invocation rows deleted per write transaction by the retention sweep
 PG_POOL_SIZE = 10
 PG_MAX_OVERFLOW = 10
 # pg_advisory_xact_lock key held while migrating, so nodes starting together migrate one at a time.
@@ -76,6 +79,7 @@ FUNCTION_CACHE_MAX = 10_000
 DEFAULT_WRITE_BEHIND_MS = 5.0  # how long a finished sync invocation may wait in memory for its INSERT
 WRITE_BEHIND_MAX_PENDING = 10_000  # beyond this backlog (a failing database), callers wait for the flush
 WRITE_BEHIND_RETRY_MAX_S = 1.0  # a failing flush is retried with backoff, doubling up to this
+USAGE_FRESH_S = 5.0  # how old a tenant's measured bytes may be when an async call is checked against them
 WRITE_BEHIND_CLOSE_TIMEOUT_S = 30.0  # how long close keeps retrying before it gives up on the rows (logged)
 
 # Execution option that makes the SQLite "begin" hook emit BEGIN IMMEDIATE (readers emit no BEGIN).
@@ -87,6 +91,7 @@ _a = tables.artifacts
 _i = tables.invocations
 _k = tables.api_keys
 _b = tables.builds
+_t = tables.artifact_tenants
 # The artifacts table once more, joined on a version's or build's built artifact for its size.
 _built = tables.artifacts.alias("built")
 
@@ -148,6 +153,9 @@ _LIST_LAYERS = sa.select(
     _b.c.created_at,
 ).select_from(_b.join(_a, _a.c.sha256 == _b.c.artifact_sha256)).where(_b.c.kind == "layer").order_by(
     _b.c.created_at.desc())
+# Each tenant's own first request for a layer: what a tenant's listing shows instead of the build's.
+_LAYER_ASKS = sa.select(_b.c.artifact_sha256, _t.c.tenant, _t.c.duration_ms, _t.c.created_at).select_from(
+    _b.join(_t, _t.c.key == _b.c.key)).where(_b.c.kind == "layer")
 _LAYER_USERS = sa.select(_v.c.layer_sha256, _f.c.name, _f.c.tenant).distinct().select_from(
     _v.join(_f, _f.c.id == _v.c.function_id)).where(_v.c.layer_sha256.is_not(None))
 
@@ -160,29 +168,24 @@ _LIST_INVOCATIONS = (
     sa.select(*(c for c in _i.c if c.name != "event")).where(_i.c.function_id == _key)
     .order_by(_i.c.created_at.desc(), _i.c.id.desc()).limit(sa.bindparam("limit", type_=sa.Integer))
 )
-_CLAIM_ASYNC = (
-    _i.update()
-    .where(_i.c.id.in_(
-        sa.select(_i.c.id)
-        .where(
-            _i.c.mode == "async",
-            sa.or_(
-                # Queued, and past its retry backoff if it has one.
-                sa.and_(_i.c.status == "queued",
-                        sa.or_(_i.c.not_before.is_(None), _i.c.not_before <= sa.bindparam("now"))),
-                # Its node died: the lease ran out without the call finishing or the lease being renewed.
-                sa.and_(_i.c.status == "running", _i.c.lease_expires_at < sa.bindparam("now")),
-            ),
-        )
-        .order_by(_i.c.created_at, _i.c.id)
-        .limit(sa.bindparam("limit", type_=sa.Integer))
-        .with_for_update(skip_locked=True)
-    ))
-    .values(
-        status="running", lease_owner=sa.bindparam("owner"), lease_expires_at=sa.bindparam("expires"),
-        not_before=None,
-    )
-    .returning(*_i.c)
+# A listing's rows newest first with what each costs to load (output and logs: up to 6 MiB + 64 KiB each),
+# so a listing can stop at a byte budget instead of loading a thousand results into memory.
+_LIST_SIZES = (
+    sa.select(_i.c.id, (sa.func.coalesce(sa.func.length(_i.c.output), 0)
+                        + sa.func.coalesce(sa.func.length(_i.c.logs), 0)).label("size"))
+    .where(_i.c.function_id == _key)
+    .order_by(_i.c.created_at.desc(), _i.c.id.desc()).limit(sa.bindparam("limit", type_=sa.Integer))
+)
+_LIST_BY_IDS = (
+    sa.select(*(c for c in _i.c if c.name != "event")).where(_i.c.id.in_(sa.bindparam("ids", expanding=True)))
+)
+# Claimable async work: queued and past its retry backoff, or running under a lease that ran out (its node died).
+_CLAIMABLE = (
+    _i.c.mode == "async",
+    sa.or_(
+        sa.and_(_i.c.status == "queued", sa.or_(_i.c.not_before.is_(None), _i.c.not_before <= sa.bindparam("now"))),
+        sa.and_(_i.c.status == "running", _i.c.lease_expires_at < sa.bindparam("now")),
+    ),
 )
 # A node's leases: its id alone (sync calls, callback deliveries) or its id and a claim's nonce (async work).
 _OWNED = sa.or_(_i.c.lease_owner == sa.bindparam("owner"),
@@ -238,6 +241,16 @@ _CALLBACK_DONE = _i.update().where(
     _i.c.id == _key, _i.c.callback_status == "pending", _i.c.lease_owner == sa.bindparam("owner"),
     _i.c.callback_attempts == sa.bindparam("attempt"),
 )
+# What the retention sweep may delete: finished, and no result still to be posted to a callback (the
+# subquery reads the callback_status index, not the rows, whose large values come before that column).
+_SWEEPABLE = (
+    _i.c.status.in_(sorted(FINISHED_STATUSES)),
+    _i.c.id.not_in(sa.select(_i.c.id).where(_i.c.callback_status == "pending")),
+)
+# Bytes an invocation keeps: event and output, and its logs (counted in characters: at most 64 KiB of them).
+_STORED_BYTES = (sa.func.coalesce(sa.func.length(_i.c.event), 0) + sa.func.coalesce(sa.func.length(_i.c.output), 0)
+                 + sa.func.length(_i.c.logs))
+_TENANT_USAGE = sa.select(sa.func.coalesce(sa.func.sum(_STORED_BYTES), 0)).where(_i.c.tenant == _tenant)
 _BY_IDEMPOTENCY_KEY = sa.select(_i).where(_i.c.tenant == _tenant, _i.c.idempotency_key == _key)
 _INVOCATION_FIELDS = tuple(f.name for f in fields(InvocationRecord))
 
@@ -357,6 +370,11 @@ async def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _size(*values: bytes | str | None) -> int:
+    """Bytes (characters, for text) of what an invocation row keeps, as ``_STORED_BYTES`` counts them."""
+    return sum(len(value) for value in values if value)
+
+
 def _function(row: sa.Row) -> FunctionRecord:
     values = dict(row._mapping)
     values["env"] = dict(values["env"] or {})
@@ -385,6 +403,37 @@ def _check_sha256(what: str, value: str) -> None:
     # SQLite would store a longer or malformed key without complaint; PostgreSQL would refuse it only late.
     if len(value) != 64 or value.strip("0123456789abcdef"):
         raise ValueError(f"{what} must be a lower-case hex sha256 (64 characters), not {value!r}")
+
+
+def _claim_statement(busy: Mapping[str, int], *, lock: bool) -> sa.Update:
+    """The UPDATE … RETURNING of ``Store.claim_async``; ``busy``: calls per function the claimer already holds.
+
+    Built per claim (``busy`` changes); window functions rank the claimable rows, which PostgreSQL does
+    not allow beside ``FOR UPDATE``: there the ranking reads a snapshot and a second select locks the picks.
+    """
+    held = sa.case(busy, value=_i.c.function_id, else_=0) if busy else sa.literal(0)
+    nth = sa.func.row_number().over(partition_by=_i.c.function_id, order_by=(_i.c.created_at, _i.c.id))
+    ranked = (
+        sa.select(_i.c.id, _i.c.tenant, _i.c.created_at, nth.label("nth"), (_v.c.concurrency - held).label("free"))
+        .select_from(_i.join(_v, _v.c.id == _i.c.version_id))
+        .where(*_CLAIMABLE)
+        .subquery("ranked")
+    )
+    turn = sa.func.row_number().over(partition_by=ranked.c.tenant,
+                                     order_by=(ranked.c.nth, ranked.c.created_at, ranked.c.id))
+    fair = (sa.select(ranked.c.id, ranked.c.created_at, turn.label("turn"))
+            .where(ranked.c.nth <= ranked.c.free).subquery("fair"))
+    picks = (sa.select(fair.c.id).order_by(fair.c.turn, fair.c.created_at, fair.c.id)
+             .limit(sa.bindparam("limit", type_=sa.Integer)))
+    if lock:
+        picks = sa.select(_i.c.id).where(_i.c.id.in_(picks), *_CLAIMABLE).with_for_update(skip_locked=True)
+    return (
+        _i.update()
+        .where(_i.c.id.in_(picks))
+        .values(status="running", lease_owner=sa.bindparam("owner"), lease_expires_at=sa.bindparam("expires"),
+                not_before=None)
+        .returning(*_i.c)
+    )
 
 
 class _LostRace(Exception):  # noqa: N818 - control flow, never leaves this module
@@ -601,6 +650,7 @@ class Store:
         self._engine = engine
         self._function_cache_s = function_cache_s
         self._functions: dict[tuple[str, str], tuple[float, FunctionRecord]] = {}
+        self._usage: dict[str, list] = {}  # tenant -> [stored bytes, when measured (monotonic)]
         self.dialect: str = engine.dialect.name
         """``sqlite`` or ``postgresql``."""
         if self.dialect == "sqlite":
@@ -638,6 +688,7 @@ class Store:
                     function_cache_s=function_cache_s)
         try:
             if store.dialect == "sqlite":
+                await store._use_incremental_vacuum(shown)
                 await store._use_wal(shown)
             await store._migrate(shown)
         except BaseException:
@@ -695,6 +746,21 @@ class Store:
             log.warning("store ping failed: %s", _describe(exc))
             return False
         return True
+
+    async def _use_incremental_vacuum(self, shown: str) -> None:
+        """A new SQLite file gives pages freed by deletes back to the file system (``vacuum``), so it
+        shrinks after a retention sweep. The mode can only be chosen before the first table exists: a
+        file made by an older Nimbus keeps reusing its free pages without shrinking (until a ``VACUUM``)."""
+        with _boundary(f"open the database {shown}"):
+            async with self._autocommit.connect() as conn:
+                if (await conn.exec_driver_sql("PRAGMA auto_vacuum")).scalar() == SQLITE_INCREMENTAL:
+                    return
+                if (await conn.exec_driver_sql("SELECT count(*) FROM sqlite_master")).scalar():
+                    log.info("%s was made without incremental auto-vacuum: it reuses the space of deleted "
+                             "invocations but does not shrink (a VACUUM with auto_vacuum=INCREMENTAL converts it)",
+                             shown)
+                    return
+                await conn.exec_driver_sql("PRAGMA auto_vacuum = INCREMENTAL")
 
     async def _use_wal(self, shown: str) -> None:
         """Put the SQLite file in WAL mode (readers beside the writer), once: the mode stays with the file.
@@ -1056,31 +1122,56 @@ class Store:
                 row = (await conn.execute(_GET_BUILD, {"key": key})).first()
         return None if row is None else _build(row)
 
+    async def claim_build(self, key: str, tenant: str, duration_ms: float) -> float | None:
+        """Note that ``tenant`` asked for build ``key`` (its request took ``duration_ms``).
+
+        None when this is the tenant's first request for it (recorded now); otherwise the duration of
+        that first request. The build cache is shared by every tenant; whether a tenant had it already
+        is only ever told to that tenant (``cached``), so a hit never confirms what another deployed.
+        """
+        _check_sha256("key", key)
+        insert = self._upsert(_t).values(
+            key=key, tenant=tenant, duration_ms=float(duration_ms), created_at=utcnow(),
+        ).on_conflict_do_nothing(index_elements=[_t.c.key, _t.c.tenant])
+        with _boundary(f"record build {key!r} for tenant {tenant!r}"):
+            async with self._write() as conn:
+                if (await conn.execute(insert)).rowcount:
+                    return None
+                return float(await conn.scalar(
+                    sa.select(_t.c.duration_ms).where(_t.c.key == key, _t.c.tenant == tenant)))
+
     # ------------------------------------------------------------ layers and garbage
 
     async def list_layers(self, tenant: str | None = DEFAULT_TENANT) -> list[LayerRecord]:
         """Dependency layers, newest first, each with the names of ``tenant``'s functions that mount it.
 
         A tenant sees the layers its own functions use; ``tenant=None`` (an admin) sees every layer, the
-        unused ones too, with every tenant's function names as ``tenant/name``.
+        unused ones too, with every tenant's function names as ``tenant/name``. A tenant sees its own first
+        request's time and duration (``claim_build``), not the build's, which another tenant may have run.
         """
         with _boundary("list layers"):
             async with self._read() as conn:
                 rows = (await conn.execute(_LIST_LAYERS)).all()
                 users = (await conn.execute(_LAYER_USERS)).all()
+                asks = {} if tenant is None else {
+                    row.artifact_sha256: row for row in (await conn.execute(_LAYER_ASKS)).all()
+                    if row.tenant == tenant}
         names: dict[str, set[str]] = {}
         for sha, name, owner in users:
             if tenant is None:
                 names.setdefault(sha, set()).add(name if owner == DEFAULT_TENANT else f"{owner}/{name}")
             elif owner == tenant:
                 names.setdefault(sha, set()).add(name)
-        return [
-            LayerRecord(sha256=row.artifact_sha256, key=row.key, runtime=row.runtime, platform=row.toolchain,
-                        size=row.size, log=row.log, duration_ms=row.duration_ms, created_at=row.created_at,
-                        functions=sorted(names.get(row.artifact_sha256, ())))
-            for row in rows
-            if tenant is None or row.artifact_sha256 in names
-        ]
+        layers = []
+        for row in rows:
+            if tenant is not None and row.artifact_sha256 not in names:
+                continue
+            own = asks.get(row.artifact_sha256, row)
+            layers.append(LayerRecord(
+                sha256=row.artifact_sha256, key=row.key, runtime=row.runtime, platform=row.toolchain, size=row.size,
+                log=row.log, duration_ms=own.duration_ms, created_at=own.created_at,
+                functions=sorted(names.get(row.artifact_sha256, ()))))
+        return layers
 
     async def collect_garbage(self, *, grace_s: float = 0.0) -> dict[str, int]:
         """Remove build-cache rows (compiled artifacts and layers) that no version uses, then every artifact
@@ -1169,6 +1260,7 @@ class Store:
         if the id is taken.
         """
         await self._inserts.insert({name: getattr(inv, name) for name in _INVOCATION_FIELDS})
+        self._count_usage(inv.tenant, _size(inv.event, inv.output, inv.logs))
 
     async def record_invocation(self, inv: InvocationRecord) -> None:
         """Record a finished sync invocation, written behind: kept in memory and committed with the
@@ -1182,6 +1274,7 @@ class Store:
         if inv.status not in FINISHED_STATUSES:
             raise ValueError(f"only a finished invocation is written behind, not one {inv.status!r}")
         values = {name: getattr(inv, name) for name in _INVOCATION_FIELDS}
+        self._count_usage(inv.tenant, _size(inv.event, inv.output, inv.logs))
         behind = self._behind
         if behind is None:
             await self._inserts.insert(values)
@@ -1235,6 +1328,7 @@ class Store:
         callback: bool = False,
         started_at: datetime | None = None,
         restored: bool = False,
+        tenant: str | None = None,
     ) -> bool:
         """Record the outcome of a call and drop its lease.
 
@@ -1243,7 +1337,7 @@ class Store:
         still holds the row, and returns False when it no longer does (the lease ran out and the work was
         claimed again, or was handed back). ``callback`` marks the result for delivery to the
         invocation's ``callback_url``; ``started_at`` records when the call began; ``restored`` that its
-        machine came from a snapshot.
+        machine came from a snapshot; ``tenant`` (when given) has the output and logs counted in its usage.
         """
         if status not in FINISHED_STATUSES:
             raise ValueError(f"{status!r} is not a finished status ({', '.join(sorted(FINISHED_STATUSES))})")
@@ -1262,9 +1356,13 @@ class Store:
                     result = await conn.execute(_UPDATE_INVOCATION, {"key": id, **values})
                 if result.rowcount == 0:
                     raise NotFound(f"invocation {id!r} not found")
+                if tenant is not None:
+                    self._count_usage(tenant, _size(output, logs))
                 return True
             async with self._write_one() as conn:
                 result = await conn.execute(_FENCED_UPDATE.values(**values), {"key": id, "token": token})
+        if result.rowcount == 1 and tenant is not None:
+            self._count_usage(tenant, _size(output, logs))
         return result.rowcount == 1
 
     async def start_attempt(self, id: str, token: str) -> bool:  # noqa: A002
@@ -1383,10 +1481,37 @@ class Store:
     async def list_invocations(self, function_id: str, *, limit: int = DEFAULT_LIST_LIMIT) -> list[InvocationRecord]:
         """A function's most recent invocations, newest first, those written behind included. Their
         ``event`` is not loaded (None)."""
+        return (await self.list_invocations_page(function_id, limit=limit))[0]
+
+    async def list_invocations_page(self, function_id: str, *, limit: int = DEFAULT_LIST_LIMIT,
+                                    max_bytes: int | None = None) -> tuple[list[InvocationRecord], bool]:
+        """``list_invocations``, stopping before the rows' outputs and logs pass ``max_bytes`` (the first
+        row is always loaded); the flag says whether it stopped early.
+
+        The API lists up to 1,000 rows; at 6 MiB of output each, an unbounded page is gigabytes of node memory.
+        """
+        limit, truncated = max(limit, 0), False
         with _boundary("list invocations"):
             async with self._read() as conn:
-                rows = (await conn.execute(_LIST_INVOCATIONS, {"key": function_id, "limit": max(limit, 0)})).all()
+                if max_bytes is None:
+                    rows = (await conn.execute(_LIST_INVOCATIONS, {"key": function_id, "limit": limit})).all()
+                else:
+                    sizes = (await conn.execute(_LIST_SIZES, {"key": function_id, "limit": limit})).all()
+                    ids, total = [], 0
+                    for id_, size in sizes:
+                        total += size
+                        if ids and total > max_bytes:
+                            truncated = True
+                            break
+                        ids.append(id_)
+                    rows = (await conn.execute(_LIST_BY_IDS, {"ids": ids})).all() if ids else []
+                    rows.sort(key=lambda row: (row.created_at, row.id), reverse=True)
+                    limit = len(ids) if truncated else limit
         listed = [_invocation(row) for row in rows]
+        return self._with_unwritten(function_id, listed, limit), truncated
+
+    def _with_unwritten(self, function_id: str, listed: list[InvocationRecord], limit: int) -> list[InvocationRecord]:
+        """``listed`` with the function's rows still waiting in the write-behind buffer, newest ``limit`` first."""
         unwritten = self._behind.of_function(function_id) if self._behind is not None else []
         if not unwritten:
             return listed
@@ -1394,26 +1519,35 @@ class Store:
         merged.update((values["id"], InvocationRecord(**{**values, "event": None})) for values in unwritten)
         return sorted(merged.values(), key=lambda inv: (inv.created_at, inv.id), reverse=True)[: max(limit, 0)]
 
-    async def claim_async(self, owner: str, *, limit: int, lease_s: float) -> list[InvocationRecord]:
-        """Take up to ``limit`` async invocations to run, oldest first, leased to ``owner`` for ``lease_s``.
+    async def claim_async(self, owner: str, *, limit: int, lease_s: float,
+                          busy: Mapping[str, int] | None = None) -> list[InvocationRecord]:
+        """Take up to ``limit`` async invocations to run, leased to ``owner`` for ``lease_s``.
+
+        Fair, so one tenant's backlog cannot hold up everyone else's calls: of each function at most as
+        many as it can start now, its version's ``concurrency`` less ``busy[function_id]`` (the calls the
+        claiming node already runs or holds for it); oldest first within a function, functions in turn
+        (each one's oldest, then each one's second…) and tenants in turn above them.
 
         Claimable: ``queued`` and past its ``not_before``, or ``running`` under a lease that has run out
         (its node died). Each claimed row becomes ``running``; its ``lease_owner`` is the lease token
         ``"<owner>:<nonce>"``, new with every claim, which fences every later write of this attempt
         (``start_attempt``, ``finish_invocation``, ``retry_later``, ``release``). ``attempts`` is not
         changed: ``start_attempt`` counts it. No two claimers ever get the same row: on PostgreSQL the
-        candidates are picked ``FOR UPDATE SKIP LOCKED``; on SQLite the pick and the update are one
-        statement, run under the write lock that SQLite holds for a whole statement (in-process, the
-        store's own lock serialises writers too).
+        picks are locked ``FOR UPDATE SKIP LOCKED`` and checked to be claimable again (a row another node
+        took meanwhile is skipped); on SQLite the pick and the update are one statement, run under the
+        write lock that SQLite holds for a whole statement (in-process, the store's own lock serialises
+        writers too). Returned oldest first.
         """
         if limit <= 0:
             return []
         now = utcnow()
         params = {"now": now, "limit": limit, "owner": f"{owner}:{uuid.uuid4().hex[:12]}",
                   "expires": now + timedelta(seconds=lease_s)}
+        statement = _claim_statement({key: n for key, n in (busy or {}).items() if n > 0},
+                                     lock=self.dialect == "postgresql")
         with _boundary("claim async invocations"):
             async with self._write_one() as conn:
-                rows = (await conn.execute(_CLAIM_ASYNC, params)).all()
+                rows = (await conn.execute(statement, params)).all()
         # RETURNING promises no order.
         return sorted((_invocation(row) for row in rows), key=lambda inv: (inv.created_at, inv.id))
 
@@ -1454,6 +1588,101 @@ class Store:
         with _boundary("count invocations"):
             async with self._read() as conn:
                 return int(await conn.scalar(query) or 0)
+
+    # ------------------------------------------------------------ retention and byte budgets
+
+    async def sweep_invocations(self, *, max_age_s: float = 0, keep: int = 0, batch: int = SWEEP_BATCH) -> int:
+        """Delete finished invocations older than ``max_age_s``, and all but the newest ``keep`` finished
+        ones of each function (0: no such limit); how many were deleted.
+
+        Never a queued or running one (an async call not yet done, an idempotent sync call in flight), nor
+        one whose result is still to be posted to its callback. At most ``batch`` rows per transaction, so
+        writers are not held up for long; safe beside sweeps on other nodes (on PostgreSQL each deletes
+        rows the others have not locked; on SQLite deleting a row twice deletes nothing).
+        """
+        deleted = 0
+        if max_age_s > 0:
+            cutoff = utcnow() - timedelta(seconds=max_age_s)
+            deleted += await self._delete_batches(
+                sa.select(_i.c.id).where(_i.c.created_at < cutoff, *_SWEEPABLE).limit(batch), batch)
+        if keep > 0:
+            with _boundary("find functions with too many invocations"):
+                async with self._read() as conn:
+                    crowded = (await conn.execute(
+                        sa.select(_i.c.function_id).group_by(_i.c.function_id).having(sa.func.count() > keep)
+                    )).scalars().all()
+            for function_id in crowded:
+                deleted += await self._delete_batches(
+                    sa.select(_i.c.id).where(_i.c.function_id == function_id, *_SWEEPABLE)
+                    .order_by(_i.c.created_at.desc(), _i.c.id.desc()).offset(keep).limit(batch), batch)
+        if deleted:
+            self._usage.clear()
+        return deleted
+
+    async def _delete_batches(self, picks: sa.Select, batch: int) -> int:
+        if self.dialect == "postgresql":
+            picks = picks.with_for_update(skip_locked=True)
+        statement = _i.delete().where(_i.c.id.in_(picks))
+        total = 0
+        with _boundary("delete old invocations"):
+            while True:
+                async with self._write_one() as conn:
+                    count = (await conn.execute(statement)).rowcount
+                total += count
+                if count < batch:
+                    return total
+
+    async def vacuum(self) -> int:
+        """Give the pages of deleted rows back to the file system (SQLite made with incremental
+        auto-vacuum), a few thousand per write transaction; how many. PostgreSQL's autovacuum does its own."""
+        if self.dialect != "sqlite":
+            return 0
+        freed = 0
+        with _boundary("vacuum the database"):
+            while True:
+                async with self._write_one() as conn:
+                    if (await conn.exec_driver_sql("PRAGMA auto_vacuum")).scalar() != SQLITE_INCREMENTAL:
+                        return 0
+                    free = (await conn.exec_driver_sql("PRAGMA freelist_count")).scalar() or 0
+                    if not free:
+                        return freed
+                    # Run as a script: stepped once, as execute does, the pragma frees a single page.
+                    raw = await conn.get_raw_connection()
+                    await raw.driver_connection.executescript(f"PRAGMA incremental_vacuum({VACUUM_STEP_PAGES})")
+                freed += min(free, VACUUM_STEP_PAGES)
+
+    async def tenant_usage(self, tenant: str, *, max_age_s: float = USAGE_FRESH_S) -> int:
+        """Bytes the tenant's stored invocations hold (events, outputs, logs), read again when the known
+        figure is older than ``max_age_s``; what this node stores meanwhile is added to it as it goes."""
+        known = self._usage.get(tenant)
+        if known is not None and time.monotonic() - known[1] <= max_age_s:
+            return known[0]
+        with _boundary("measure the tenant's stored invocations"):
+            async with self._read() as conn:
+                used = int(await conn.scalar(_TENANT_USAGE, {"tenant": tenant}) or 0)
+        self._usage[tenant] = [used, time.monotonic()]
+        return used
+
+    def known_usage(self, tenant: str) -> int | None:
+        """The tenant's bytes as last measured (plus this node's writes since), without asking the database;
+        None when not measured yet."""
+        known = self._usage.get(tenant)
+        return None if known is None else known[0]
+
+    async def measure_usage(self) -> dict[str, int]:
+        """Measure every tenant's stored bytes at once (the retention sweep does, so ``known_usage`` stays current)."""
+        with _boundary("measure stored invocations"):
+            async with self._read() as conn:
+                rows = (await conn.execute(
+                    sa.select(_i.c.tenant, sa.func.sum(_STORED_BYTES)).group_by(_i.c.tenant))).all()
+        now = time.monotonic()
+        self._usage = {tenant: [int(used or 0), now] for tenant, used in rows}
+        return {tenant: known[0] for tenant, known in self._usage.items()}
+
+    def _count_usage(self, tenant: str, size: int) -> None:
+        known = self._usage.get(tenant)
+        if known is not None:
+            known[0] += size
 
     # ------------------------------------------------------------ API keys
 

@@ -12,6 +12,7 @@ Layout (DESIGN §7):
 - ``builds``: the build cache, sha256(runtime, toolchain, source) → artifact, so identical code deployed
   again (on any node sharing the database) is not built again. Dependency layers are builds too
   (``kind = 'layer'``): sha256(runtime, platform, requirements) → the layer's archive.
+- ``artifact_tenants``: which tenants asked for each build, so a cache hit is reported only to them.
 - ``invocations``: one row per call; async calls carry their event and a lease.
 - ``api_keys``: hashed keys per tenant.
 """
@@ -140,6 +141,16 @@ builds = sa.Table(
     sa.Index(None, "artifact_sha256"),
 )
 
+# Which tenants asked for each build-cache entry (migration 0006): a hit is "cached" only to them.
+artifact_tenants = sa.Table(
+    "artifact_tenants",
+    metadata,
+    sa.Column("key", sa.String(SHA256), sa.ForeignKey("builds.key", ondelete="CASCADE"), primary_key=True),
+    sa.Column("tenant", sa.String(TENANT), primary_key=True),
+    sa.Column("duration_ms", sa.Float, nullable=False),  # how long that tenant's first request took
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
 invocations = sa.Table(
     "invocations",
     metadata,
@@ -178,6 +189,8 @@ invocations = sa.Table(
     sa.Index(None, "function_id", "created_at"),
     # Claiming async work: queued rows, and running rows whose lease ran out.
     sa.Index(None, "mode", "status", "lease_expires_at"),
+    # The retention sweep: finished rows past their age (migration 0007).
+    sa.Index(None, "created_at"),
 )
 
 api_keys = sa.Table(
