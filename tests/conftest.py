@@ -10,13 +10,7 @@ PG_ADMIN_DSN = os.environ.get("NIMBUS_TEST_PG", "postgresql://postgres@127.0.0.1
 
 
 async def _pg_admin(sql: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=10)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
+    await _pg_admin_at(PG_ADMIN_DSN, sql)
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +32,32 @@ def database_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'nimbus.db'}"
     return request.getfixturevalue("pg_database")
+
+
+@pytest.fixture
+async def empty_database_url(database_url):
+    """A database of the test's own, with nothing in it: its SQLite file, or a new PostgreSQL database (for
+    tests that migrate from scratch, rename or lock tables, or sweep across every function)."""
+    if database_url.startswith("sqlite"):
+        yield database_url
+        return
+    name = f"nimbus_own_{uuid.uuid4().hex[:12]}"
+    base = database_url.rsplit("/", 1)[0]
+    await _pg_admin_at(database_url, f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{base}/{name}"
+    finally:
+        await _pg_admin_at(database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def _pg_admin_at(dsn: str, sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
 
 
 # ---------------------------------------------------------------- a real node

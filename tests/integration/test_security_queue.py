@@ -172,34 +172,9 @@ async def _function(store: Store, tenant: str = "default"):
         concurrency=4, code=b"def handler(e, c):\n    return 1\n", code_kind="source", tenant=tenant)
 
 
-@pytest.fixture
-async def own_database_url(database_url):
-    """A database of the test's own (a sweep deletes across every function): its SQLite file, or a new
-    PostgreSQL one."""
-    if database_url.startswith("sqlite"):
-        yield database_url
-        return
-    import asyncpg
-
-    name = f"nimbus_sweep_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(database_url, timeout=10)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield f"{database_url.rsplit('/', 1)[0]}/{name}"
-    finally:
-        admin = await asyncpg.connect(database_url, timeout=10)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-
-async def test_f7_the_sweep_deletes_old_and_excess_finished_invocations_never_queued_ones(own_database_url):
+async def test_f7_the_sweep_deletes_old_and_excess_finished_invocations_never_queued_ones(empty_database_url):
     """Before the fix nothing ever deleted an invocation but deleting its function."""
-    store, other = await Store.open(own_database_url), await Store.open(own_database_url)
+    store, other = await Store.open(empty_database_url), await Store.open(empty_database_url)
     try:
         fn = await _function(store)
         old, day = timedelta(days=10), timedelta(days=1)

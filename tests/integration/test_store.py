@@ -36,30 +36,6 @@ async def store(database_url):
         await opened.close()
 
 
-@pytest.fixture
-async def empty_database_url(database_url):
-    """A database with nothing in it: the test's own SQLite file, or a new PostgreSQL database."""
-    if database_url.startswith("sqlite"):
-        yield database_url
-        return
-    import asyncpg
-
-    name = f"nimbus_store_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(database_url, timeout=10)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield f"{database_url.rsplit('/', 1)[0]}/{name}"
-    finally:
-        admin = await asyncpg.connect(database_url, timeout=10)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-
 async def query(url: str, statement, **params):
     """Look at the database behind the store's back: all rows of one statement."""
     engine = create_async_engine(normalise_url(url))

@@ -189,30 +189,6 @@ async def test_rows_of_a_deleted_function_are_dropped_not_retried_forever(databa
         await store.close()
 
 
-@pytest.fixture
-async def own_database_url(database_url):
-    """A database of the test's own (it renames and locks tables): its SQLite file, or a new PostgreSQL one."""
-    if database_url.startswith("sqlite"):
-        yield database_url
-        return
-    import asyncpg
-
-    name = f"nimbus_wb_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(database_url, timeout=10)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield f"{database_url.rsplit('/', 1)[0]}/{name}"
-    finally:
-        admin = await asyncpg.connect(database_url, timeout=10)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-
 async def execute(url: str, statement: str) -> None:
     engine = create_async_engine(normalise_url(url))
     try:
@@ -222,8 +198,8 @@ async def execute(url: str, statement: str) -> None:
         await engine.dispose()
 
 
-async def test_a_failing_flush_keeps_its_rows_and_retries_until_they_are_written(own_database_url, caplog):
-    url = own_database_url
+async def test_a_failing_flush_keeps_its_rows_and_retries_until_they_are_written(empty_database_url, caplog):
+    url = empty_database_url
     store = await Store.open(url, write_behind_ms=5)
     try:
         fn = await create(store)
@@ -247,8 +223,8 @@ async def test_a_failing_flush_keeps_its_rows_and_retries_until_they_are_written
         await store.close()
 
 
-async def test_rows_in_a_flush_that_waits_for_the_database_stay_readable(own_database_url):
-    url = own_database_url
+async def test_rows_in_a_flush_that_waits_for_the_database_stay_readable(empty_database_url):
+    url = empty_database_url
     store = await Store.open(url, write_behind_ms=5)
     try:
         fn = await create(store)

@@ -227,17 +227,7 @@ def npm_manifest(data: bytes) -> dict:
         out["name"] = name
     if isinstance(version, str) and _semver(version):
         out["version"] = version
-    for field in NPM_DEPENDENCY_FIELDS:
-        deps = manifest.get(field)
-        if deps is None:
-            continue
-        if not isinstance(deps, dict):
-            raise InvalidRequest(f"{PACKAGE_JSON}: {field} must be an object of name → version")
-        for dep, spec in deps.items():
-            _check_npm_name(f"{PACKAGE_JSON} {field}", dep)
-            _check_npm_spec(f"{PACKAGE_JSON} {field}", dep, spec)
-        if deps:
-            out[field] = deps
+    out.update((field, deps) for field, deps in _dependency_sections(PACKAGE_JSON, manifest).items() if deps)
     meta = manifest.get("peerDependenciesMeta")
     if meta is not None:
         if not isinstance(meta, dict) or not all(
@@ -342,6 +332,22 @@ def _check_overrides(overrides: dict, path: str) -> None:
             _check_npm_spec(where, selector, value)
 
 
+def _dependency_sections(where: str, holder: dict) -> dict[str, dict]:
+    """The dependency sections of a package.json or a lock entry, by field, every name and spec checked."""
+    sections = {}
+    for field in NPM_DEPENDENCY_FIELDS:
+        deps = holder.get(field)
+        if deps is None:
+            continue
+        if not isinstance(deps, dict):
+            raise InvalidRequest(f"{where}: {field} must be an object of name → version")
+        for dep, spec in deps.items():
+            _check_npm_name(f"{where} {field}", dep)
+            _check_npm_spec(f"{where} {field}", dep, spec)
+        sections[field] = deps
+    return sections
+
+
 def check_npm_lock(name: str, data: bytes, registry: str | None = None) -> None:
     """Refuse a lock file that installs anything from outside the registry, or links to host paths.
 
@@ -376,15 +382,7 @@ def check_npm_lock(name: str, data: bytes, registry: str | None = None) -> None:
         elif "resolved" in entry:
             raise InvalidRequest(f"{name}: the root entry cannot be resolved from anywhere")
         _check_resolved(name, path, entry.get("resolved"), registry)
-        for field in NPM_DEPENDENCY_FIELDS:
-            deps = entry.get(field)
-            if deps is None:
-                continue
-            if not isinstance(deps, dict):
-                raise InvalidRequest(f"{name}: {path!r} {field} must be an object")
-            for dep, spec in deps.items():
-                _check_npm_name(f"{name} {path!r} {field}", dep)
-                _check_npm_spec(f"{name} {path!r} {field}", dep, spec)
+        _dependency_sections(f"{name} {path!r}", entry)
     _check_legacy_lock(name, lock.get("dependencies") or {}, registry)
 
 
