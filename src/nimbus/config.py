@@ -74,8 +74,8 @@ class Settings(BaseSettings):
                                "starts (least recently used goes first; code bigger than this is never kept)")
     async_poll_s: float = Field(1.0, gt=0, description="how often the store is polled for async work")
     async_lease_s: float = Field(60.0, gt=0, description="lease on a claimed async invocation, renewed while it runs")
-    async_retry_base_s: float = Field(1.0, gt=0, le=3600,
-                                      description="backoff before the first retry of a failed async invocation; doubles")
+    async_retry_base_s: float = Field(1.0, gt=0, le=3600, description="backoff before the first retry of a failed "
+                                      "async invocation; doubles")
     retention_max_age_s: float = Field(7 * 86400.0, ge=0, description="finished invocations older than this are "
                                        "deleted; 0: kept whatever their age")
     retention_max_count: int = Field(1000, ge=0, description="finished invocations kept per function, the newest; "
@@ -86,7 +86,8 @@ class Settings(BaseSettings):
                                    "invocations may hold: beyond it async calls get 429, sync results are not kept")
     callback_allow: str = Field("", description="hosts, IPs and CIDRs callback_url may name (comma-separated); "
                                 "empty refuses callbacks")
-    runtimes: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["python3", "nodejs"], description="runtimes pre-warmed")
+    runtimes: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["python3", "nodejs"],
+                                                     description="runtimes pre-warmed")
     builder: Literal["sandbox", "docker"] = Field("sandbox", description="where Go/Rust/WASM builds run")
     build_timeout_s: float = Field(300.0, gt=0, le=3600, description="wall-clock limit of one build")
     build_memory_mb: int = Field(2048, ge=256, description="memory limit of one build")
@@ -151,12 +152,15 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         """The database URL with its async driver (aiosqlite or asyncpg)."""
+        # The store's one normaliser; imported here so SQLAlchemy loads only when a URL is asked for.
+        from nimbus.errors import StoreError
+        from nimbus.store.database import normalise_url
+
         url = self.database_url or f"sqlite:///{(self.home / 'nimbus.db').resolve()}"
-        if url.startswith("sqlite://") and "+aiosqlite" not in url:
-            url = url.replace("sqlite://", "sqlite+aiosqlite://", 1)
-        elif url.startswith(("postgresql://", "postgres://")):
-            url = "postgresql+asyncpg://" + url.split("://", 1)[1]
-        return url
+        try:
+            return normalise_url(url).render_as_string(hide_password=False)
+        except (StoreError, ValueError):
+            return url  # not a database Nimbus runs on: Store.open says so when the node starts
 
 
 def _is_loopback(host: str) -> bool:

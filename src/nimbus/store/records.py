@@ -1,4 +1,5 @@
-"""The plain values the store hands out and takes in: no SQLAlchemy, no behaviour.
+"""The plain values the store hands out and takes in: no SQLAlchemy, no behaviour but naming the
+``Deployment`` a function or version runs as.
 
 Every datetime is timezone-aware UTC. Records read from the store are snapshots; changing one changes
 nothing in the database.
@@ -6,6 +7,8 @@ nothing in the database.
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+
+from nimbus.deployment import Deployment
 
 DEFAULT_TENANT = "default"
 DEFAULT_MAX_RETRIES = 2  # Lambda's default for async invocations
@@ -55,13 +58,23 @@ class FunctionRecord:
     """Packages with requirements.txt or package.json: the archive of the dependency layer its machines
     mount read-only. None when the function has no dependencies."""
 
+    def deployment(self) -> Deployment:
+        """What a machine serving the latest version is initialised with: a sync call runs this."""
+        return Deployment(
+            version_id=self.version_id, function_id=self.id, function_name=self.name, version=self.version,
+            runtime=self.runtime, handler=self.handler, env=dict(self.env), memory_mb=self.memory_mb,
+            timeout_s=float(self.timeout_s), concurrency=self.concurrency,
+            # Compiled runtimes run their built artifact; interpreted ones their code.
+            code_sha256=self.artifact_sha256 or self.code_sha256, package=self.code_kind == "zip",
+            layer_sha256=self.layer_sha256,
+        )
+
 
 @dataclass(slots=True, kw_only=True)
 class VersionRecord:
     """One immutable version of a function.
 
-    It has no ``version_id`` attribute on purpose: its own ``id`` is the version id, and callers tell the
-    two records apart by that attribute.
+    It has no ``version_id`` attribute: its own ``id`` is the version id.
     """
 
     id: str
@@ -85,6 +98,17 @@ class VersionRecord:
     max_retries: int = DEFAULT_MAX_RETRIES
     layer_sha256: str | None = None
     """The dependency layer this version's machines mount; None when it has none."""
+
+    def deployment(self) -> Deployment:
+        """What a machine serving this version is initialised with: an async call runs the version it was
+        queued for."""
+        return Deployment(
+            version_id=self.id, function_id=self.function_id, function_name=self.function_name,
+            version=self.version, runtime=self.runtime, handler=self.handler, env=dict(self.env),
+            memory_mb=self.memory_mb, timeout_s=float(self.timeout_s), concurrency=self.concurrency,
+            code_sha256=self.artifact_sha256 or self.code_sha256, package=self.code_kind == "zip",
+            layer_sha256=self.layer_sha256,
+        )
 
 
 @dataclass(slots=True, kw_only=True)

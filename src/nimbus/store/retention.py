@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 
-from nimbus.store.repository import Store
+from nimbus.store import Store
 
 log = logging.getLogger("nimbus.retention")
 

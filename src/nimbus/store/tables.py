@@ -3,7 +3,7 @@
 The migrations under ``migrations/versions`` are written out by hand and frozen; a test compares the
 database they build with this module, so the two cannot drift apart unnoticed.
 
-Layout (DESIGN §7):
+Layout (docs/architecture.md#storage):
 
 - ``functions``: identity (tenant, name) and the number of the latest version.
 - ``function_versions``: immutable settings, a code reference and (compiled runtimes) the built artifact
