@@ -124,7 +124,7 @@ def handler(event, context):
 
 def python_prefixes() -> tuple[Path, ...]:
     """The host directories of the base Python installation, which every machine has read-only."""
-    from nimbus.machines.bwrap import base_python
+    from nimbus.machines.layout import base_python
 
     return base_python()[1]
 

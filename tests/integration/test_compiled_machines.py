@@ -13,11 +13,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from toolchain_builds import go_binary, rust_binary
 
+from nimbus.agent.contract import SANDBOX_UID, WASMTIME_SITE
 from nimbus.errors import MachineStartError
-from nimbus.machines import bwrap
+from nimbus.machines import bwrap, layout
 from nimbus.machines.base import MachineSpec
+from toolchain_builds import go_binary, rust_binary
 
 pytestmark = pytest.mark.sandbox
 
@@ -159,7 +160,7 @@ async def test_go_machine(driver, go_bootstrap):
     (first, one), (second, two) = await run_twice(driver, "go", go_bootstrap)
     assert (one["calls"], two["calls"]) == (1, 2)
     assert one["pid"] == two["pid"]  # the same process, kept warm
-    assert one["uid"] in driver.uid_range if driver.privileged else one["uid"] == bwrap.SANDBOX_UID
+    assert one["uid"] in driver.uid_range if driver.privileged else one["uid"] == SANDBOX_UID
     assert two["event"] == {"n": 2}
     assert (first["logs"], second["logs"]) == ("go call 1\n", "go call 2\n")
 
@@ -179,10 +180,10 @@ async def test_wasm_machine(driver, counter_cwasm):
 
 
 async def test_only_wasm_machines_see_wasmtime(driver):
-    assert bwrap.wasmtime_package() is not None
+    assert layout.wasmtime_package() is not None
     wasm = driver.command(MachineSpec(runtime="wasm"), 3, None)
     go = driver.command(MachineSpec(runtime="go"), 3, None)
-    assert f"{bwrap.WASMTIME_SITE}/wasmtime" in wasm and f"{bwrap.WASMTIME_SITE}/wasmtime" not in go
+    assert f"{WASMTIME_SITE}/wasmtime" in wasm and f"{WASMTIME_SITE}/wasmtime" not in go
     # The bind is the package alone, never the site-packages around it.
-    source = wasm[wasm.index(f"{bwrap.WASMTIME_SITE}/wasmtime") - 1]
+    source = wasm[wasm.index(f"{WASMTIME_SITE}/wasmtime") - 1]
     assert Path(source).name == "wasmtime" and (Path(source) / "__init__.py").is_file()

@@ -27,9 +27,11 @@ import pytest
 
 from nimbus import protocol
 from nimbus.errors import MachineDied, MachineStartError, MachineTimeout
-from nimbus.machines import fcapi, firecracker, images, jail
 from nimbus.machines.base import MachineSpec
-from nimbus.machines.firecracker import FirecrackerConfig, FirecrackerDriver
+from nimbus.machines.firecracker import FirecrackerConfig, FirecrackerDriver, images, jail
+from nimbus.machines.firecracker import api as fcapi
+from nimbus.machines.firecracker import driver as fc_driver
+from nimbus.machines.firecracker import machine as firecracker
 
 pytestmark = pytest.mark.firecracker
 
@@ -108,7 +110,7 @@ async def make_driver(image_home, binaries, kernel_file, short_dir):
     yield make
     for driver in drivers:
         await driver.close()
-    shutil.rmtree(image_home / firecracker.SNAPSHOTS_DIR, ignore_errors=True)
+    shutil.rmtree(image_home / fc_driver.SNAPSHOTS_DIR, ignore_errors=True)
 
 
 def leftovers(short_dir: Path) -> list[str]:
@@ -301,7 +303,7 @@ async def test_snapshots_are_taken_once_then_restored_with_fresh_entropy(make_dr
     first = await driver.create(MachineSpec(runtime="python3"))
     assert not first.restored and driver.boots == 1
     key = driver.snapshot_key(first.spec, first.image, first.kernel)
-    snapshot = firecracker.Snapshot(key, image_home / firecracker.SNAPSHOTS_DIR / key)
+    snapshot = firecracker.Snapshot(key, image_home / fc_driver.SNAPSHOTS_DIR / key)
     assert snapshot.complete()
     for path in (snapshot.state, snapshot.memory):  # shared by every restore: no VMM may change it
         assert path.stat().st_mode & 0o777 == 0o444 and path.stat().st_uid == 0
@@ -315,13 +317,13 @@ async def test_snapshots_are_taken_once_then_restored_with_fresh_entropy(make_dr
     assert (staged / firecracker.MEMORY_NAME).stat().st_ino == snapshot.memory.stat().st_ino
     assert not (staged / firecracker.KERNEL_NAME).exists()  # a restore boots no kernel
     sent = []
-    original = second._exchange
+    original = second._channel.exchange
 
     async def spy(header, blob, timeout, **kw):
         sent.append(header)
         return await original(header, blob, timeout, **kw)
 
-    second._exchange = spy
+    second._channel.exchange = spy
     assert await init_and_call(second, n=1) == {"n": 2, "fn": "doubler"}
     entropy = sent[0].get("entropy")
     assert isinstance(entropy, str) and len(bytes.fromhex(entropy)) == firecracker.ENTROPY_BYTES
@@ -335,7 +337,7 @@ async def test_a_snapshot_that_does_not_load_is_deleted_and_the_machine_boots(ma
     driver = make_driver(jailed=False, snapshots=True)
     first = await driver.create(MachineSpec(runtime="python3"))
     key = driver.snapshot_key(first.spec, first.image, first.kernel)
-    directory = image_home / firecracker.SNAPSHOTS_DIR / key
+    directory = image_home / fc_driver.SNAPSHOTS_DIR / key
     (directory / firecracker.STATE_NAME).write_text("not a snapshot")
     with caplog.at_level(logging.WARNING, logger="nimbus.machines.firecracker"):
         second = await driver.create(MachineSpec(runtime="python3"))

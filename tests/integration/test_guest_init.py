@@ -28,7 +28,8 @@ import pytest
 
 from nimbus import protocol
 from nimbus.agent import init as guest_init
-from nimbus.machines.bwrap import base_python, find_bwrap
+from nimbus.machines.bwrap import find_bwrap
+from nimbus.machines.layout import base_python
 
 pytestmark = pytest.mark.firecracker
 

@@ -1,4 +1,4 @@
-"""Guest images (``nimbus.machines.images``): the small trees of every runtime, their init, and the ext4s.
+"""Guest images (``nimbus.machines.firecracker.images``): the small trees of every runtime, their init, and the ext4s.
 
 Each runtime's tree is built once per module. Its interpreter is run with the tree as the root of a bwrap
 sandbox (no chroot, no VM), and its /sbin/init is started there as PID 1 and answers the agent's protocol
@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from toolchain_builds import go_binary, rust_binary
-
 from nimbus import protocol
 from nimbus.cli import app
-from nimbus.machines import images
+from nimbus.machines import layout
 from nimbus.machines.bwrap import find_bwrap
+from nimbus.machines.firecracker import images
+from toolchain_builds import go_binary, rust_binary
 
 pytestmark = pytest.mark.firecracker
 
@@ -195,7 +195,7 @@ def test_tree_layout(tree):
         assert not (root / f"usr/local/lib/python{VERSION}/{skipped}").exists()
     assert (root / "lib64/ld-linux-x86-64.so.2").is_file()
     # Every library ldd names for the interpreter is in the tree.
-    _assert_libraries_in(root, images.bwrap.base_python()[0])
+    _assert_libraries_in(root, layout.base_python()[0])
     assert (root / "etc/ld.so.cache").is_file()
     nimbus_dir = root / "opt/nimbus/nimbus"
     for name in ("__init__.py", "protocol.py", "agent/init.py", "agent/main.py", "agent/python3.py"):

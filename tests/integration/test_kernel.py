@@ -1,4 +1,4 @@
-"""Guest kernels (``nimbus.machines.kernel``): registering a vmlinux, and the build from linux-source.
+"""Guest kernels (``nimbus.machines.firecracker.kernel``): registering a vmlinux, and the build from linux-source.
 
 A real kernel build takes tens of minutes, so the pipeline (unpack with tar, ``make olddefconfig``,
 ``make -jN vmlinux``, ``make kernelversion``, copy out, cache, resume after a failure) runs here on a
@@ -17,11 +17,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from firecracker_spec import spec_dir
 from typer.testing import CliRunner
 
+from firecracker_spec import spec_dir
 from nimbus.cli import app
-from nimbus.machines import kernel
+from nimbus.machines.firecracker import kernel
 
 pytestmark = pytest.mark.firecracker
 

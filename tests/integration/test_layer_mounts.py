@@ -13,11 +13,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-from nimbus.errors import MachineStartError
-from nimbus.machines.base import LAYER_DIR, MachineSpec
 import test_bwrap
 from test_bwrap import _WHY_NOT, LONG, init_header
+
+from nimbus.agent.contract import LAYER_DIR
+from nimbus.errors import MachineStartError
+from nimbus.machines.base import MachineSpec
 
 driver = test_bwrap.driver  # each test on template and booted machines, as test_bwrap's
 

@@ -12,11 +12,12 @@ import uuid
 import pytest
 from test_adversarial import call, hostile, normal_call_works
 from test_api import assert_problem, deploy, invoke
-from test_bwrap import HELLO_PY, LONG, assert_new_machine_works, call as machine_call, driver, init_header  # noqa: F401
-from test_bwrap import load, run_once
+from test_bwrap import HELLO_PY, LONG, assert_new_machine_works, driver, init_header, load, run_once  # noqa: F401
+from test_bwrap import call as machine_call
 
+import nimbus
 from nimbus import protocol
-from nimbus.machines import bwrap
+from nimbus.machines import bwrap, layout
 from nimbus.machines.base import MachineSpec
 
 pytestmark = pytest.mark.sandbox
@@ -96,7 +97,7 @@ def handler(event, context=None):
 
 async def test_f6_reply_bodies_share_a_node_wide_byte_budget(tmp_path):
     """Reads of reply bodies take their size from the driver's budget; one over the rest waits for it."""
-    from nimbus.machines import frames
+    from nimbus.machines import channel as frames
 
     budget = frames.ReplyBudget(frames.REPLY_MAX)
     assert budget.total == frames.REPLY_MAX
@@ -215,7 +216,7 @@ async def test_f9_machines_get_their_own_host_uid(driver):
             outputs.append(output)
         uids = [int(out["uid"][0]) for out in outputs]
         assert uids[0] != uids[1], outputs
-        for out, uid in zip(outputs, uids):
+        for out, uid in zip(outputs, uids, strict=True):
             assert out["uid"] == [str(uid)] * 4 and out["gid"] == [str(uid)] * 4, out
             assert driver.uid_range.start <= uid < driver.uid_range.stop
             assert out["owner"] == [uid, uid], out  # its own tmpfs dirs
@@ -320,8 +321,8 @@ async def test_f12c_proc_shows_no_host_paths_or_kernel_config(probe12, driver):
         assert out["config_gz"] in (0, "EACCES"), out["config_gz"]
     home = str(driver.home)
     assert home not in out["mountinfo"], out["mountinfo"]  # the /etc files are copied in, not bound
-    nimbus_src = os.path.dirname(os.path.dirname(bwrap.__file__))
-    python = str(bwrap.base_python()[0])
+    nimbus_src = os.path.dirname(nimbus.__file__)
+    python = str(layout.base_python()[0])
     for name in ("cmdline1", "cmdline"):  # pid 1's (bwrap's own, or a template child's) and the agent's
         for host_path in (home, nimbus_src, python, "--ro-bind"):
             assert host_path not in out[name], (name, host_path, out[name])

@@ -6,8 +6,8 @@ rules, exposes the vsock device's host side and "boots" by starting the real gue
 process (the agent in its real ``--vsock-port`` mode, listening on a Unix socket for the VM's life);
 ``tests/standin/jailer.py`` builds the jail's layout and execs it, confining nothing. Their
 docstrings say exactly what they do not do. These tests run them as separate processes, through the
-wrappers ``standin.install()`` writes, with ``nimbus.machines.fcapi.FirecrackerApi``,
-``nimbus.machines.vsock.connect`` and the ``nimbus.protocol`` frames, so the Firecracker driver's tests
+wrappers ``standin.install()`` writes, with ``nimbus.machines.firecracker.api.FirecrackerApi``,
+``nimbus.machines.firecracker.vsock.connect`` and the ``nimbus.protocol`` frames, so the Firecracker driver's tests
 can rely on them.
 """
 
@@ -25,14 +25,15 @@ import time
 from pathlib import Path
 
 import pytest
+
+import firecracker_spec
 import standin
+from nimbus.errors import MachineStartError
+from nimbus.machines.firecracker import api as fcapi
+from nimbus.machines.firecracker import jail, vsock
 from standin import firecracker as fc_standin
 from standin.frames import exchange, exec_header, ping_init_exec, streams
 from standin.schema import definition, load_spec
-
-import firecracker_spec
-from nimbus.errors import MachineStartError
-from nimbus.machines import fcapi, jail, vsock
 
 SPEC_FILE = firecracker_spec.spec_dir() / "firecracker.yaml"
 
@@ -258,7 +259,7 @@ async def test_a_connect_before_the_agent_listens_is_closed_then_retried(firecra
         # At once: the agent takes tens of milliseconds (its interpreter and imports) to listen.
         await closed_unanswered(work / "v.sock")
         assert "the guest agent does not listen on port 9999" in log_of(work, "early")
-        # nimbus.machines.vsock.connect retries such a close until the agent listens.
+        # nimbus.machines.firecracker.vsock.connect retries such a close until the agent listens.
         async with channel(work / "v.sock") as (reader, writer):
             result = await ping_init_exec(reader, writer)
             assert result["doubled"] == 42

@@ -16,10 +16,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+from test_bwrap import assert_quiet
 
 from nimbus.machines import bwrap
 from nimbus.machines.base import MachineSpec
-from test_bwrap import assert_quiet
 
 pytestmark = pytest.mark.sandbox
 

@@ -4,7 +4,7 @@ There is no Firecracker binary or KVM here, so the Firecracker end is a TEST STA
 (:class:`FirecrackerVsockStandIn`): a Unix-socket server that answers ``CONNECT <port>\\n`` the way
 Firecracker's vsock documentation says its device does for host-initiated connections, and bridges the
 connection to a REAL agent process (launched as the bwrap driver launches it, minus the sandbox, with
-one end of a socketpair as its fd). Everything else — ``nimbus.machines.vsock.connect``, the frames, the
+one end of a socketpair as its fd). Everything else — ``nimbus.machines.firecracker.vsock.connect``, the frames, the
 agent and a python3 handler — is the real thing.
 
 The agent's own AF_VSOCK listener is tested for real where the kernel can loop vsock back to itself
@@ -34,14 +34,15 @@ import time
 from pathlib import Path
 
 import pytest
-from standin import muxer
-from standin.agent import LAUNCH, SANDBOX_ENV, SRC, start_agent
-from standin.frames import exchange, exec_header, handler_code, init_header, ping_init_exec, streams
 
 from nimbus import protocol
 from nimbus.agent import main as agent_main
+from nimbus.agent.contract import VSOCK_PORT
 from nimbus.errors import MachineStartError
-from nimbus.machines import vsock
+from nimbus.machines.firecracker import vsock
+from standin import muxer
+from standin.agent import LAUNCH, SANDBOX_ENV, SRC, start_agent
+from standin.frames import exchange, exec_header, handler_code, init_header, ping_init_exec, streams
 
 pytestmark = pytest.mark.firecracker
 
@@ -71,7 +72,7 @@ class FirecrackerVsockStandIn:
       ways between the host's connection and the agent until both sides are done.
     """
 
-    def __init__(self, uds_path: Path, task_root: Path, *, guest_port: int = vsock.AGENT_PORT, refuse: int = 0,
+    def __init__(self, uds_path: Path, task_root: Path, *, guest_port: int = VSOCK_PORT, refuse: int = 0,
                  reply: bytes | None = None, close_after_reply: bool = True, trailing: bytes = b"",
                  bridge: bool = True) -> None:
         self.uds_path = uds_path

@@ -26,7 +26,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 LAUNCH = f"import sys; sys.path.insert(0, {str(SRC)!r}); from nimbus.agent.main import main; main(sys.argv[1:])"
-AGENT_PORT = 9999  # the guest port the agent listens on (DESIGN §4)
+AGENT_PORT = 9999  # the guest port the agent listens on (docs/architecture.md#frame-protocol)
 LISTEN_BACKLOG = 1  # what nimbus.agent.channel.listen_vsock asks for
 LISTEN_LAUNCH = f"""\
 import socket, sys

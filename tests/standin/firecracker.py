@@ -106,19 +106,19 @@ if __name__ == "__main__":  # run as a script: import ``standin`` from tests/, n
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
     sys.path.insert(0, str(_HERE.parent))
 
-import asyncio  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from urllib.parse import unquote  # noqa: E402
+import asyncio
+import contextlib
+import json
+import re
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from urllib.parse import unquote
 
-from standin import agent as guest  # noqa: E402
-from standin import muxer, schema, wire  # noqa: E402
+from standin import agent as guest
+from standin import muxer, schema, wire
 
 VERSION = "1.10.0"
 VERSION_LINE = f"Firecracker v{VERSION} (nimbus test stand-in)"
@@ -126,7 +126,7 @@ APP_NAME = "Firecracker"
 DEFAULT_API_SOCK = "/run/firecracker.socket"
 DEFAULT_ID = "anonymous-instance"
 ID_MAX_LEN = 64
-AGENT_PORT = 9999  # where the guest agent listens (DESIGN §4)
+AGENT_PORT = 9999  # where the guest agent listens (docs/architecture.md#frame-protocol)
 ROOT_ENV = "NIMBUS_STANDIN_ROOT"
 GUEST_SOCKET = ".nimbus-standin-guest-{pid}.sock"  # the agent's "AF_VSOCK" listener, in the cwd; pid: the stand-in's
 SNAPSHOT_MARKER = "nimbus-standin-snapshot"
@@ -465,7 +465,7 @@ class StandInVmm:
     async def put_logger(self, body) -> None:
         if "log_path" in body:
             try:
-                log_file = open(host_path(body["log_path"]), "a")  # noqa: SIM115 - kept for the process
+                log_file = open(host_path(body["log_path"]), "a")
             except OSError as exc:
                 raise Fault(f"cannot open the log file {body['log_path']!r}: {exc}") from None
             if self.log_file is not None:

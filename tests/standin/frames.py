@@ -1,4 +1,4 @@
-"""The guest protocol's frames (DESIGN §4) as the tests send them: ping, init of a python3 handler, exec.
+"""The guest protocol's frames (docs/architecture.md#frame-protocol) as the tests send them: ping, init of a python3 handler, exec.
 
 Used over whatever carries the frames: a vsock bridge of a stand-in, or a real vsock.
 """

@@ -35,7 +35,7 @@ Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:tr
 def load_spec(path: str | Path) -> dict:
     """The parsed schema file (``firecracker.yaml``)."""
     with Path(path).open() as f:
-        return yaml.load(f, Loader=Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(f, Loader=Yaml12Loader)
 
 
 def strict(definitions: dict) -> dict:
@@ -106,7 +106,7 @@ def path_params(template: str, path: str) -> dict[str, str]:
     names = re.findall(r"\{([^/]+?)\}", template)
     pattern = "^" + re.sub(r"\\\{[^/]+?\\\}", "([^/]+)", re.escape(template)) + "$"
     match = re.match(pattern, path)
-    return dict(zip(names, match.groups())) if match else {}
+    return dict(zip(names, match.groups(), strict=True)) if match else {}
 
 
 def body_schema(op: dict) -> dict | None:

@@ -15,11 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from toolchain_builds import go_binary, rust_binary
 from test_agent import RESULT_MAX, SANDBOX_ENV, SRC, AgentProcess, assert_error
 
-from nimbus.machines import bwrap
-
+from nimbus.machines import layout
+from toolchain_builds import go_binary, rust_binary
 
 GO_HANDLER = r"""
 package main
@@ -232,7 +231,7 @@ def wasmtime_site(tmp_path_factory) -> Path:
     Empty without wasmtime: the go and rust tests still run, the wasm ones skip (see ``cwasm``).
     """
     site = tmp_path_factory.mktemp("site")
-    package = bwrap.wasmtime_package()
+    package = layout.wasmtime_package()
     if package is not None:
         (site / "wasmtime").symlink_to(package)
     return site

@@ -20,12 +20,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from standin import wire
-from standin.schema import body_error, body_schema, definition, load_spec, operation, validator
 
 import firecracker_spec
 from nimbus.errors import MachineError, MachineStartError
-from nimbus.machines import fcapi
+from nimbus.machines.firecracker import api as fcapi
+from standin import wire
+from standin.schema import body_error, body_schema, definition, load_spec, operation, validator
 
 SPEC_DIR = firecracker_spec.spec_dir()
 SPEC_FILE = SPEC_DIR / "firecracker.yaml"
@@ -153,7 +153,6 @@ BODIES = [
     pytest.param(fcapi.Logger("/run/fc.log"), id="Logger"),
     pytest.param(fcapi.Logger("/run/fc.log", level="Off"), id="Logger-off"),
     pytest.param(fcapi.Metrics("/run/fc.metrics"), id="Metrics"),
-    pytest.param(fcapi.NetworkInterface("eth0", "tap0", "06:00:AC:10:00:02"), id="NetworkInterface"),
 ]
 
 
@@ -217,7 +216,6 @@ CALLS = [
     ("put_drive", (fcapi.Drive("rootfs", "/img/rootfs.ext4", is_root_device=True),), "PUT", "/drives/rootfs"),
     ("put_machine_config", (fcapi.MachineConfiguration(1, 128),), "PUT", "/machine-config"),
     ("put_vsock", (fcapi.Vsock("/run/v.sock"),), "PUT", "/vsock"),
-    ("put_network_interface", (fcapi.NetworkInterface("eth0", "tap0"),), "PUT", "/network-interfaces/eth0"),
     ("instance_start", (), "PUT", "/actions"),
     ("send_ctrl_alt_del", (), "PUT", "/actions"),
     ("flush_metrics", (), "PUT", "/actions"),

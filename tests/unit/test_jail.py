@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 import firecracker_spec
-
 from nimbus.errors import MachineStartError
-from nimbus.machines import jail
+from nimbus.machines.firecracker import jail
 
 SPEC_DIR = firecracker_spec.spec_dir()
 JAILER_MD = SPEC_DIR / "jailer.md"

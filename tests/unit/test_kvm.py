@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nimbus.machines import kvm
+from nimbus.machines.firecracker import kvm
 
 pytestmark = pytest.mark.firecracker
 

@@ -12,15 +12,13 @@ Stdlib only and cheap to import: no dataclasses or typing here (each costs milli
 import os
 import time
 
-RESULT_MAX = 6 * 1024 * 1024  # a result's JSON bytes, as Lambda's synchronous response limit
+from nimbus.agent.contract import LAYER_DIR, RESULT_MAX
+
 ERROR_TYPE_MAX = 256  # characters of an error's type
 # Characters kept of an error's message and of its stack. With the 64 KiB log tail the error header stays
 # under protocol.HEADER_MAX even when every character needs a 12-byte JSON escape.
 ERROR_TEXT_MAX = 16 * 1024
 COMPILED_RUNTIMES = frozenset({"go", "rust", "wasm"})  # built into an artifact; the handler field is ignored
-# Where the machine mounts the function's dependency layer, read-only: the one value the init header's
-# "layer" may have. As nimbus.machines.base.LAYER_DIR (the agent imports nothing else of the host).
-LAYER_DIR = "/opt/layer"
 
 
 def clip(text: str, limit: int) -> str:

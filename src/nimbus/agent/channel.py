@@ -6,7 +6,7 @@ and skipping the ``socket`` module saves several milliseconds of start-up in eve
 
 Under Firecracker the agent has no inherited fd: :func:`listen_vsock` listens on a vsock port and
 :func:`accept` takes each connection the host makes (through Firecracker's Unix socket, see
-``nimbus.machines.vsock``) as an :class:`FdStream`; only that mode imports ``socket``.
+``nimbus.machines.firecracker.vsock``) as an :class:`FdStream`; only that mode imports ``socket``.
 """
 
 import os

@@ -36,16 +36,17 @@ import signal
 import sys
 import time
 
-DEFAULT_AGENT_ARGS = ("--vsock-port", "9999", "--task-dir", "/var/task")
+from nimbus.agent.contract import LAYER_DIR, TASK_DIR, TASK_DIR_MB, VSOCK_PORT
+
+DEFAULT_AGENT_ARGS = ("--vsock-port", str(VSOCK_PORT), "--task-dir", TASK_DIR)
 DEFAULT_TMP_SIZE = "512m"  # Lambda's /tmp default; tmpfs only takes memory for what is written
-DEFAULT_TASK_SIZE = "256m"
+DEFAULT_TASK_SIZE = f"{TASK_DIR_MB}m"
 DEFAULT_STOP_GRACE_S = 5.0  # how long the agent, then the leftovers, get between SIGTERM and SIGKILL
 REAP_POLL_S = 0.02
 EXIT_USAGE = 64  # sysexits' EX_USAGE
 EXIT_SETUP = 71  # a mount, lo or the fork failed (EX_OSERR)
 USAGE = ("usage: init [--no-mounts] [--no-poweroff] [--report-pid] [--tmp-size SIZE] [--task-size SIZE]"
          " [--layer DEVICE] [-- AGENT ARGS]")
-LAYER_DIR = "/opt/layer"  # as nimbus.agent.base.LAYER_DIR; the agent adds it to the runtime's path
 
 # <sys/mount.h>, <sys/reboot.h>, <linux/sockios.h>, <net/if.h>, <sys/prctl.h>
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8

@@ -1,4 +1,6 @@
-"""The line protocol of the ``rust`` and ``wasm`` runtimes (DESIGN §5), spoken over a pair of pipes.
+"""The line protocol of the ``rust`` and ``wasm`` runtimes, spoken over a pair of pipes.
+
+See docs/architecture.md#runtime-contract.
 
 The function is a program that reads one JSON event per line on stdin and writes one JSON result per
 line on stdout, until end of file. :class:`LineChannel` sends one event line and reads one result line

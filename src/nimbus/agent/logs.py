@@ -16,7 +16,8 @@ import _thread
 import os
 import sys
 
-LOG_TAIL_MAX = 64 * 1024  # bytes of output kept per call (the tail), as DESIGN §5
+from nimbus.agent.contract import LOG_TAIL_MAX
+
 READ_CHUNK = 64 * 1024
 PIPE_SIZE = 1 << 20  # a roomier pipe: fewer wake-ups of the drain thread under a flood (best effort)
 F_SETPIPE_SZ = 1031
@@ -85,7 +86,7 @@ class LogCapture:
         """The drain thread: wait for output, then move it into the tail, until the pipe is gone."""
         try:
             self._drain_until_gone(fd)
-        except BaseException:  # noqa: BLE001 - its traceback would land in the very logs it collects
+        except BaseException:
             pass
 
     def _drain_until_gone(self, fd: int) -> None:

@@ -10,7 +10,8 @@ that vsock port for the machine's whole life and serves each connection the host
 restoring a snapshot closes the connection the machine had when it was taken (the function it loaded, if
 any, stays loaded). There the machine ends when the host stops the VM, or on a protocol violation.
 
-It reads ``nimbus.protocol`` frames from the connected fd and answers each in turn (DESIGN §4):
+It reads ``nimbus.protocol`` frames from the connected fd and answers each in turn
+(docs/architecture.md#frame-protocol):
 ``ping`` → ``pong``; ``init`` (once) → ``init_ok`` | ``error``; ``exec`` → ``result`` | ``error``. The
 end of the stream exits 0; an unknown frame type or a malformed frame exits non-zero, since the host
 never sends one. Stdlib only, importing nothing of nimbus but the protocol, and only cheap modules at
@@ -24,10 +25,11 @@ import time
 from nimbus import protocol
 from nimbus.agent.base import Call, FunctionSpec, InvocationError, too_deep
 from nimbus.agent.channel import VSOCK_PORT_MAX, FdStream, VsockUnavailable, accept, listen_vsock
+from nimbus.agent.contract import TASK_DIR
 from nimbus.agent.logs import LogCapture
 
 DEFAULT_FD = 3
-DEFAULT_TASK_DIR = "/var/task"
+DEFAULT_TASK_DIR = TASK_DIR
 EXIT_OK = 0  # the host closed the channel
 EXIT_CHANNEL = 1  # the channel failed (reset, write error)
 EXIT_PROTOCOL = 2  # the host sent something it never should
@@ -145,9 +147,9 @@ def _write_zip(spec: FunctionSpec, blob: bytes) -> None:
     import zlib
 
     try:
-        from lzma import LZMAError
+        from lzma import LZMAError as lzma_error  # noqa: N813 - a class bound in a local, maybe to another
     except ImportError:  # a Python without lzma: zipfile cannot read such entries at all
-        LZMAError = NotImplementedError
+        lzma_error = NotImplementedError
 
     def fail(message: str) -> InvocationError:
         return InvocationError("InvalidCode", f"cannot unpack the package: {message}", fatal=True)
@@ -187,7 +189,7 @@ def _write_zip(spec: FunctionSpec, blob: bytes) -> None:
                 finally:
                     os.close(fd)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError, RuntimeError,
-            zlib.error, LZMAError, OSError) as exc:
+            zlib.error, lzma_error, OSError) as exc:
         raise fail(str(exc)) from None
 
 

@@ -16,8 +16,9 @@ ships its own ``node_modules`` keeps it: its ES modules then see only that.
 import os
 
 from nimbus import protocol
-from nimbus.agent.base import RESULT_MAX, Call, FunctionSpec, InvocationError, check_result_size
+from nimbus.agent.base import Call, FunctionSpec, InvocationError, check_result_size
 from nimbus.agent.child import FramedChild, reported_error
+from nimbus.agent.contract import RESULT_MAX
 
 NODE = "node"  # found on PATH
 RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node_runner.js")

@@ -55,7 +55,7 @@ def _wants_arguments(handler) -> int:
             break
         target = wrapped
     if not hasattr(target, "__code__") and not hasattr(target, "__func__"):
-        target = getattr(type(target), "__call__", None)  # an instance with __call__
+        target = type(target).__call__ if callable(target) else None  # an instance with __call__
         bound = 1
     if hasattr(target, "__func__"):  # a bound method: self is already supplied
         target, bound = target.__func__, 1

@@ -1,4 +1,6 @@
-"""The ``rust`` runtime: the function is an executable whose ``main`` loops over JSON lines (DESIGN §5).
+"""The ``rust`` runtime: the function is an executable whose ``main`` loops over JSON lines.
+
+See docs/architecture.md#runtime-contract.
 
 It is started once per machine with its stdin and stdout on pipes to the agent and its stderr on the
 agent's fd 2 (so ``eprintln!`` lands in the call's logs). Each call writes the event as one line and reads
@@ -10,8 +12,9 @@ machine, as does the program exiting.
 import os
 
 from nimbus.agent import lines
-from nimbus.agent.base import RESULT_MAX, Call, FunctionSpec, InvocationError
+from nimbus.agent.base import Call, FunctionSpec, InvocationError
 from nimbus.agent.child import Child, prepare_executable
+from nimbus.agent.contract import RESULT_MAX
 
 
 class LineProgram:

@@ -47,6 +47,7 @@ import sys
 
 from nimbus.agent import main as agent_main
 from nimbus.agent import privileges
+from nimbus.agent.contract import LAYER_DIR, PROC_HIDDEN, SANDBOX_ENV, TASK_DIR, TEMPLATE_MESSAGE_MAX
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -67,15 +68,9 @@ SECCOMP_MODE_FILTER = 2
 SIOCSIFFLAGS = 0x8914
 IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x1, 0x8, 0x40
 PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")  # as bwrap's --proc leaves them
-# Kernel facts hidden behind /dev/null, as nimbus.machines.bwrap.PROC_HIDDEN.
-PROC_HIDDEN = ("config.gz", "kallsyms", "modules", "keys", "key-users", "timer_list", "sched_debug", "kcore")
 MNT_DETACH = 2
 ETC_FILES = ("passwd", "group")  # the machine's own, naming its uid; sent with the fork request
-MAX_MESSAGE = 64 * 1024
 MAX_FDS = 8
-SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
-TASK_DIR = "/var/task"
-LAYER_DIR = "/opt/layer"  # as nimbus.machines.base.LAYER_DIR (the agent imports nothing else of the host)
 CHANNEL_FD_MIN = 10
 EXIT_SETUP = 71  # a child could not isolate itself (EX_OSERR); the reason is on its output
 
@@ -89,7 +84,9 @@ def _check(result: int, what: str) -> None:
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    enc = (lambda s: None if s is None else s.encode())
+    def enc(s: str | None) -> bytes | None:
+        return None if s is None else s.encode()
+
     _check(_libc.mount(enc(source), target.encode(), enc(fstype), ctypes.c_ulong(flags), enc(data)),
            f"mount {target}")
 
@@ -361,7 +358,7 @@ class Template:
         self.send({"op": "ready"})
         while True:
             try:
-                data, fds, flags, _ = socket.recv_fds(self.control, MAX_MESSAGE, MAX_FDS)
+                data, fds, flags, _ = socket.recv_fds(self.control, TEMPLATE_MESSAGE_MAX, MAX_FDS)
             except ConnectionError:
                 return 0
             if not data:
@@ -382,7 +379,7 @@ class Template:
 
 def main(argv: list[str]) -> None:
     """``--control FD --seccomp FD|-- --runtime NAME``: preload, then serve the control socket."""
-    args = dict(zip(argv[::2], argv[1::2]))
+    args = dict(zip(argv[::2], argv[1::2], strict=True))
     control = socket.socket(fileno=int(args["--control"]))
     program = b""
     if args.get("--seccomp", "-") != "-":

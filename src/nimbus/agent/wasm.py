@@ -6,10 +6,10 @@ configured exactly as the one that compiled it, so both sides build their engine
 The artifact is ``Module(make_engine(), wasm).serialize()`` (made by the host's compiler, never taken
 from a user as is: deserializing trusts the bytes to be wasmtime's own output). At ``init`` it is loaded
 and instantiated once, and ``_start`` runs in a thread of its own for the rest of the machine's life,
-speaking the line protocol of DESIGN §5 (:mod:`nimbus.agent.lines`) over two pipes: one JSON event per
-line on its WASI stdin, one JSON result per line on its WASI stdout; WASI stderr is the agent's fd 2, so
-it lands in the call's logs. Module globals and linear memory persist between calls, as a warm
-Lambda's do.
+speaking the line protocol of :mod:`nimbus.agent.lines` (docs/architecture.md#runtime-contract) over
+two pipes: one JSON event per line on its WASI stdin, one JSON result per line on its WASI stdout;
+WASI stderr is the agent's fd 2, so it lands in the call's logs. Module globals and linear memory
+persist between calls, as a warm Lambda's do.
 
 Limits: ``Store.set_limits`` caps linear memory at the function's ``memory_mb`` (``memory.grow`` past it
 returns -1, which a module typically answers with a trap or an exit, reported as
@@ -27,9 +27,9 @@ import os
 import sys
 
 from nimbus.agent import lines
-from nimbus.agent.base import RESULT_MAX, Call, FunctionSpec, InvocationError
+from nimbus.agent.base import Call, FunctionSpec, InvocationError
+from nimbus.agent.contract import RESULT_MAX, WASMTIME_SITE
 
-WASMTIME_SITE = "/opt/nimbus/site"  # machines/bwrap.py binds the wasmtime package below it
 INTERRUPT_GRACE_S = 0.5  # after the epoch tick, how long the trap gets to land before the call is given up
 JOIN_S = 1.0  # how long close() waits for _start to return once its stdin is closed
 WASM_PAGE = 64 * 1024

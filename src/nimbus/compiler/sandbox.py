@@ -60,15 +60,15 @@ import subprocess
 import uuid
 from pathlib import Path
 
+from nimbus.agent.contract import SANDBOX_GID, SANDBOX_UID
 from nimbus.compiler import process, recipes, toolchains
 from nimbus.compiler.base import OUT_DIR, SRC_DIR, TMP_DIR, BuildFailed, Job, JobResult, Toolchain, clip
 from nimbus.compiler.workspace import Workspace, private_dir, remove_tree
 from nimbus.machines import cgroups, seccomp
+from nimbus.machines.layout import parent_dirs
 
 log = logging.getLogger("nimbus.compiler.sandbox")
 
-SANDBOX_UID = 65534
-SANDBOX_GID = 65534
 HOSTNAME = "nimbus-build"
 PATH = "/usr/local/bin:/usr/bin:/bin"
 SHELL = "/bin/sh"
@@ -276,7 +276,7 @@ class SandboxBuilder:
             args += ["--setenv", key, value]
         etc = self._etc_files()
         mounts = [inside for _, inside in (*binds, *etc)] + [SRC_DIR, OUT_DIR]
-        for parent in _parents(mounts):
+        for parent in parent_dirs(mounts):
             # bwrap makes missing parents 0700, which uid 65534 could not cross: make them 0755 first.
             args += ["--perms", "0755", "--dir", parent]
         args += ["--ro-bind", "/usr", "/usr"]
@@ -469,17 +469,6 @@ class SandboxBuilder:
 
 def _under_usr(path: Path) -> bool:
     return path.is_relative_to("/usr")
-
-
-def _parents(paths: list[str]) -> list[str]:
-    """Every directory above ``paths`` (not ``/``), parents before children, each once."""
-    out: list[str] = []
-    for path in paths:
-        for parent in reversed(Path(path).parents):
-            text = str(parent)
-            if text != "/" and text not in out:
-                out.append(text)
-    return out
 
 
 __all__ = ["SandboxBuilder", "bwrap_supports_overlay", "default_cpus"]

@@ -14,9 +14,6 @@ DEFAULT_VCPUS = 1
 DEFAULT_PIDS_MAX = 256
 DEFAULT_START_TIMEOUT_S = 10.0
 DEFAULT_PING_TIMEOUT_S = 2.0
-# Where a machine sees its function's dependency layer, read-only (the agent's copy of this constant is
-# nimbus.agent.base.LAYER_DIR; the Init header names it under "layer").
-LAYER_DIR = "/opt/layer"
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,9 +22,9 @@ class MachineSpec:
 
     ``layer`` is the absolute host path of the function's unpacked dependency layer (pip ``--target``
     output for python3, the contents of a ``node_modules`` directory for nodejs), which the machine sees
-    read-only at :data:`LAYER_DIR`; None for a function without one, whose machine sees an empty
-    :data:`LAYER_DIR` there. The layer is fixed when the machine is made: a blank machine made without
-    one can serve only functions without one.
+    read-only at :data:`nimbus.agent.contract.LAYER_DIR`; None for a function without one, whose machine
+    sees an empty directory there. The layer is fixed when the machine is made: a blank machine made
+    without one can serve only functions without one.
     """
 
     runtime: str
@@ -86,4 +83,4 @@ class Driver(Protocol):
 
 
 __all__ = ["DEFAULT_MEMORY_MB", "DEFAULT_PIDS_MAX", "DEFAULT_PING_TIMEOUT_S", "DEFAULT_START_TIMEOUT_S",
-           "DEFAULT_VCPUS", "LAYER_DIR", "Driver", "Machine", "MachineSpec"]
+           "DEFAULT_VCPUS", "Driver", "Machine", "MachineSpec"]

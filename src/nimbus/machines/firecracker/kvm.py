@@ -7,7 +7,7 @@ Firecracker guest kernels hang early. ``probe()`` therefore goes all the way: KV
 KVM_RUN, and expects an IO exit on port 0x10 carrying 0x42, then a HLT exit.
 
 KVM_RUN can hang (or take the process down) on a broken nested host, so the probe runs in a child
-process (``python -m nimbus.machines.kvm``) that reports its progress as JSON lines on stdout; the
+process (``python -m nimbus.machines.firecracker.kvm``) that reports its progress as JSON lines on stdout; the
 parent kills it after ``timeout_s``. Stdlib only (fcntl ioctls, mmap, ctypes), x86_64 layouts.
 
 PVM is recognised by the ``kvm_pvm`` module in ``/sys/module`` (present whether built in or loaded;
@@ -267,7 +267,7 @@ def run_guest(device: str = DEFAULT_DEVICE, stall_s: float = 0.0) -> None:
 
 # --- the parent ---------------------------------------------------------------------------------------
 def _child_argv(device: str, stall_s: float) -> list[str]:
-    argv = [sys.executable, "-m", "nimbus.machines.kvm", "--device", device]
+    argv = [sys.executable, "-m", "nimbus.machines.firecracker.kvm", "--device", device]
     return argv + (["--stall", str(stall_s)] if stall_s else [])
 
 
@@ -368,7 +368,7 @@ def probe(timeout_s: float = 5.0, device: str = DEFAULT_DEVICE, *, stall_s: floa
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m nimbus.machines.kvm",
+    parser = argparse.ArgumentParser(prog="python -m nimbus.machines.firecracker.kvm",
                                      description="probe KVM (child mode with --device; --report for a summary)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--stall", type=float, default=0.0, help=argparse.SUPPRESS)

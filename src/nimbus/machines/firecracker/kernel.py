@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nimbus.errors import NimbusError
-from nimbus.machines import images
+from nimbus.machines.firecracker import images
 
 RECIPE_VERSION = 1  # bump when the build steps change: every built kernel gets a new name
 IMAGES_DIR = images.IMAGES_DIR

@@ -25,8 +25,8 @@ Staging hard-links rather than copies because a rootfs image is large and a mach
 is one inode with two names. So staged files are never handed to the jail's uid (a VMM owning the
 inode could rewrite the image every other machine boots from), only made readable by it; and a
 writable rootfs linked into two jails would be one disk written by two guests: callers give each
-machine its own writable image (or attach the shared one read-only, as the driver does). Linking fails across file systems (``EXDEV``); then
-the file is copied, with a warning, since that is slow and uses disk.
+machine its own writable image (or attach the shared one read-only, as the driver does). Linking fails
+across file systems (``EXDEV``); then the file is copied, with a warning, since that is slow and uses disk.
 
 What is exercised here: ``tests/unit/test_jail.py`` checks the argv against the rules of Firecracker's
 ``jailer.md`` (flag names, value formats, the ``--`` separator, the id rule), the cgroup values, the jail

@@ -4,15 +4,15 @@ A :class:`Template` is one bwrap sandbox per runtime whose interpreter has alrea
 agent (:mod:`nimbus.agent.template` says what runs inside and how each child isolates itself). Making
 a machine from it costs a ``fork`` and the child's own namespaces and mounts instead of a new bwrap,
 a new interpreter and the agent's imports. A :class:`TemplateMachine` is the same machine as a
-:class:`~nimbus.machines.bwrap.BwrapMachine` to the pool and the agent; only how it starts and how its
+:class:`~nimbus.machines.bwrap.machine.BwrapMachine` to the pool and the agent; only how it starts and how its
 end is learnt differ.
 
 Each child gets its own cgroup (the host creates it and opens its join files; the child writes itself
 in before anything else), its own pid, mount, network, IPC, UTS and cgroup namespaces, its own
 ``/proc``, ``/tmp``, ``/dev/shm`` and ``/var/task``, and the same seccomp filter as a booted
-machine and a host uid of its own, as a booted machine has. The template needs ``CAP_SYS_ADMIN`` for that, so it exists only on a root node, and
-only with a cgroup tree (the machine's cgroup is what counts and kills its processes); elsewhere the
-driver boots every machine.
+machine and a host uid of its own, as a booted machine has. The template needs ``CAP_SYS_ADMIN`` for
+that, so it exists only on a root node, and only with a cgroup tree (the machine's cgroup is what
+counts and kills its processes); elsewhere the driver boots every machine.
 
 A function's dependency layer is a host directory the template's sandbox cannot see: the node clones it
 into a detached read-only mount (:mod:`nimbus.machines.mounts`), a new one per machine since a clone
@@ -29,16 +29,20 @@ import os
 import socket
 import subprocess
 
+from nimbus.agent.contract import OPT_DIR, TEMPLATE_MESSAGE_MAX
 from nimbus.errors import MachineStartError
 from nimbus.machines import mounts
-from nimbus.machines.bwrap import EXIT_WAIT_S, STDERR_TAIL_BYTES, BwrapDriver, BwrapMachine, data_fd
+from nimbus.machines.bwrap.machine import EXIT_WAIT_S, STDERR_TAIL_BYTES, BwrapMachine, data_fd
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from nimbus.machines.bwrap.driver import BwrapDriver
 
 log = logging.getLogger("nimbus.machines.template")
 
 TEMPLATE_BOOT = (
-    "import sys; sys.path.insert(0, '/opt/nimbus'); from nimbus.agent.template import main; main(sys.argv[1:])"
+    f"import sys; sys.path.insert(0, {OPT_DIR!r}); from nimbus.agent.template import main; main(sys.argv[1:])"
 )
-MAX_MESSAGE = 64 * 1024
 FORK_TIMEOUT_S = 5.0
 
 
@@ -182,7 +186,7 @@ class Template:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                data = await loop.sock_recv(self._control, MAX_MESSAGE)
+                data = await loop.sock_recv(self._control, TEMPLATE_MESSAGE_MAX)
                 if not data:
                     break
                 self._dispatch(json.loads(data))
@@ -322,7 +326,7 @@ class TemplateMachine(BwrapMachine):
     async def _stop_process(self) -> None:
         if self._output_transport is None:
             return
-        self._kill_now()
+        self.kill_now()
         if self._inner_pid is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._exited), EXIT_WAIT_S)

@@ -1,7 +1,7 @@
 """Firecracker's HTTP API over its Unix socket: the request bodies Nimbus sends, and a small async client.
 
 Why a module of its own: this is the seam between Nimbus and a ``firecracker`` process. The driver
-(``machines/firecracker.py``) decides *what* to configure, step by step; this module knows how each step
+(``machines/firecracker/machine.py``) decides *what* to configure, step by step; this module knows how each step
 is spelled on the wire and maps every failure into ``nimbus.errors`` at the boundary, so the driver never
 sees an httpx exception. The body builders carry the names of the definitions in Firecracker's API
 schema (``firecracker.yaml``: ``BootSource``, ``Drive``, ``MachineConfiguration``…), and each one's
@@ -200,18 +200,6 @@ class Metrics:
         return {"metrics_path": self.metrics_path}
 
 
-@dataclass(frozen=True, slots=True)
-class NetworkInterface:
-    """A virtio-net device on a host TAP; only for a ``MachineSpec`` with ``network=True`` (off by default)."""
-
-    iface_id: str
-    host_dev_name: str
-    guest_mac: str | None = None
-
-    def body(self) -> dict:
-        return _without_none(iface_id=self.iface_id, host_dev_name=self.host_dev_name, guest_mac=self.guest_mac)
-
-
 def _without_none(**fields) -> dict:
     # The schema types optional fields as strings, never null: an unset one must be absent.
     return {key: value for key, value in fields.items() if value is not None}
@@ -268,10 +256,6 @@ class FirecrackerApi:
     async def put_vsock(self, vsock: Vsock) -> None:
         """Add the vsock device the host talks to the guest agent through."""
         await self._request("PUT", "/vsock", vsock.body())
-
-    async def put_network_interface(self, iface: NetworkInterface) -> None:
-        """Attach a network interface (machines have none by default)."""
-        await self._request("PUT", f"/network-interfaces/{quote(iface.iface_id, safe='')}", iface.body())
 
     # Actions and state.
 
@@ -397,6 +381,6 @@ def _excerpt(response: httpx.Response) -> str:
 __all__ = [
     "DEFAULT_API_TIMEOUT_S", "DEFAULT_GUEST_CID", "DEFAULT_READY_TIMEOUT_S", "DEFAULT_SNAPSHOT_TIMEOUT_S",
     "READY_POLL_INTERVAL_S", "BootSource", "Drive", "FirecrackerApi", "FirecrackerApiError",
-    "InstanceActionInfo", "Logger", "MachineConfiguration", "Metrics", "NetworkInterface",
+    "InstanceActionInfo", "Logger", "MachineConfiguration", "Metrics",
     "SnapshotCreateParams", "SnapshotLoadParams", "Vm", "Vsock",
 ]

@@ -5,7 +5,7 @@ it on the host as one AF_UNIX socket (``uds_path`` in its ``/vsock`` configurati
 the guest listens on, the host connects to that Unix socket, names the port in a one-line text
 command, and Firecracker acknowledges with one line carrying the port it gave the host's end; after
 that line the Unix connection carries the guest's bytes both ways, and the frames of
-``nimbus.protocol`` (DESIGN §4) run over it exactly as over the bwrap driver's socketpair.
+``nimbus.protocol`` (docs/architecture.md#frame-protocol) run over it exactly as over the bwrap driver's socketpair.
 
 :func:`connect` does that handshake::
 
@@ -29,7 +29,7 @@ already belong to the frame stream (the agent never speaks first, so there are n
 a buffered read would silently eat the head of a frame if one ever came).
 
 The returned socket is connected and non-blocking, ready for ``asyncio.open_unix_connection(sock=…)``
-as :class:`nimbus.machines.bwrap.BwrapMachine` does with its socketpair end.
+as :class:`nimbus.machines.bwrap.machine.BwrapMachine` does with its socketpair end.
 
 Snapshots. Firecracker resets the vsock device when a snapshot is taken: connections open at that
 moment are closed in the restored VM, while the guest's listening sockets keep working. So a
@@ -50,12 +50,12 @@ import os
 import re
 import socket
 
+from nimbus.agent.contract import VSOCK_PORT
 from nimbus.errors import MachineStartError
 from nimbus.machines.base import DEFAULT_START_TIMEOUT_S
 
 log = logging.getLogger("nimbus.machines.vsock")
 
-AGENT_PORT = 9999  # the guest port the agent listens on (DESIGN §4); the agent's ``--vsock-port``
 DEFAULT_CONNECT_TIMEOUT_S = DEFAULT_START_TIMEOUT_S  # connecting is most of a machine's start
 # A failed attempt costs one Unix connect and a guest round trip, so retry often: the agent listens
 # within milliseconds of a snapshot restore and every pause is added to the cold start.
@@ -74,7 +74,7 @@ class _NotYet(Exception):
 
 async def connect(
     uds_path: str | os.PathLike[str],
-    port: int = AGENT_PORT,
+    port: int = VSOCK_PORT,
     *,
     timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
     retry_interval: float = RETRY_INTERVAL_S,

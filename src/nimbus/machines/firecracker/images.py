@@ -44,6 +44,9 @@ size, sha256) of every file that goes in, computed from the host's files *before
 a cache hit costs one pass of hashing and nothing else; any change to the interpreter, a library or an
 agent file gives a new image. A debootstrap image cannot be hashed by its output before it exists, so
 its hash covers its inputs: suite, mirror, variant and packages, plus every Nimbus file put on top.
+
+One module though over the usual size: the two bases are one recipe (the same Nimbus entries, hash,
+record and ext4 step) that differ only in where the userland comes from.
 """
 
 from __future__ import annotations
@@ -65,9 +68,15 @@ from importlib.util import cache_from_source
 from pathlib import Path
 
 import nimbus
+from nimbus.agent.contract import (
+    LAYER_DIR,
+    LAYER_MODULES_LINK,
+    OPT_DIR,
+    TASK_DIR,
+    WASMTIME_SITE,
+)
 from nimbus.errors import NimbusError
-from nimbus.machines import bwrap
-from nimbus.machines.base import LAYER_DIR
+from nimbus.machines import layout
 
 RECIPE_VERSION = 2  # bump when the layout or the selection rules change: every cached image is rebuilt
 SUPPORTED_RUNTIMES = ("python3", "nodejs", "go", "rust", "wasm")
@@ -79,10 +88,9 @@ HASH_CHARS = 12
 GUEST_PREFIX = "/usr/local"
 GUEST_LIB_DIR = "/lib/x86_64-linux-gnu"
 GUEST_NODE = "/usr/bin/node"  # in glibc's default PATH: the guest's init starts with no PATH at all
-OPT_NIMBUS = bwrap.OPT_DIR
-WASMTIME_SITE = bwrap.WASMTIME_SITE
+OPT_NIMBUS = OPT_DIR
 RECORD_PATH = "/etc/nimbus-image.json"
-MOUNT_POINTS = ("/proc", "/sys", "/dev", "/tmp", "/run", "/var/task", "/opt/layer", "/root")
+MOUNT_POINTS = ("/proc", "/sys", "/dev", "/tmp", "/run", TASK_DIR, LAYER_DIR, "/root")
 # Parts of the standard library a function does not need in a guest: they are most of its size.
 STDLIB_SKIP = frozenset({
     "test", "tests", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "site-packages",
@@ -236,7 +244,7 @@ def find_node() -> Path:
 
 
 def _wasmtime_package() -> Path:
-    package = bwrap.wasmtime_package()
+    package = layout.wasmtime_package()
     if package is None:
         raise ImageError("the wasmtime Python package is not installed (pip install wasmtime): no wasm image")
     return package
@@ -253,7 +261,7 @@ def _package_files(package: Path, dest: str) -> list[Entry]:
 
 
 def _etc_entries() -> list[Entry]:
-    entries = [Entry(f"/etc/{name}", data=text.encode()) for name, text in bwrap._ETC_FILES.items()]
+    entries = [Entry(f"/etc/{name}", data=text.encode()) for name, text in layout.ETC_FILES.items()]
     entries.append(Entry("/etc/ld.so.conf", data=f"{GUEST_LIB_DIR}\n{GUEST_PREFIX}/lib\n".encode()))
     return entries
 
@@ -268,8 +276,7 @@ def _nimbus_entries() -> list[Entry]:
         if path.is_file() and "__pycache__" not in path.parts:
             entries.append(Entry(f"{dest}/agent/{path.relative_to(agent)}", source=path))
     # As in bwrap machines: ES modules inside a nodejs layer find their sibling packages through it.
-    entries.append(Entry(bwrap.LAYER_MODULES_LINK, link=os.path.relpath(LAYER_DIR,
-                                                                        os.path.dirname(bwrap.LAYER_MODULES_LINK))))
+    entries.append(Entry(LAYER_MODULES_LINK, link=os.path.relpath(LAYER_DIR, os.path.dirname(LAYER_MODULES_LINK))))
     return entries
 
 
@@ -302,7 +309,7 @@ def _runtime_parts(runtime: str) -> tuple[list[Entry], list[Path], list[str]]:
 def plan(runtime: str) -> list[Entry]:
     """Every entry of ``runtime``'s tree-base image but the record, sorted by path; nothing is copied."""
     _check_runtime(runtime)
-    python, prefixes = bwrap.base_python()
+    python, prefixes = layout.base_python()
     stdlib = _stdlib_dir(prefixes)
     version = _version()
     guest_python = f"{GUEST_PREFIX}/bin/python{version}"
@@ -396,7 +403,7 @@ def _tree_tools(runtime: str) -> dict[str, dict[str, str]]:
     elif runtime == "rust":
         tools["libgcc_s"] = {"version": "1", "path": f"{GUEST_LIB_DIR}/libgcc_s.so.1"}
     elif runtime == "go":
-        tools["go"] = {"version": "static executables (CGO_ENABLED=0)", "path": f"{bwrap.TASK_DIR}/bootstrap"}
+        tools["go"] = {"version": "static executables (CGO_ENABLED=0)", "path": f"{TASK_DIR}/bootstrap"}
     return tools
 
 
@@ -554,7 +561,7 @@ def _debootstrap_tools(runtime: str, tree: Path) -> dict[str, dict[str, str]]:
     elif runtime == "rust":
         tools["libgcc_s"] = {"version": versions.get("libgcc-s1", "unknown"), "path": f"{GUEST_LIB_DIR}/libgcc_s.so.1"}
     elif runtime == "go":
-        tools["go"] = {"version": "static executables (CGO_ENABLED=0)", "path": f"{bwrap.TASK_DIR}/bootstrap"}
+        tools["go"] = {"version": "static executables (CGO_ENABLED=0)", "path": f"{TASK_DIR}/bootstrap"}
     return tools
 
 
@@ -654,7 +661,7 @@ def image_path(home: Path, runtime: str, digest: str, base: str = DEFAULT_BASE) 
 
 def parse_image_name(path: Path) -> ImageName | None:
     """The runtime, base and hash an image's file name carries; None for a file that is not an image."""
-    match = re.fullmatch(r"([a-z0-9]+)-(?:([a-z]+)-)?([0-9a-f]{%d})\.ext4" % HASH_CHARS, Path(path).name)
+    match = re.fullmatch(rf"([a-z0-9]+)-(?:([a-z]+)-)?([0-9a-f]{{{HASH_CHARS}}})\.ext4", Path(path).name)
     if match is None or match.group(1) not in SUPPORTED_RUNTIMES:
         return None
     base = match.group(2) or DEFAULT_BASE

@@ -1,49 +1,15 @@
-"""The Firecracker driver: every machine is a microVM, normally started through Firecracker's jailer.
+"""One Firecracker microVM with the agent in it: started as a named, ordered list of steps, each undoable.
 
-A machine is one ``firecracker`` process (the VMM) running one guest: a kernel and a read-only ext4
-root file system built by ``nimbus images`` whose ``/sbin/init`` starts the agent, which listens on
-vsock port 9999. The host speaks to it through the vsock device's Unix socket (``CONNECT 9999``, see
-:mod:`nimbus.machines.vsock`) in the same frames as every other driver.
-
-Start-up is a named, ordered list of steps, as in firecracker-go-sdk; each step that succeeds may push
-an undo action, and when a later step fails the actions run in reverse, so a failed start leaves no
-process, jail directory or socket behind. After a successful start the same stack is what ``stop()``
-unwinds. Variants swap steps instead of branching inside them (:func:`plan`)::
+As in firecracker-go-sdk, each step that succeeds may push an undo action; when a later one fails they
+run in reverse, so a failed start leaves no process, jail directory or socket behind, and ``kill()``
+unwinds the same stack. Variants swap steps instead of branching inside them (:func:`plan`)::
 
     validate.config → jail.stage → vmm.start → api.ready → boot.source → drives.root →
     machine.config → vsock.add → instance.start → agent.ready
 
-* without the jailer (configured on purpose; a warning is logged) ``jail.stage`` becomes
-  ``workdir.stage``: the VMM runs unconfined in a per-machine directory;
-* restoring a snapshot replaces ``boot.source`` … ``instance.start`` with ``snapshot.load``;
-* a function with a dependency layer gets ``drives.layer`` after ``drives.root``: the layer directory
-  as an ext4 image (made once per layer, beside it), a second read-only drive that the guest's init
-  mounts read-only at ``/opt/layer`` (``--layer /dev/vdb`` after ``--`` on the kernel command line).
-
-There is no network step: machines have no network, and a spec asking for one is refused.
-
-Paths. Every path Firecracker is given is one of a few fixed names in the machine's own directory
-(``/vmlinux``, ``/rootfs.ext4``, ``/vsock.sock`` inside the jail; the same names relative to the
-VMM's working directory without it). A snapshot records the paths its machine was configured with, and
-restoring needs them to name the same things again: with fixed per-machine names they always do.
-
-Snapshots (``snapshots=True``). The first machine booted for a (runtime, memory, vCPUs, image, kernel)
-answers ping, is paused, fully snapshotted into ``$NIMBUS_HOME/snapshots/<key>/``, resumed and handed
-out. Later machines of that key are restored from it (``snapshot.load``, File memory backend, resumed at
-once) and marked ``restored``. What the snapshot documentation warns about is handled: the vsock
-device is reset on snapshot, so the host reconnects (the agent keeps listening); every clone wakes with
-the same entropy, so a restored machine's ``init`` carries 32 fresh bytes that the agent mixes into the
-kernel's pool and reseeds from before any function code runs (the guest kernel's VMGenID does the
-kernel side too on ≥ 5.18); identical paths, as above. The snapshot's files, written by a jailed VMM,
-are made root's and read-only before any restore uses them. A snapshot that fails to load (or whose
-guest does not come back) is deleted and the machine boots instead.
-
-What runs where. No host that develops Nimbus can boot a Firecracker guest (no ``firecracker`` binary
-in any registry; a nested PVM ``/dev/kvm``). ``tests/integration/test_firecracker_driver.py`` drives
-this module against a *stand-in* ``firecracker`` and ``jailer`` (``tests/standin/``): real processes
-that serve the API per its schema and bridge the vsock socket to a real agent, so every step, undo,
-failure path and the snapshot bookkeeping run; Firecracker's own behaviour and a guest booting do not.
-The tests that need a KVM host are marked and skipped here with that reason.
+Every path Firecracker is given is one of a few fixed names in the machine's own directory, so a
+snapshot's recorded paths name the same things when it is restored. The full story (jailer, snapshots
+and their entropy, what runs where) is in docs/architecture.md, "Security model".
 """
 
 from __future__ import annotations
@@ -51,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import shutil
@@ -59,21 +24,21 @@ import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from nimbus import protocol
-from nimbus.errors import MachineDied, MachineStartError, MachineTimeout, ProtocolError
-from nimbus.machines import fcapi, frames, images, jail, kernel, kvm, vsock
-from nimbus.machines.base import DEFAULT_PING_TIMEOUT_S, DEFAULT_START_TIMEOUT_S, MachineSpec
+from nimbus.errors import MachineDied, MachineStartError, ProtocolError
+from nimbus.machines.base import DEFAULT_PING_TIMEOUT_S, MachineSpec
+from nimbus.machines.channel import Channel
+from nimbus.machines.firecracker import api, jail, vsock
 
 log = logging.getLogger("nimbus.machines.firecracker")
 
-# Firecracker appends root=/dev/vda and ro/rw for the root drive itself; the image's /sbin/init is the
-# kernel's default init. reboot=k and panic=1 make a guest that ends (or panics) end its VMM at once.
-DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off quiet"
-DEFAULT_JAIL_UID = 65534
-DEFAULT_JAIL_GID = 65534
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from nimbus.machines.firecracker.driver import FirecrackerDriver
+
 # The VMM's own memory beside the guest's, in the jail's cgroup limit (Firecracker's overhead is a few MiB).
 VMM_OVERHEAD_MB = 32
 KERNEL_NAME, ROOTFS_NAME = jail.DEFAULT_KERNEL_NAME, jail.DEFAULT_ROOTFS_NAME
@@ -82,41 +47,12 @@ API_SOCKET_NAME = "firecracker.socket"  # direct mode; in the jail it is jail.DE
 STATE_NAME, MEMORY_NAME = "snapshot.state", "snapshot.mem"
 LAYER_NAME = "layer.ext4"
 LAYER_DEVICE = "/dev/vdb"  # the guest's name for the second drive
-SNAPSHOTS_DIR = "snapshots"
-VMS_DIR = "vms"  # direct mode's per-machine directories, under the node's home
-SNAPSHOT_RETRY_S = 300.0  # after taking a snapshot failed, its key boots without trying again for this long
 ENTROPY_BYTES = 32
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes with its NUL
 TAIL_BYTES = 8192
 EXIT_WAIT_S = 5.0
 RESET_WAIT_S = 1.0  # how long a snapshotted machine's old vsock connection gets to be dropped
-KEY_CHARS = 16
-KVM_DEVICE = "/dev/kvm"
 READ_ONLY = 0o444
-# A restore that fails here blames the snapshot (unloadable, or a guest that does not come back).
-SNAPSHOT_FAULT_STEPS = ("snapshot.load", "agent.ready")
-
-
-@dataclass(frozen=True, slots=True)
-class FirecrackerConfig:
-    """How this node runs Firecracker; every field is a ``NIMBUS_*`` setting (see ``config.py``).
-
-    ``jailer=None`` starts ``firecracker`` directly, unconfined, in ``run_dir`` (default
-    ``$NIMBUS_HOME/vms``). ``kernel=None`` takes the newest kernel ``nimbus images kernel`` registered.
-    """
-
-    firecracker: Path = jail.DEFAULT_FIRECRACKER
-    jailer: Path | None = jail.DEFAULT_JAILER
-    chroot_base: Path = jail.DEFAULT_CHROOT_BASE
-    uid: int = DEFAULT_JAIL_UID
-    gid: int = DEFAULT_JAIL_GID
-    cgroup_version: int | None = None  # None: this host's (2 when the unified hierarchy is mounted)
-    kernel: Path | None = None
-    boot_args: str = DEFAULT_BOOT_ARGS
-    snapshots: bool = False
-    run_dir: Path | None = None
-    start_timeout_s: float = DEFAULT_START_TIMEOUT_S
-    api_timeout_s: float = fcapi.DEFAULT_API_TIMEOUT_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,15 +141,13 @@ class FirecrackerMachine:
         self._config = driver.config
         self._jail: jail.JailSpec | None = None
         self._root: Path | None = None  # the directory the VMM's paths are relative to
-        self._api: fcapi.FirecrackerApi | None = None
+        self._api: api.FirecrackerApi | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._exited: asyncio.Future | None = None
         self._output: asyncio.Task | None = None
         self._tail = bytearray()
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._channel = Channel(self, driver)
         self._lock = asyncio.Lock()
-        self._seq = 0
         self._undo: contextlib.AsyncExitStack | None = None
         self._started = False
         self._released = False
@@ -250,7 +184,7 @@ class FirecrackerMachine:
         """The last few KiB of the VMM's output: its own log lines and the guest's serial console."""
         return self._tail.decode(errors="replace")
 
-    def _tail_note(self) -> str:
+    def tail_note(self) -> str:
         text = self.diagnostics().strip()
         return f"; its output ends: {text[-2000:]}" if text else ""
 
@@ -286,9 +220,9 @@ class FirecrackerMachine:
                 except asyncio.CancelledError:
                     raise
                 except MachineStartError as exc:
-                    raise MachineStartError(f"machine {self.id}: {name}: {exc}{self._tail_note()}") from exc
+                    raise MachineStartError(f"machine {self.id}: {name}: {exc}{self.tail_note()}") from exc
                 except (OSError, ValueError, ProtocolError, EOFError) as exc:
-                    raise MachineStartError(f"machine {self.id}: {name} failed: {exc}{self._tail_note()}") from exc
+                    raise MachineStartError(f"machine {self.id}: {name} failed: {exc}{self.tail_note()}") from exc
                 if action is not None:
                     undo.push_async_callback(action)
                 self.step_ms[name] = (time.perf_counter() - step_began) * 1000
@@ -414,7 +348,7 @@ class FirecrackerMachine:
             self._tail += chunk
             del self._tail[:-TAIL_BYTES]
 
-    def _kill_vmm(self) -> None:
+    def kill_now(self) -> None:
         """SIGKILL the VMM's whole process group (it leads one): nothing it started may outlive it."""
         if self._proc is None:
             return
@@ -426,7 +360,7 @@ class FirecrackerMachine:
 
     async def _end_vmm(self) -> None:
         """Kill the VMM and wait for it: a guest keeps nothing worth a graceful shutdown."""
-        self._kill_vmm()
+        self.kill_now()
         try:
             await asyncio.wait_for(asyncio.shield(self._exited), EXIT_WAIT_S)
         except TimeoutError:
@@ -453,7 +387,7 @@ class FirecrackerMachine:
         raise MachineStartError(f"{describe_exit(self.returncode)} before {what}")
 
     async def _api_ready(self) -> Undo:
-        self._api = fcapi.FirecrackerApi(self.api_socket, timeout=self._config.api_timeout_s)
+        self._api = api.FirecrackerApi(self.api_socket, timeout=self._config.api_timeout_s)
         try:
             await self._unless_vmm_exits(self._api.wait_ready(self._config.start_timeout_s),
                                          "its API socket answered")
@@ -469,31 +403,31 @@ class FirecrackerMachine:
         return f"{self._config.boot_args} -- --layer {LAYER_DEVICE}"
 
     async def _boot_source(self) -> None:
-        await self._api.put_boot_source(fcapi.BootSource(kernel_image_path=self.vmm_path(KERNEL_NAME),
+        await self._api.put_boot_source(api.BootSource(kernel_image_path=self.vmm_path(KERNEL_NAME),
                                                          boot_args=self.boot_args()))
 
     async def _drives_root(self) -> None:
         # Read-only: one image serves every machine of the runtime; the guest writes only to its tmpfs.
-        await self._api.put_drive(fcapi.Drive(drive_id="rootfs", path_on_host=self.vmm_path(ROOTFS_NAME),
+        await self._api.put_drive(api.Drive(drive_id="rootfs", path_on_host=self.vmm_path(ROOTFS_NAME),
                                               is_root_device=True, is_read_only=True))
 
     async def _drives_layer(self) -> None:
         # The second drive: /dev/vdb in the guest (the root device is always /dev/vda).
-        await self._api.put_drive(fcapi.Drive(drive_id="layer", path_on_host=self.vmm_path(LAYER_NAME),
+        await self._api.put_drive(api.Drive(drive_id="layer", path_on_host=self.vmm_path(LAYER_NAME),
                                               is_root_device=False, is_read_only=True))
 
     async def _machine_config(self) -> None:
-        await self._api.put_machine_config(fcapi.MachineConfiguration(vcpu_count=self.spec.vcpus,
+        await self._api.put_machine_config(api.MachineConfiguration(vcpu_count=self.spec.vcpus,
                                                                       mem_size_mib=self.spec.memory_mb))
 
     async def _vsock_add(self) -> None:
-        await self._api.put_vsock(fcapi.Vsock(uds_path=self.vmm_path(VSOCK_NAME)))
+        await self._api.put_vsock(api.Vsock(uds_path=self.vmm_path(VSOCK_NAME)))
 
     async def _instance_start(self) -> None:
         await self._api.instance_start()
 
     async def _snapshot_load(self) -> None:
-        params = fcapi.SnapshotLoadParams(snapshot_path=self.vmm_path(STATE_NAME),
+        params = api.SnapshotLoadParams(snapshot_path=self.vmm_path(STATE_NAME),
                                           mem_file_path=self.vmm_path(MEMORY_NAME), resume_vm=True,
                                           vsock_uds_path=self.vmm_path(VSOCK_NAME))
         await self._api.load_snapshot(params)
@@ -507,17 +441,13 @@ class FirecrackerMachine:
         sock = await self._unless_vmm_exits(
             vsock.connect(self.host_path(VSOCK_NAME), timeout=self._config.start_timeout_s),
             "the agent listened on its vsock port")
-        self._reader, self._writer = await asyncio.open_unix_connection(sock=sock)
-        header, _ = await self._exchange({"type": protocol.PING}, b"", self._config.start_timeout_s, starting=True)
+        self._channel.attach(*await asyncio.open_unix_connection(sock=sock))
+        header, _ = await self._channel.exchange({"type": protocol.PING}, b"", self._config.start_timeout_s)
         if header.get("type") != protocol.PONG:
             raise MachineStartError(f"the agent answered ping with {header.get('type')!r}")
 
     async def _close_channel(self) -> None:
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        await self._channel.close()
 
     # ------------------------------------------------------------------ requests
 
@@ -526,7 +456,7 @@ class FirecrackerMachine:
         if header.get("type") == protocol.INIT and self.restored:
             header = {**header, "entropy": os.urandom(ENTROPY_BYTES).hex()}
         async with self._lock:
-            return await self._exchange(header, blob, timeout)
+            return await self._channel.exchange(header, blob, timeout, alive=self.alive)
 
     async def ping(self, timeout: float = DEFAULT_PING_TIMEOUT_S) -> bool:
         """True when the agent answers ``pong`` in time; never raises; a busy machine is not answering."""
@@ -534,53 +464,31 @@ class FirecrackerMachine:
             return False
         async with self._lock:
             try:
-                header, _ = await self._exchange({"type": protocol.PING}, b"", timeout)
+                header, _ = await self._channel.exchange({"type": protocol.PING}, b"", timeout, alive=self.alive)
             except Exception:
                 return False
             return header.get("type") == protocol.PONG
 
-    async def _exchange(self, header: dict, blob: bytes, timeout: float | None, *,
-                        starting: bool = False) -> tuple[dict, bytes]:
-        kind = header.get("type")
-        frames.check_request(kind)
-        if not starting and not self.alive:
-            raise MachineDied(f"machine {self.id} is not running ({describe_exit(self.returncode)}){self._tail_note()}")
-        self._seq += 1
-        rid = self._seq
-        data = protocol.encode({**header, "id": rid}, blob)
-        if kind == protocol.EXEC:
-            self.uses += 1
-        try:
-            async with asyncio.timeout(timeout):
-                self._writer.write(data)
-                await self._writer.drain()
-                reply, reply_blob = await frames.read_reply(self._reader, kind, frames.budget_of(self._driver))
-        except TimeoutError:
-            await self._fail()
-            raise MachineTimeout(f"machine {self.id} gave no reply to {kind} within {timeout:g}s and was killed"
-                                 f"{self._tail_note()}") from None
-        except (EOFError, ConnectionError):
-            await self._fail()
-            raise MachineDied(f"machine {self.id} died during {kind}: {describe_exit(self.returncode)}"
-                              f"{self._tail_note()}") from None
-        except ProtocolError as exc:
-            await self._fail()
-            raise ProtocolError(f"machine {self.id}: {exc}; machine killed") from None
-        except BaseException:  # cancelled mid-request: the channel is out of step, so the machine is done
-            self._kill_vmm()
-            raise
-        problem = frames.reply_problem(kind, rid, reply, reply_blob)
-        if problem is not None:
-            await self._fail()
-            raise ProtocolError(f"machine {self.id}: {problem}; machine killed")
-        return reply, reply_blob
+    # ------------------------------------------------------------------ what the channel asks
 
-    async def _fail(self) -> None:
+    def exit_note(self) -> str:
+        return describe_exit(self.returncode)
+
+    async def died(self, kind: str) -> MachineDied:
+        """Kill what is left of it first, so the error quotes how the VMM really ended."""
+        await self.abort()
+        return MachineDied(f"machine {self.id} died during {kind}: {describe_exit(self.returncode)}{self.tail_note()}")
+
+    async def died_mid_frame(self) -> bool:
+        """False: a frame cut short is reported as a broken frame (``ProtocolError``), whatever ended it."""
+        return False
+
+    async def abort(self) -> None:
         """A request broke the machine: kill it now (during start, the start's undo stack cleans up)."""
         if self._started:
             await self.kill()
         elif self._proc is not None:
-            self._kill_vmm()
+            self.kill_now()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._exited), EXIT_WAIT_S)
 
@@ -591,7 +499,7 @@ class FirecrackerMachine:
         async with self._lock:
             await self._api.pause()
             try:
-                await self._api.create_snapshot(fcapi.SnapshotCreateParams(
+                await self._api.create_snapshot(api.SnapshotCreateParams(
                     snapshot_path=self.vmm_path(STATE_NAME), mem_file_path=self.vmm_path(MEMORY_NAME)))
             finally:
                 await self._api.resume()
@@ -613,7 +521,7 @@ class FirecrackerMachine:
             # The snapshot reset the vsock device: the guest drops this connection on resuming, and its
             # agent listens again. Wait for the drop, so the new connection cannot be the one dropped.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._reader.read(1), RESET_WAIT_S)
+                await asyncio.wait_for(self._channel.reader.read(1), RESET_WAIT_S)
             await self._close_channel()
             await self._connect()
 
@@ -628,7 +536,7 @@ class FirecrackerMachine:
         if self._released:
             return
         self._released = True
-        self._kill_vmm()
+        self.kill_now()
         if self._undo is not None:
             await self._undo.aclose()
 
@@ -651,158 +559,4 @@ def _move(source: Path, target: Path) -> None:
         source.unlink()
 
 
-@dataclass
-class _SnapshotState:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    failed_at: float | None = None
-
-
-class FirecrackerDriver:
-    """Makes Firecracker machines from the node's images and kernel; see the module's docstring."""
-
-    name = "firecracker"
-
-    def __init__(self, home: Path, config: FirecrackerConfig | None = None) -> None:
-        self.home = Path(home)
-        self.config = config or FirecrackerConfig()
-        self.run_dir = Path(self.config.run_dir or self.home / VMS_DIR)
-        self.snapshots_dir = self.home / SNAPSHOTS_DIR
-        self.start_timeout_s = self.config.start_timeout_s
-        self._machines: set[FirecrackerMachine] = set()
-        self._snapshots: dict[str, _SnapshotState] = {}
-        self._layer_locks: dict[str, asyncio.Lock] = {}
-        self._warned = False
-        self.restores = self.boots = 0
-
-    @property
-    def machines(self) -> list[FirecrackerMachine]:
-        return list(self._machines)
-
-    def warn_unconfined(self) -> None:
-        if not self._warned:
-            self._warned = True
-            jail.warn_unconfined()
-
-    def kernel_path(self) -> Path | None:
-        return self.config.kernel or kernel.find_kernel(self.home)
-
-    def image_path(self, runtime: str) -> Path:
-        image = images.find_image(self.home, runtime)
-        if image is None:
-            raise MachineStartError(f"no guest image for {runtime}; build one with "
-                                    f"'nimbus images build --runtime {runtime}'")
-        return image
-
-    def snapshot_key(self, spec: MachineSpec, image: Path, kernel_path: Path | None) -> str:
-        """What a snapshot depends on: the machine's shape, its image and kernel, the VMM and how it runs."""
-        parts = [spec.runtime, str(spec.memory_mb), str(spec.vcpus), image.name, self.config.boot_args,
-                 "jailed" if self.config.jailer else "direct"]
-        for path in (kernel_path, self.config.firecracker):
-            if path is not None and path.exists():
-                stat = path.stat()
-                parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
-        digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:KEY_CHARS]
-        return f"{spec.runtime}-{spec.memory_mb}m-{spec.vcpus}c-{digest}"
-
-    def problems(self, runtimes: list[str] | tuple[str, ...] = ()) -> list[str]:
-        """What stops this node from starting machines, checked before it serves (each a sentence)."""
-        found = []
-        binaries = {"firecracker": self.config.firecracker}
-        if self.config.jailer is not None:
-            binaries["jailer"] = self.config.jailer
-        for name, path in binaries.items():
-            if not path.is_file() or not os.access(path, os.X_OK):
-                found.append(f"the {name} binary {path} is missing or not executable "
-                             f"(NIMBUS_{name.upper()}_BIN)")
-        if self.config.jailer is not None and os.geteuid() != 0:
-            found.append("the jailer needs the node to run as root (or set NIMBUS_JAILER=off, unconfined)")
-        if not os.path.exists(KVM_DEVICE):
-            found.append(f"{KVM_DEVICE} does not exist: this host cannot run microVMs")
-        elif kvm.detect_pvm()[0]:
-            found.append(f"{KVM_DEVICE} is PVM nested KVM (kvm_pvm): stock guest kernels hang on it "
-                         "(see nimbus doctor)")
-        kernel_path = self.kernel_path()
-        if kernel_path is None or not kernel_path.is_file():
-            found.append(f"no guest kernel ({kernel_path or 'none registered'}): run 'nimbus images kernel' "
-                         "or set NIMBUS_KERNEL")
-        for runtime in runtimes:
-            if images.find_image(self.home, runtime) is None:
-                found.append(f"no {runtime} guest image: run 'nimbus images build --runtime {runtime}'")
-        return found
-
-    async def layer_image(self, layer_dir: str) -> Path:
-        """The ext4 image of an unpacked layer directory, made once (beside it, as ``<dir>.ext4``)."""
-        source = Path(layer_dir)
-        target = source.with_name(source.name + images.EXT4_SUFFIX)
-        if target.is_file():
-            return target
-        lock = self._layer_locks.setdefault(str(target), asyncio.Lock())
-        async with lock:
-            if not target.is_file():
-                try:
-                    await asyncio.to_thread(images.tree_image, source, target, f"layer-{source.name[:10]}")
-                except (images.ImageError, OSError) as exc:
-                    raise MachineStartError(f"cannot make the image of layer {source.name[:12]}: {exc}") from exc
-        return target
-
-    async def create(self, spec: MachineSpec) -> FirecrackerMachine:
-        """A started machine: restored from the runtime's snapshot when there is one, else booted."""
-        image = self.image_path(spec.runtime)
-        kernel_path = self.kernel_path()
-        if spec.layer is not None and not spec.network:
-            machine = FirecrackerMachine(self, spec, image, kernel_path, layer_image=await self.layer_image(spec.layer))
-            await machine.start()
-            self.boots += 1
-            return machine
-        use_snapshots = self.config.snapshots and spec.layer is None and not spec.network
-        key = self.snapshot_key(spec, image, kernel_path) if use_snapshots else None
-        if key is not None:
-            snapshot = Snapshot(key, self.snapshots_dir / key)
-            if snapshot.complete():
-                machine = FirecrackerMachine(self, spec, image, kernel_path, snapshot)
-                try:
-                    await machine.start()
-                except MachineStartError as exc:
-                    if machine.step not in SNAPSHOT_FAULT_STEPS:
-                        raise  # not the snapshot's fault (a jail, the VMM): booting would fail the same way
-                    log.warning("restoring snapshot %s failed, so it is deleted and machines of its kind boot "
-                                "until a new one is taken: %s", key, exc)
-                    await asyncio.to_thread(shutil.rmtree, snapshot.directory, True)
-                else:
-                    self.restores += 1
-                    return machine
-        machine = FirecrackerMachine(self, spec, image, kernel_path)
-        await machine.start()
-        self.boots += 1
-        if key is not None:
-            await self._snapshot_from(machine, key)
-        return machine
-
-    async def _snapshot_from(self, machine: FirecrackerMachine, key: str) -> None:
-        """Take ``key``'s snapshot from this freshly booted, blank machine, unless one exists or is being taken."""
-        state = self._snapshots.setdefault(key, _SnapshotState())
-        if state.failed_at is not None and time.monotonic() - state.failed_at < SNAPSHOT_RETRY_S:
-            return
-        if state.lock.locked():
-            return  # another machine is taking it
-        async with state.lock:
-            directory = self.snapshots_dir / key
-            if Snapshot(key, directory).complete():
-                return
-            self.snapshots_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                await machine.take_snapshot(directory)
-            except Exception as exc:
-                state.failed_at = time.monotonic()
-                await machine.kill()
-                raise MachineStartError(f"machine {machine.id}: taking snapshot {key} failed, so none is taken "
-                                        f"for {SNAPSHOT_RETRY_S:g}s: {exc}") from exc
-            log.info("snapshot %s taken from machine %s", key, machine.id)
-
-    async def close(self) -> None:
-        """Kill every machine this driver still owns."""
-        await asyncio.gather(*(m.kill() for m in list(self._machines)), return_exceptions=True)
-
-
-__all__ = ["BOOT_STEPS", "DEFAULT_BOOT_ARGS", "FirecrackerConfig", "FirecrackerDriver", "FirecrackerMachine",
-           "Snapshot", "describe_exit", "plan"]
+__all__ = ["BOOT_STEPS", "FirecrackerMachine", "Snapshot", "describe_exit", "host_cgroup_version", "plan"]
