@@ -9,8 +9,9 @@ from pathlib import Path
 
 from bench.common import NOOP_CODE, tree_memory_kib
 from nimbus import protocol
+from nimbus.deployment import Deployment
 from nimbus.machines.bwrap import BwrapDriver
-from nimbus.pool import Deployment, Pool
+from nimbus.pool import Pool
 
 
 def deployment(i: int = 0) -> Deployment:
@@ -95,8 +96,8 @@ async def _measure(n_acquire: int, n_pss: int) -> dict[str, dict]:
                   "pss_mib_each": [round(p, 2) for p in pss],
                   "rss_mib_median": statistics.median(m["rss_kib"] / 1024 for m in per_machine),
                   "processes_per_machine": per_machine[0]["processes"]}
-        for lease in leases + [lease]:
-            pool.retire_function(lease.deployment.function_id)
+        for held in [*leases, lease]:
+            pool.retire_function(held.deployment.function_id)
         await pool.drain_reaping()
         boot = BwrapDriver(Path(tempfile.mkdtemp(prefix="nimbus-bench-boot-")), use_templates=False)
         try:

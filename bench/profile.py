@@ -52,7 +52,7 @@ AREAS = {
     "store (sqlalchemy, aiosqlite, nimbus/store)": ("(sqlalchemy/", "(aiosqlite/", "(nimbus/store/"),
     "web framework (fastapi, starlette, pydantic)": ("(fastapi/", "(starlette/", "(pydantic"),
     "nimbus gateway middleware and routes": ("(nimbus/gateway/",),
-    "scheduler + pool": ("(nimbus/scheduler.py", "(nimbus/pool.py"),
+    "scheduler + pool": ("(nimbus/scheduler/", "(nimbus/pool/", "(nimbus/deployment.py"),
     "machine channel (bwrap driver, protocol)": ("(nimbus/machines/", "(nimbus/protocol.py"),
     "metrics (nimbus/metrics, prometheus_client)": ("(nimbus/metrics.py", "(prometheus_client/"),
     "uvicorn HTTP protocol": ("(uvicorn/protocols/",),

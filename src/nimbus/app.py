@@ -20,11 +20,11 @@ from nimbus.callbacks import AllowList
 from nimbus.compiler.layers import LayerDirs
 from nimbus.config import Settings
 from nimbus.gateway import auth, build_api
-from nimbus.machines import frames
+from nimbus.machines import channel
 from nimbus.machines.base import Driver
 from nimbus.metrics import Metrics
-from nimbus.pool import Pool
-from nimbus.scheduler import CodeCache, Scheduler
+from nimbus.pool import CodeCache, Pool
+from nimbus.scheduler import Scheduler
 from nimbus.store import Store
 from nimbus.store.retention import Retention
 
@@ -64,12 +64,12 @@ class Node:
             )
             options = _driver_options(settings)
             driver = machines.load_driver(settings.driver, home, **options)
-            driver.reply_budget = frames.ReplyBudget(settings.reply_buffer_mb << 20)
+            driver.reply_budget = channel.ReplyBudget(settings.reply_buffer_mb << 20)
             metrics = Metrics()
             layer_dirs = LayerDirs(home, store.get_code)
             pool = Pool(
                 driver,
-                CodeCache(store, settings.code_cache_mb << 20).load,
+                CodeCache(store.get_code, settings.code_cache_mb << 20).load,
                 runtimes=settings.runtimes,
                 min_warm=settings.min_warm,
                 max_warm=settings.max_warm,

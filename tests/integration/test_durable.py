@@ -214,7 +214,7 @@ class Hook:
         hook = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - the stdlib's name
+            def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 hook.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
                 if hook.redirect_to:
@@ -445,15 +445,15 @@ def test_an_invalid_idempotency_key_is_a_422_problem(api, key):
 def test_a_node_that_loses_its_lease_stops_the_call_and_its_late_outcome_is_dropped(api, durable):
     fn = deploy(api, SLEEP_AND_ECHO)
     inv_id = api.post(f"/api/v1/functions/{fn['name']}/async", json={"s": 4, "n": 1}).json()["invocation_id"]
-    scheduler = durable.node.scheduler
-    wait_until(lambda: inv_id in scheduler._held and scheduler._held[inv_id].started, what="the call running")
+    worker = durable.node.scheduler.async_worker
+    wait_until(lambda: inv_id in worker._held and worker._held[inv_id].started, what="the call running")
     # Another node claims it, as it would once the lease ran out (a paused node, a partition).
     _i = tables.invocations
     sql(durable.database_url, _i.update().where(_i.c.id == inv_id).values(
         lease_owner="thief:1", lease_expires_at=datetime.now(UTC) + timedelta(hours=1)))
-    wait_until(lambda: inv_id not in scheduler._held, what="the node noticing its lease is gone")
+    wait_until(lambda: inv_id not in worker._held, what="the node noticing its lease is gone")
     # Its task has ended (cancelled, its machine killed): nothing of this attempt is left to write late.
-    wait_until(lambda: not [t for t in list(scheduler._async_tasks) if t.get_name() == f"async-{inv_id}"],
+    wait_until(lambda: not [t for t in list(worker._async_tasks) if t.get_name() == f"async-{inv_id}"],
                what="the attempt's task ending")
     (row,) = [r for r in rows(durable.database_url, fn["id"]) if r.id == inv_id]
     assert (row.status, row.lease_owner, row.attempts, row.output) == ("running", "thief:1", 1, None)

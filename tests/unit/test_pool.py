@@ -14,9 +14,11 @@ import orjson
 import pytest
 
 from nimbus import protocol
+from nimbus.agent.contract import LAYER_DIR
+from nimbus.deployment import Deployment
 from nimbus.errors import InitFailed, MachineDied, MachineTimeout, Unavailable
-from nimbus.machines.base import LAYER_DIR, MachineSpec
-from nimbus.pool import Deployment, Pool, blanks_needed
+from nimbus.machines.base import MachineSpec
+from nimbus.pool import Pool, blanks_needed
 
 _ids = itertools.count(1)
 

@@ -6,7 +6,8 @@ object and response classes cost more of a warm call than the sandbox round trip
 keys, rate limits and the body cap apply as to any route, and answers that one request itself:
 same checks, same JSON, same problem documents (``problems.for_error``). Anything else, including an
 invoke with an ``Idempotency-Key`` (whose header the route validates), goes on to FastAPI, whose route
-stays the documented one in ``/openapi.json``.
+stays the documented one in ``/openapi.json``. Both answer through :func:`invoke_sync`, so the two
+cannot drift apart (tests/integration/test_invoke_parity.py holds them to it).
 """
 
 import orjson
@@ -79,6 +80,18 @@ def _too_deep() -> InvalidRequest:
                           f"at most {protocol.NESTING_MAX} levels of arrays and objects are allowed")
 
 
+async def invoke_sync(node, name: str, tenant: str, scope, receive, idempotency_key: str | None = None) -> bytes:
+    """The one sync invoke, for this path and the FastAPI route: the body of its 200 answer.
+
+    The function is looked up before the event is read (an unknown one is a 404 whatever the body). A
+    ``NimbusError`` is the caller's to answer; both answer it with ``problems.for_error``.
+    """
+    fn = await node.store.lookup_function(name, tenant)
+    event = await read_event(scope, receive)
+    inv = await node.scheduler.invoke(fn, event, idempotency_key=idempotency_key)
+    return dumps(schemas.invoke_view(inv))
+
+
 class FastInvoke:
     """ASGI middleware: serves sync invokes directly, hands every other request to ``app``."""
 
@@ -90,15 +103,12 @@ class FastInvoke:
         if name is None:
             await self.app(scope, receive, send)
             return
-        node = scope["app"].state.node
         try:
-            fn = await node.store.lookup_function(name, scope["state"]["nimbus.principal"].tenant)
-            event = await read_event(scope, receive)
-            inv = await node.scheduler.invoke(fn, event)
+            body = await invoke_sync(scope["app"].state.node, name, scope["state"]["nimbus.principal"].tenant,
+                                     scope, receive)
         except NimbusError as exc:
             await problems.for_error(exc, scope["method"], scope["path"])(scope, receive, send)
             return
-        body = dumps(schemas.invoke_view(inv))
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

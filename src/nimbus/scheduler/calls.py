@@ -1,4 +1,5 @@
-"""Admission, limits and dispatch: every invocation, sync or async, runs through ``Scheduler``.
+"""Every call comes in through the ``Scheduler``: admission, sync calls (plain and idempotent), queuing
+async ones, and running one call on a machine. The async worker (``worker.py``) runs the queued ones.
 
 Why no fixed worker tasks reading one queue: a worker blocked on a busy function would stall calls to
 every other function behind it. Instead each admitted call runs in its own task and waits, in order,
@@ -7,45 +8,26 @@ admitted calls not yet running; when it is full, calls are refused with 429 rath
 
 A plain sync call costs one store write: its finished row, written behind (``Store.record_invocation``;
 the caller already has its answer). A sync call with an Idempotency-Key is recorded before it runs.
-Async invocations are written to the store before their 202 and reach a machine only through
-``claim_async``: a restart (or another node on PostgreSQL) finds them there. A claim takes no more of a
-function's calls than the function can start now on this node (its concurrency less the calls of it this
-node already runs or holds), and takes tenants and functions in turn: a backlog of one function holds
-neither worker slots nor anyone else's calls. A call that ends wakes the dispatcher, so a function's
-backlog still runs back to back. Durability rules:
-
-- A claim is a lease whose token (``"<node id>:<nonce>"``, new with every claim) fences every later
-  write of that attempt; it is renewed while the call waits and runs. A task whose lease was lost (or
-  could not be renewed in time) is cancelled, killing its machine: an invocation never runs on two
-  machines at once, and a late finish never overwrites a newer attempt.
-- Every unsuccessful attempt is retried, as Lambda does for async calls: function errors, timeouts, a
-  machine that died, no machine to be had, and a node that crashed mid-call (its lease ran out, or it
-  restarted). An attempt counts when the call reaches a machine, not when it is claimed. Up to the
-  version's ``max_retries`` retries, after ``base * 2^(n-1)`` seconds of backoff (``not_before``);
-  then the invocation is ``failed``, its error saying why and after how many attempts.
-- Shutdown stops claiming, hands back claimed calls that have not reached a machine, lets running ones
-  finish for a while, then hands back the rest.
+Async invocations are written to the store before their 202; the worker claims them from there.
 """
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
 import uuid
-from collections import OrderedDict
-from datetime import UTC, datetime, timedelta
 
 import orjson
 
-from nimbus import callbacks, packages, protocol
+from nimbus import callbacks, protocol
+from nimbus.agent.contract import LOG_TAIL_MAX, RESULT_MAX
+from nimbus.deployment import Deployment
 from nimbus.errors import (
     Conflict,
     InitFailed,
     InvalidRequest,
     MachineDied,
     MachineTimeout,
-    NotFound,
     OverBudget,
     Overloaded,
     PayloadTooLarge,
@@ -53,16 +35,15 @@ from nimbus.errors import (
     Unavailable,
 )
 from nimbus.metrics import Metrics
-from nimbus.pool import Deployment, Pool, error_of
+from nimbus.pool import Pool, error_of
+from nimbus.scheduler.worker import AsyncWorker
 from nimbus.store import InvocationRecord, Store
 from nimbus.store.records import FINISHED_STATUSES as FINISHED
+from nimbus.store.records import utcnow as _now
 
 log = logging.getLogger("nimbus.scheduler")
 
-RESULT_MAX = 6 << 20  # Lambda's synchronous response limit
-LOGS_MAX = 64 << 10  # log tail kept per invocation
 MAX_TIMEOUT_S = 900.0
-CODE_CACHE_BYTES = 256 << 20  # the code cache's default budget (the code_cache_mb setting)
 DRAIN_TIMEOUT_S = 30.0
 # Runtimes that enforce the deadline themselves (wasm's epoch interruption) answer at it with a
 # TimeoutError and keep their machine's state clean; the host kills a machine this much later.
@@ -77,22 +58,9 @@ NOT_KEPT = ("[nimbus] the output and logs of this call were not kept: this tenan
             "its storage budget")
 
 
-class _Held:
-    """An async invocation this node has claimed: its lease token and whether it is going to a machine."""
-
-    __slots__ = ("token", "started", "task")
-
-    def __init__(self, token: str) -> None:
-        self.token = token
-        self.started = False
-        self.task: asyncio.Task | None = None
-
-
-class _LeaseLost(Exception):  # noqa: N818 - control flow inside the scheduler
-    """The claim's lease no longer holds the invocation: another claim took it."""
-
-
 class Scheduler:
+    """Admits every call, sync or async, and runs each on a machine; owns the async worker."""
+
     def __init__(
         self,
         store: Store,
@@ -117,49 +85,32 @@ class Scheduler:
         self.node_id = node_id
         self.queue_size = queue_size
         self.workers = workers
-        self.async_poll_s = async_poll_s
-        self.async_lease_s = async_lease_s
-        self.async_retry_base_s = async_retry_base_s
         self.drain_timeout_s = drain_timeout_s
         self.tenant_budget = tenant_budget
         self.budget_retry_s = budget_retry_s
         self.callback_allow = callback_allow if callback_allow is not None else callbacks.AllowList()
-        self.callbacks = callbacks.Deliverer(store, self.callback_allow, node_id, poll_s=async_poll_s,
-                                             base_s=async_retry_base_s)
-        self._held: dict[str, _Held] = {}
-        self._renewer: asyncio.Task | None = None
-        self._leases_valid_until = 0.0
         self._worker_slots = asyncio.Semaphore(workers)
         self._function_slots: dict[str, tuple[int, asyncio.Semaphore]] = {}
         # Calls of each function this node runs or holds (sync and async, waiting or running): a claim
         # takes no more of a function's async calls than its concurrency leaves free.
         self._in_use: dict[str, int] = {}
-        # Functions the last claim found busy: a slot of theirs coming free wakes the dispatcher.
-        self._capped: set[str] = set()
         self._admitted = 0
         self._running = 0
         # Sync calls each tenant has in this node, waiting or running (see _admit).
         self._tenant_calls: dict[str, int] = {}
         self.tenant_calls_max = max(1, int((queue_size + workers) * tenant_queue_share))
-        self._closing = False
-        self._wakeup = asyncio.Event()
-        self._dispatcher: asyncio.Task | None = None
-        self._async_tasks: set[asyncio.Task] = set()
+        self.closing = False
+        self.async_worker = AsyncWorker(self, store, node_id=node_id, poll_s=async_poll_s, lease_s=async_lease_s,
+                                  retry_base_s=async_retry_base_s, callback_allow=self.callback_allow)
 
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        released = await self.store.release_owned(self.node_id)
-        if released:
-            log.info("re-queued %d async invocations this node held before it stopped", released)
-        await self.callbacks.start()
-        self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="async-dispatch")
-        self._renewer = asyncio.create_task(self._renew_loop(), name="async-leases")
-        self._wakeup.set()
+        await self.async_worker.start()
 
     def stop_claiming(self) -> None:
         """Take no more async work (the first step of a graceful shutdown; safe from a signal handler)."""
-        self._closing = True
+        self.closing = True
 
     async def close(self, timeout: float | None = None) -> None:
         """Stop taking work and hand back what has not started; let running calls finish (up to
@@ -167,43 +118,8 @@ class Scheduler:
         at once rather than when their leases run out.
         """
         timeout = self.drain_timeout_s if timeout is None else timeout
-        self._closing = True
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-            await asyncio.gather(self._dispatcher, return_exceptions=True)
-        waiting = {id_: held for id_, held in self._held.items() if not held.started}
-        await self._cancel([held.task for held in waiting.values()])
-        await self._hand_back(waiting, "not started")
-        running = [held.task for held in self._held.values() if held.task is not None]
-        if running:
-            log.info("waiting up to %g s for %d running async invocations", timeout, len(running))
-            _, pending = await asyncio.wait(running, timeout=timeout)
-            await self._cancel(list(pending))
-        await self._hand_back(dict(self._held), "cut short by the shutdown")
-        await self._cancel([self._renewer])
-        await self.callbacks.close()
-        try:
-            await self.store.release_owned(self.node_id)  # whatever is left: deliveries cut short
-        except Exception:
-            log.exception("could not hand back this node's leases; they will run out instead")
-
-    async def _hand_back(self, leases: dict[str, "_Held"], why: str) -> None:
-        for id_ in leases:
-            self._held.pop(id_, None)
-        if not leases:
-            return
-        try:
-            count = await self.store.release({id_: held.token for id_, held in leases.items()})
-            log.info("handed back %d async invocations (%s)", count, why)
-        except Exception:
-            log.exception("could not hand back %d async invocations; their leases will run out", len(leases))
-
-    @staticmethod
-    async def _cancel(tasks: list) -> None:
-        tasks = [task for task in tasks if task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        self.closing = True
+        await self.async_worker.close(timeout)
 
     @property
     def queue_depth(self) -> int:
@@ -223,7 +139,7 @@ class Scheduler:
             return await self._invoke_once(fn, event, idempotency_key)
         self._admit(fn.tenant)
         try:
-            dep = deployment_of(fn)
+            dep = fn.deployment()
             inv = self._sync_record(fn, dep)
             await self._execute_sync(dep, inv, event)
             try:
@@ -250,7 +166,7 @@ class Scheduler:
         await self._check_budget(fn.tenant, 0)
         self._admit(fn.tenant)
         try:
-            dep = deployment_of(fn)
+            dep = fn.deployment()
             inv = self._sync_record(fn, dep, idempotency_key=key, lease_owner=self.node_id)
             stored, created = await self.store.insert_idempotent(inv)
         except BaseException:
@@ -296,7 +212,7 @@ class Scheduler:
         A repeated ``idempotency_key`` returns the first invocation instead. ``callback_url`` must be
         allowed by ``NIMBUS_CALLBACK_ALLOW`` (``InvalidRequest`` otherwise).
         """
-        if self._closing:
+        if self.closing:
             raise Unavailable("the node is shutting down")
         if idempotency_key is not None:
             idempotency_key = check_idempotency_key(idempotency_key)
@@ -314,7 +230,7 @@ class Scheduler:
         stored, created = await self.store.insert_idempotent(inv)
         if not created:
             return await self._first_result(stored, fn, "async")
-        self._wakeup.set()
+        self.async_worker.wake()
         return inv
 
     async def _check_budget(self, tenant: str, size: int) -> None:
@@ -350,7 +266,7 @@ class Scheduler:
         The share keeps one tenant's flood of calls to a slow function from filling the queue that
         every other tenant's calls need.
         """
-        if self._closing:
+        if self.closing:
             raise Unavailable("the node is shutting down")
         if self.queue_depth >= self.queue_size:
             self.metrics.rejected.inc()
@@ -375,22 +291,19 @@ class Scheduler:
         self._in_use[function_id] = self._in_use.get(function_id, 0) + 1
 
     def _done_with(self, function_id: str, concurrency: int | None = None) -> None:
-        """One call of the function is over. The dispatcher is woken when that frees a slot the last
-        claim could not use (``concurrency`` None: always, after an async call, whose function may
-        have more queued)."""
+        """One call of the function is over; the worker decides whether that wakes its dispatcher
+        (``concurrency`` None: an async call)."""
         left = self._in_use[function_id] - 1
         if left:
             self._in_use[function_id] = left
         else:
             del self._in_use[function_id]
-        if concurrency is None or (function_id in self._capped and left < concurrency):
-            self._capped.discard(function_id)
-            self._wakeup.set()
+        self.async_worker.freed(function_id, left, concurrency)
 
     async def _execute_sync(self, dep: Deployment, inv: InvocationRecord, event: bytes) -> None:
         self._use(dep.function_id)
         try:
-            await self._execute(dep, inv, event)
+            await self.execute(dep, inv, event)
         finally:
             self._done_with(dep.function_id, dep.concurrency)
 
@@ -401,7 +314,7 @@ class Scheduler:
             self._function_slots[dep.function_id] = entry
         return entry[1]
 
-    async def _execute(self, dep: Deployment, inv: InvocationRecord, event: bytes, on_start=None) -> None:
+    async def execute(self, dep: Deployment, inv: InvocationRecord, event: bytes, on_start=None) -> None:
         """Acquire a machine, run the event, fill ``inv`` with the outcome. Never raises for function faults.
 
         ``on_start`` is awaited once the call holds its slots, just before it asks for a machine.
@@ -456,8 +369,8 @@ class Scheduler:
         """Fill ``inv`` from the agent's reply; True when the machine may serve again."""
         logs = reply.get("logs")
         logs = logs if isinstance(logs, str) else ""
-        inv.logs_truncated = bool(reply.get("logs_truncated")) or len(logs) > LOGS_MAX
-        inv.logs = logs[-LOGS_MAX:]
+        inv.logs_truncated = bool(reply.get("logs_truncated")) or len(logs) > LOG_TAIL_MAX
+        inv.logs = logs[-LOG_TAIL_MAX:]
         if reply.get("type") == protocol.RESULT:
             if len(blob) > RESULT_MAX:
                 inv.status = "failed"
@@ -483,230 +396,25 @@ class Scheduler:
         inv.error = {"type": "ProtocolError", "message": f"unexpected reply {reply.get('type')!r}", "stack": ""}
         return False
 
-    # ---------------------------------------------------------------- async dispatch
+    # ---------------------------------------------------------------- the worker's view of the counts
 
-    async def _dispatch_loop(self) -> None:
-        while not self._closing:
-            with contextlib.suppress(TimeoutError):  # not wait_for: see Pool._prewarm_loop
-                async with asyncio.timeout(self.async_poll_s):
-                    await self._wakeup.wait()
-            self._wakeup.clear()
-            free = self.workers - self._admitted
-            if free <= 0 or self._closing:
-                continue
-            busy = dict(self._in_use)
-            self._capped = set(busy)  # before the claim: a slot freed while it runs wakes the next one
-            try:
-                began = time.monotonic()
-                claimed = await self.store.claim_async(self.node_id, limit=free, lease_s=self.async_lease_s,
-                                                       busy=busy)
-            except Exception:
-                log.exception("claiming async invocations failed")
-                continue
-            if self._closing:  # stop_claiming came while the claim was in flight: give them straight back
-                await self.store.release({inv.id: inv.lease_owner for inv in claimed})
-                break
-            if claimed and not self._held:
-                self._leases_valid_until = began + self.async_lease_s
-            for inv in claimed:
-                held = self._held[inv.id] = _Held(inv.lease_owner)
-                self._admitted += 1
-                self._use(inv.function_id)
-                task = held.task = asyncio.create_task(self._run_async(inv, held), name=f"async-{inv.id}")
-                self._async_tasks.add(task)
-                task.add_done_callback(self._async_tasks.discard)
-            if len(claimed) == free:
-                self._wakeup.set()  # there may be more waiting
+    @property
+    def free_workers(self) -> int:
+        """Worker slots no admitted call holds: how many async calls a claim may take."""
+        return self.workers - self._admitted
 
-    async def _renew_loop(self) -> None:
-        """Renew the leases of every claimed invocation; stop (and kill) work whose lease is gone.
+    def busy(self) -> dict[str, int]:
+        """Calls of each function this node runs or holds, as a claim must leave room for them."""
+        return dict(self._in_use)
 
-        A lease is lost when the store no longer holds its token (it ran out and another claim took the
-        work), or when renewals have failed for as long as a lease lasts: by then another
-        node may rightly have claimed it, so running on would run the call twice at once.
-        """
-        interval = self.async_lease_s / 3
-        while True:
-            await asyncio.sleep(interval)
-            snapshot = dict(self._held)
-            if not snapshot:
-                continue
-            began = time.monotonic()
-            try:
-                kept = await self.store.renew_leases({id_: held.token for id_, held in snapshot.items()},
-                                                     self.async_lease_s)
-            except Exception:
-                log.exception("renewing %d async leases failed", len(snapshot))
-                if time.monotonic() >= self._leases_valid_until:
-                    self._drop([id_ for id_, held in snapshot.items() if self._held.get(id_) is held],
-                               "its lease could not be renewed in time")
-                continue
-            self._leases_valid_until = began + self.async_lease_s
-            self._drop([id_ for id_, held in snapshot.items() if id_ not in kept and self._held.get(id_) is held],
-                       "its lease was taken by another claim")
+    def admit_claimed(self, function_id: str) -> None:
+        """A claimed async call is taken in: it counts as admitted until ``leave_claimed``."""
+        self._admitted += 1
+        self._use(function_id)
 
-    def _drop(self, ids: list[str], why: str) -> None:
-        for id_ in ids:
-            held = self._held.pop(id_)
-            log.warning("stopping async invocation %s (lease %s): %s", id_, held.token, why)
-            if held.task is not None:
-                held.task.cancel()
-
-    async def _run_async(self, inv: InvocationRecord, held: _Held) -> None:
-        try:
-            await self._attempt(inv, held)
-            self._held.pop(inv.id, None)  # written, fenced out, or its function is gone
-        except asyncio.CancelledError:
-            raise  # still held: close() hands it back (a lost lease was dropped already)
-        except _LeaseLost:
-            if self._held.get(inv.id) is held:
-                del self._held[inv.id]
-            log.warning("async invocation %s: lease %s lost before the call started", inv.id, held.token)
-        except Exception:
-            # The outcome could not be written: let the lease run out, so the call is tried again.
-            if self._held.get(inv.id) is held:
-                del self._held[inv.id]
-            log.exception("async invocation %s failed in the platform; its lease will expire and it will be retried",
-                          inv.id)
-        finally:
-            self._admitted -= 1
-            self._done_with(inv.function_id)
-
-    async def _attempt(self, inv: InvocationRecord, held: _Held) -> None:
-        """Run one claimed attempt and write what comes next: finished, retried later, or given up."""
-        try:
-            version = await self.store.get_version(inv.version_id)
-        except NotFound:
-            return  # the function was deleted, and its invocations with it
-        if inv.attempts > version.max_retries:
-            # Every attempt is used and the last one began but never ended: its node crashed (the lease
-            # ran out, or the node restarted). Attempts that ended were retried or finished by their node.
-            inv.status, inv.start, inv.output, inv.duration_ms = "failed", None, None, None
-            inv.error = {"type": "NodeCrashed", "stack": "",
-                         "message": "the node running the last attempt stopped before it finished"}
-            await self._give_up(inv, held)
-            return
-
-        async def start() -> None:
-            held.started = True  # from here on a shutdown lets it run rather than handing it back
-            if not await self.store.start_attempt(inv.id, held.token):
-                raise _LeaseLost
-            inv.attempts += 1
-
-        try:
-            await self._execute(deployment_of(version), inv, inv.event or b"null", on_start=start)
-        except Unavailable as exc:
-            inv.status, inv.start, inv.output, inv.logs, inv.duration_ms = "failed", None, None, "", None
-            inv.finished_at = _now()
-            inv.error = {"type": "Unavailable", "message": f"no machine could run the call: {exc}", "stack": ""}
-        if inv.status == "succeeded":
-            await self._finish(inv, held)
-        elif inv.attempts <= version.max_retries:
-            delay = callbacks.backoff(inv.attempts, self.async_retry_base_s)
-            log.info("async invocation %s attempt %d %s; retrying in %.1f s", inv.id, inv.attempts, inv.status, delay)
-            if not await self.store.retry_later(
-                inv.id, token=held.token, not_before=_now() + timedelta(seconds=delay),
-                error=inv.error, start=inv.start, logs=inv.logs, logs_truncated=inv.logs_truncated,
-                duration_ms=inv.duration_ms, restored=inv.restored,
-            ):
-                log.warning("async invocation %s: its attempt ended after lease %s was lost; no retry queued",
-                            inv.id, held.token)
-        else:
-            await self._give_up(inv, held)
-
-    async def _give_up(self, inv: InvocationRecord, held: _Held) -> None:
-        """After the last attempt: ``failed``; the error is the last attempt's (its type is the reason:
-        the function's exception, ``TimeoutError``, ``RuntimeExit``, ``NodeCrashed``…), its message left
-        as the function wrote it, plus ``attempts``: how often the call was tried."""
-        error = dict(inv.error or {"type": "Failed", "message": f"the call ended {inv.status}", "stack": ""})
-        error["attempts"] = inv.attempts
-        inv.status, inv.error = "failed", error
-        await self._finish(inv, held)
-
-    async def _finish(self, inv: InvocationRecord, held: _Held) -> None:
-        written = await self.store.finish_invocation(
-            inv.id, status=inv.status, start=inv.start, output=inv.output, error=inv.error, logs=inv.logs,
-            logs_truncated=inv.logs_truncated, duration_ms=inv.duration_ms, finished_at=inv.finished_at or _now(),
-            token=held.token, callback=inv.callback_url is not None, restored=inv.restored, tenant=inv.tenant,
-        )
-        if not written:
-            log.warning("async invocation %s: its attempt ended after lease %s was lost; the outcome is dropped",
-                        inv.id, held.token)
-        elif inv.callback_url is not None:
-            self.callbacks.wake()
-
-
-class CodeCache:
-    """An LRU of what Init sends, in front of the store: every warm and cold start needs the code.
-
-    Bounded by bytes, not entries: a package may be tens of MiB, so 128 of them could hold GiBs. One
-    bigger than the whole budget is loaded for each start and never kept. A package is kept as
-    ``packages.to_machine`` makes it (a small one's tree, a big one's zip), converted once per version;
-    starts that miss the cache together share one load.
-    """
-
-    def __init__(self, store: Store, max_bytes: int = CODE_CACHE_BYTES) -> None:
-        self.store = store
-        self.max_bytes = max_bytes
-        self.size = 0
-        self._code: OrderedDict[str, bytes] = OrderedDict()
-        self._loading: dict[str, asyncio.Future] = {}
-
-    def __len__(self) -> int:
-        return len(self._code)
-
-    def __contains__(self, sha256: str) -> bool:
-        return sha256 in self._code
-
-    async def load(self, dep: Deployment) -> bytes:
-        key = dep.code_sha256
-        code = self._code.get(key)
-        if code is not None:
-            self._code.move_to_end(key)
-            return code
-        loading = self._loading.get(key)
-        if loading is None:
-            loading = self._loading[key] = asyncio.ensure_future(self._fetch(dep))
-            loading.add_done_callback(lambda done: self._loaded(key, done))
-        return await asyncio.shield(loading)  # a cancelled start leaves the load to the others
-
-    def _loaded(self, key: str, loading: asyncio.Future) -> None:
-        del self._loading[key]
-        if not loading.cancelled():
-            loading.exception()  # retrieved: each start that waited has raised it already
-
-    async def _fetch(self, dep: Deployment) -> bytes:
-        code = await self.store.get_code(dep.code_sha256)
-        if dep.package:
-            code = await asyncio.to_thread(packages.to_machine, code)
-        if len(code) <= self.max_bytes and dep.code_sha256 not in self._code:
-            self._code[dep.code_sha256] = code
-            self.size += len(code)
-            while self.size > self.max_bytes:
-                _, evicted = self._code.popitem(last=False)
-                self.size -= len(evicted)
-        return code
-
-
-def deployment_of(record) -> Deployment:
-    """A Deployment from a FunctionRecord (latest version) or a VersionRecord."""
-    is_function = hasattr(record, "version_id")
-    return Deployment(
-        version_id=record.version_id if is_function else record.id,
-        function_id=record.id if is_function else record.function_id,
-        function_name=record.name if is_function else record.function_name,
-        version=record.version,
-        runtime=record.runtime,
-        handler=record.handler,
-        env=dict(record.env),
-        memory_mb=record.memory_mb,
-        timeout_s=float(record.timeout_s),
-        concurrency=record.concurrency,
-        # Compiled runtimes run their built artifact; interpreted ones their code.
-        code_sha256=record.artifact_sha256 or record.code_sha256,
-        package=record.code_kind == "zip",
-        layer_sha256=record.layer_sha256,
-    )
+    def leave_claimed(self, function_id: str) -> None:
+        self._admitted -= 1
+        self._done_with(function_id)
 
 
 def check_idempotency_key(key: str) -> str:
@@ -719,6 +427,3 @@ def check_idempotency_key(key: str) -> str:
 def new_id() -> str:
     return uuid.uuid4().hex
 
-
-def _now() -> datetime:
-    return datetime.now(UTC)

@@ -7,26 +7,24 @@ rule that keeps one function from ever seeing another's memory, files or environ
 
 Two loops run beside the calls: the pre-warm loop keeps each runtime's *target* of blank machines
 booted (and destroys the surplus), and the health loop pings idle machines and retires the old, the
-unhealthy and the long idle (``idle_ttl_s``).
-
-The target sizes itself (``Demand``): the call path only counts warm and cold starts; the pre-warm
-loop folds the counts into an exponentially decayed rate and applies Little's law — blank machines
-needed ≈ starts per second × seconds to boot a replacement, plus a Poisson margin — clamped to
-``[min_warm, max_warm]``.
+unhealthy and the long idle (``idle_ttl_s``). How many blank machines to keep: ``demand.py``.
 """
 
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from nimbus import packages, protocol, runtimes
+from nimbus.agent.contract import LAYER_DIR
+from nimbus.deployment import Deployment
 from nimbus.errors import InitFailed, MachineDied, MachineError, MachineTimeout, Unavailable
-from nimbus.machines.base import DEFAULT_MEMORY_MB, LAYER_DIR, Driver, Machine, MachineSpec
+from nimbus.machines.base import DEFAULT_MEMORY_MB, Driver, Machine, MachineSpec
+from nimbus.pool.demand import Demand
 
 log = logging.getLogger("nimbus.pool")
 
@@ -35,29 +33,7 @@ PREWARM_INTERVAL_S = 1.0
 PREWARM_BACKOFF_MAX_S = 30.0
 DEFAULT_MAX_WARM = 8
 DEFAULT_AUTOSCALE_WINDOW_S = 30.0
-DEFAULT_BOOT_S = 0.1  # assumed boot time of a runtime's machine until one has been measured
-BOOT_WEIGHT = 0.2  # weight of the newest boot in the moving average of boot times
-MIN_STARTS = 2.0  # starts in the decayed window below which the rate counts as none
 PING_WAIT_S = 0.1  # how long a call waits for its idle machine to come back from a health ping
-
-
-@dataclass(frozen=True, slots=True)
-class Deployment:
-    """One function version as the pool needs it: identity, limits and what Init sends."""
-
-    version_id: str
-    function_id: str
-    function_name: str
-    version: int
-    runtime: str
-    handler: str
-    env: dict
-    memory_mb: int
-    timeout_s: float
-    concurrency: int
-    code_sha256: str
-    package: bool = False  # the code is a zip of many files, which the agent unpacks
-    layer_sha256: str | None = None  # its dependency layer, mounted read-only: only new machines can have it
 
 
 @dataclass(slots=True, eq=False)
@@ -83,50 +59,6 @@ def _filename(dep: Deployment, code: bytes) -> str:
 
 async def _no_layers(sha256: str) -> str:
     raise Unavailable(f"this node cannot mount dependency layers (layer {sha256[:12]})")
-
-
-def blanks_needed(rate: float, boot_s: float, window_s: float) -> int:
-    """Blank machines that cover ``rate`` warm/cold starts per second when a replacement takes ``boot_s``.
-
-    Little's law gives the starts that arrive while one replacement boots (``load = rate × boot_s``);
-    ``load + √load`` adds the usual margin for Poisson arrivals (square-root staffing) so a burst does
-    not drain the stock. Fewer than ``MIN_STARTS`` left in the decayed window is no rate at all: 0 (else
-    one lone start would keep a blank machine booted for ever, and the target would never reach 0).
-    """
-    if rate * window_s < MIN_STARTS:
-        return 0
-    load = rate * boot_s
-    return math.ceil(load + math.sqrt(load))
-
-
-class Demand:
-    """One runtime's appetite for blank machines, estimated from its recent warm and cold starts.
-
-    The call path touches only ``arrivals`` (one increment per warm or cold start), so acquiring stays
-    O(1) and allocation-free; the pre-warm loop calls ``update`` to fold the count into ``rate`` (an
-    exponentially decayed rate with time constant ``window_s``) and recompute ``target``.
-    """
-
-    __slots__ = ("arrivals", "rate", "boot_s", "target", "_updated")
-
-    def __init__(self, target: int, now: float) -> None:
-        self.arrivals = 0
-        self.rate = 0.0
-        self.boot_s = DEFAULT_BOOT_S
-        self.target = target
-        self._updated = now
-
-    def booted(self, seconds: float) -> None:
-        """Fold one measured boot into the moving average (the lead time of a replacement)."""
-        self.boot_s += BOOT_WEIGHT * (max(0.0, seconds) - self.boot_s)
-
-    def update(self, now: float, window_s: float, low: int, high: int) -> int:
-        elapsed = max(0.0, now - self._updated)
-        self._updated = now
-        self.rate = self.rate * math.exp(-elapsed / window_s) + self.arrivals / window_s
-        self.arrivals = 0
-        self.target = min(high, max(low, blanks_needed(self.rate, self.boot_s, window_s)))
-        return self.target
 
 
 class Pool:
@@ -527,7 +459,7 @@ class Pool:
         """One health round: retire expired machines, ping the rest. Returns how many were destroyed."""
         now = time.monotonic()
         destroyed = 0
-        checks: list[tuple[str, object, Machine]] = []
+        checks: list[tuple[str, str, Any]] = []  # (kind, runtime or version id, a Machine or a Lease)
         for rt, blanks in self._blank.items():
             for machine in list(blanks):
                 blanks.remove(machine)

@@ -1,0 +1,26 @@
+"""What a machine is initialised with: one function version, as the pool and the scheduler need it.
+
+A module of its own so the store's records can make one (``FunctionRecord.deployment``) without
+importing the pool, and the pool can take one without importing the store.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """One function version as the pool needs it: identity, limits and what Init sends."""
+
+    version_id: str
+    function_id: str
+    function_name: str
+    version: int
+    runtime: str
+    handler: str
+    env: dict
+    memory_mb: int
+    timeout_s: float
+    concurrency: int
+    code_sha256: str
+    package: bool = False  # the code is a zip of many files, which the agent unpacks
+    layer_sha256: str | None = None  # its dependency layer, mounted read-only: only new machines can have it
