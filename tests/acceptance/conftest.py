@@ -67,8 +67,8 @@ class Cli:
         self.url = url
         self.cwd = cwd
 
-    def __call__(self, *args: str, input: str | None = None, env: dict[str, str] | None = None,
-                 timeout: float = CLI_TIMEOUT_S) -> Result:
+    def __call__(self, *args: str, input: str | None = None,  # noqa: A002 - as subprocess.run names it
+                 env: dict[str, str] | None = None, timeout: float = CLI_TIMEOUT_S) -> Result:
         full_env = {**_clean_env(), "NIMBUS_URL": self.url, **(env or {})}
         done = subprocess.run(
             [self.binary, *args], input=input, capture_output=True, text=True, env=full_env, cwd=self.cwd,
