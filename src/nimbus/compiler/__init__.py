@@ -1,4 +1,6 @@
-"""Builds Go, Rust and WASM sources into artifacts in an isolated builder, with a build cache (DESIGN §1, §5).
+"""Builds Go, Rust and WASM sources into artifacts in an isolated builder, with a build cache.
+
+See docs/architecture.md#creating-a-function-builds-and-dependency-layers and #runtime-contract.
 
 Layout:
 
@@ -17,27 +19,17 @@ this package stays cheap and a host without one backend's needs can use the othe
 
 from __future__ import annotations
 
-import importlib
-
 from nimbus.compiler.base import Build, Builder, BuildFailed, Job, JobResult, Toolchain
 from nimbus.compiler.cache import Cache, MemoryCache, StoreCache
-from nimbus.compiler.core import COMPILED_RUNTIMES, Compiler, cache_key, create_compiler, load_builder
-
-BUILDERS: dict[str, str] = {
-    "sandbox": "nimbus.compiler.sandbox:SandboxBuilder",
-    "docker": "nimbus.compiler.docker:DockerBuilder",
-}
-
-
-def builder_class(name: str) -> type:
-    """Import and return the builder class registered as ``name`` (``ValueError`` when unknown)."""
-    try:
-        target = BUILDERS[name]
-    except KeyError:
-        known = ", ".join(sorted(BUILDERS))
-        raise ValueError(f"unknown builder {name!r}; known builders: {known}") from None
-    module_name, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module_name), attr)
+from nimbus.compiler.core import (
+    BUILDERS,
+    COMPILED_RUNTIMES,
+    Compiler,
+    builder_class,
+    cache_key,
+    create_compiler,
+    load_builder,
+)
 
 
 def report(*, images: dict[str, str] | None = None) -> dict:

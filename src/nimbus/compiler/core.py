@@ -28,6 +28,7 @@ import asyncio
 import dataclasses
 import functools
 import hashlib
+import importlib
 import logging
 import tempfile
 import time
@@ -307,11 +308,27 @@ class Compiler:
             raise
 
 
+# Builders by name, imported only when chosen (the docker builder needs no bwrap, and the reverse).
+BUILDERS: dict[str, str] = {
+    "sandbox": "nimbus.compiler.sandbox:SandboxBuilder",
+    "docker": "nimbus.compiler.docker:DockerBuilder",
+}
+
+
+def builder_class(name: str) -> type:
+    """Import and return the builder class registered as ``name`` (``ValueError`` when unknown)."""
+    try:
+        target = BUILDERS[name]
+    except KeyError:
+        known = ", ".join(sorted(BUILDERS))
+        raise ValueError(f"unknown builder {name!r}; known builders: {known}") from None
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
 def load_builder(name: str, home: Path, *, memory_mb: int = DEFAULT_MEMORY_MB, timeout_s: float = DEFAULT_TIMEOUT_S,
                  images: dict[str, str] | None = None) -> Builder:
-    """Build the builder registered as ``name`` (see ``nimbus.compiler.BUILDERS``); ``ValueError`` when unknown."""
-    from nimbus.compiler import builder_class
-
+    """Build the builder registered as ``name`` (see ``BUILDERS``); ``ValueError`` when unknown."""
     return builder_class(name)(Path(home), memory_mb=memory_mb, timeout_s=timeout_s, images=images)
 
 
