@@ -1,4 +1,4 @@
-"""The frame codec spoken between the host and the guest agent (DESIGN §4).
+"""The frame codec spoken between the host and the guest agent (docs/architecture.md#frame-protocol).
 
 One frame is ``u32 header_len | u32 blob_len | header | blob``: big-endian lengths, the header a UTF-8
 JSON object with ``type`` and ``id``, the blob raw bytes (code, event or output). Anything oversized or
@@ -141,7 +141,7 @@ def decode_tree(blob) -> list[tuple[str, str, memoryview]]:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"tree: index is not JSON: {exc}") from None
     if not isinstance(index, list) or len(index) > TREE_ENTRIES_MAX:
-        raise ProtocolError("tree: index must be a list of at most %d entries" % TREE_ENTRIES_MAX)
+        raise ProtocolError(f"tree: index must be a list of at most {TREE_ENTRIES_MAX} entries")
     entries, offset = [], start
     for entry in index:
         if not (isinstance(entry, list) and len(entry) == 3 and entry[1] in TREE_KINDS

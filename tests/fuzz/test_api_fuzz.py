@@ -1,8 +1,8 @@
-"""schemathesis against the node's own ``/openapi.json``, over real HTTP to a real node (DESIGN §3).
+"""schemathesis against the node's own ``/openapi.json``, over real HTTP to a real node (docs/architecture.md#http-api).
 
 Every operation in the document is fuzzed, with valid and invalid input: no answer may be a 5xx, every
 answer's status, content type, headers and body must be the ones the document states, and every error
-must be ``application/problem+json`` with the fields DESIGN §3 names. The examples are bounded so the
+must be ``application/problem+json`` with the fields docs/architecture.md#http-api names. The examples are bounded so the
 module stays in CI's budget; the tally is printed as ``fuzz: N examples run, M 5xx``.
 
 Generation is steered, not narrowed: path parameters are sometimes the name or id of something that

@@ -1,4 +1,4 @@
-"""Property tests of the frame codec (DESIGN §4), through real socketpairs and asyncio streams.
+"""Property tests of the frame codec (docs/architecture.md#frame-protocol), through real socketpairs and asyncio streams.
 
 Both readers are driven: the agent's blocking ``recv_frame`` and the host's ``read_frame``. Every read
 runs under a time limit (a socket timeout, ``asyncio.wait_for``), so a reader that waits for bytes that

@@ -20,7 +20,8 @@ from nimbus.compiler.base import BuildFailed, Job
 
 log = logging.getLogger("nimbus.compiler")
 
-ARTIFACT_MAX = 50 << 20  # as an uploaded artifact (DESIGN §3); it must also fit a 64 MiB guest frame
+# As an uploaded artifact (docs/architecture.md#http-api); it must also fit a 64 MiB guest frame.
+ARTIFACT_MAX = 50 << 20
 
 
 def private_dir(path: Path) -> Path:

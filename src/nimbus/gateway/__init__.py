@@ -1,12 +1,12 @@
-"""The HTTP API (DESIGN §3): FastAPI routers over the store and the scheduler.
+"""The HTTP API (docs/architecture.md#http-api): FastAPI routers over the store and the scheduler.
 
 ``build_api`` makes the ASGI app; the composition root (``nimbus.app``) puts the running node's parts
 on ``app.state.node`` from its lifespan. ``app.state.guard`` holds what authentication remembers (the
 key look-up cache and the rate-limit buckets), so the keys routes can forget a revoked key at once.
 """
 
-from contextlib import AbstractAsyncContextManager
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 from fastapi import FastAPI
 

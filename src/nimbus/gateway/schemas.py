@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API (DESIGN §3), and the JSON views of store records."""
+"""Request and response bodies of the HTTP API (docs/architecture.md#http-api), and the JSON views of store records."""
 
 import re
 from datetime import datetime

@@ -34,7 +34,7 @@ class Runtime:
 RUNTIMES: dict[str, Runtime] = {
     "python3": Runtime("python3", re.compile(r"^python(3(\.\d+)?)?$"), "main.handler", ".py"),
     "nodejs": Runtime("nodejs", re.compile(r"^node(js)?(\d+(\.x)?)?$"), "index.handler", ".js"),
-    # Compiled: the handler is fixed by the contract (DESIGN §5) and kept only for display.
+    # Compiled: the handler is fixed by the contract (docs/architecture.md#runtime-contract) and kept only for display.
     "go": Runtime("go", re.compile(r"^go(lang)?(1(\.\d+){0,2})?(\.x)?$"), "main.Handle", ".go", artifact="bootstrap"),
     "rust": Runtime("rust", re.compile(r"^rust(1(\.\d+){0,2})?$"), "main.main", ".rs", artifact="bootstrap"),
     "wasm": Runtime("wasm", re.compile(r"^wasm(32)?(-wasi(p1)?)?$|^wasi$"), "module._start", ".wasm",
@@ -53,7 +53,8 @@ def normalise(name: str) -> str:
         if runtime.alias.match(key):
             return runtime.id
     known = ", ".join(sorted(RUNTIMES))
-    raise InvalidRequest(f"unknown runtime {name!r}; known runtimes: {known} (versioned aliases such as python3.11 work)")
+    raise InvalidRequest(f"unknown runtime {name!r}; known runtimes: {known} "
+                         "(versioned aliases such as python3.11 work)")
 
 
 def get(runtime_id: str) -> Runtime:
