@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test bench setup toolchains clean
+.PHONY: run test lint bench setup toolchains clean
 
 # Debian packages the runtimes need: node (nodejs runtime), go and rustc (their builds). A rustup Rust in
 # ~/.cargo/bin counts as installed (the node finds it there too); Debian's rustc is the fallback.
@@ -30,8 +30,13 @@ toolchains:
 run: $(STAMP) toolchains
 	$(VENV)/bin/nimbus up
 
-test: $(STAMP) toolchains
+test: $(STAMP) toolchains lint
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# Lint and types as habits: ruff over everything, mypy where [tool.mypy] says (both configured in pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) -m bench

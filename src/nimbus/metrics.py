@@ -57,7 +57,8 @@ class _NodeCollector:
         return []
 
     def collect(self):
-        machines = GaugeMetricFamily("nimbus_pool_machines", "Machines by runtime and state.", labels=["runtime", "state"])
+        machines = GaugeMetricFamily("nimbus_pool_machines", "Machines by runtime and state.",
+                                     labels=["runtime", "state"])
         targets = GaugeMetricFamily("nimbus_pool_target_blank",
                                     "Blank machines the pool aims to keep per runtime (autoscaled within "
                                     "[min_warm, max_warm]).", labels=["runtime"])

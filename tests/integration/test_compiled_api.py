@@ -9,7 +9,6 @@ import shutil
 import uuid
 
 import pytest
-
 from test_api import assert_problem, deploy, invoke, unique
 
 pytestmark = pytest.mark.sandbox

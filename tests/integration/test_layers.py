@@ -10,7 +10,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from test_api import assert_problem, invoke
 from test_packages import zipped
 

@@ -8,7 +8,6 @@ import uuid
 import zipfile
 
 import pytest
-
 from test_api import assert_problem, invoke
 
 pytestmark = pytest.mark.sandbox

@@ -6,7 +6,6 @@ import os
 import zipfile
 
 import pytest
-
 from test_api import assert_problem, invoke
 from test_packages import create, zipped
 
@@ -109,7 +108,7 @@ def test_f3_the_code_cache_is_bounded_by_bytes(make_node, tmp_path):
             assert resp.status_code == 201, resp.text
             big_sha = resp.json()["code_sha256"]
             assert invoke(api, big_name)["output"] == "ran"
-            for i in range(40):
+            for _ in range(40):
                 small = zipped({"main.py": MAIN, "pad.txt": os.urandom(40 << 10).hex()})
                 name, resp = create(api, small, "python3", "main.handler")
                 assert resp.status_code == 201, resp.text

@@ -75,8 +75,9 @@ async def create_key(body: KeyCreate, request: Request) -> Response:
 
 
 @router.get("/keys", response_model=KeyList, responses=ADMIN_ONLY)
-async def list_keys(request: Request,
-                    tenant: str | None = Query(None, pattern=TENANT_PATTERN, description="only this tenant's")) -> Response:
+async def list_keys(
+    request: Request, tenant: str | None = Query(None, pattern=TENANT_PATTERN, description="only this tenant's"),
+) -> Response:
     if (refused := _refusal(request)) is not None:
         return refused
     records = await request.app.state.node.store.list_api_keys(tenant=tenant)

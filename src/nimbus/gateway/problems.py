@@ -73,7 +73,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
         where = ".".join(str(part) for part in item.get("loc", ()) if part != "body") or "body"
         lines.append(f"{where}: {item.get('msg')}")
     return problem(422, "; ".join(lines), title="Invalid request",
-                   errors=[{"loc": list(i.get("loc", ())), "msg": i.get("msg"), "type": i.get("type")} for i in problems])
+                   errors=[{"loc": list(i.get("loc", ())), "msg": i.get("msg"), "type": i.get("type")}
+                           for i in problems])
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
