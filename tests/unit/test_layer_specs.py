@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from nimbus.compiler import layers
+from nimbus.compiler import layers, manifests
 from nimbus.errors import InvalidRequest, Unavailable
 
 
@@ -24,7 +24,7 @@ def zipped(files: dict[str, str]) -> bytes:
 
 def test_requirements_lines_join_continuations_and_drop_comments():
     text = b"# top\nsix==1.16.0  # pinned\n\nrequests[socks] >=2, <3 ; python_version >= '3.8'\nattrs \\\n  >=23\n"
-    assert layers.requirement_lines(text) == [
+    assert manifests.requirement_lines(text) == [
         "six==1.16.0", 'requests[socks]<3,>=2; python_version >= "3.8"', "attrs>=23"]
 
 
@@ -40,31 +40,31 @@ def test_requirements_lines_join_continuations_and_drop_comments():
 ])
 def test_requirements_options_urls_and_paths_are_refused(line, words):
     with pytest.raises(InvalidRequest) as info:
-        layers.requirement_lines(f"six\n{line}\n".encode())
+        manifests.requirement_lines(f"six\n{line}\n".encode())
     assert words in str(info.value) and "line 2" in str(info.value)
 
 
 def test_requirements_must_be_utf8():
     with pytest.raises(InvalidRequest, match="UTF-8"):
-        layers.requirement_lines(b"\xff\xfe")
+        manifests.requirement_lines(b"\xff\xfe")
 
 
 def test_spec_of_finds_the_manifest_at_the_package_root_only():
-    assert layers.spec_of("python3", zipped({"app.py": "", "sub/requirements.txt": "six\n"})) is None
-    assert layers.spec_of("python3", zipped({"app.py": "", "requirements.txt": "# none\n"})) is None
-    spec = layers.spec_of("python3", zipped({"app.py": "", "requirements.txt": "six\n"}))
+    assert manifests.spec_of("python3", zipped({"app.py": "", "sub/requirements.txt": "six\n"})) is None
+    assert manifests.spec_of("python3", zipped({"app.py": "", "requirements.txt": "# none\n"})) is None
+    spec = manifests.spec_of("python3", zipped({"app.py": "", "requirements.txt": "six\n"}))
     assert spec.runtime == "python3" and spec.files == (("requirements.txt", b"six\n"),)
-    assert layers.spec_of("go", zipped({"requirements.txt": "six\n"})) is None
-    assert layers.spec_of("nodejs", zipped({"index.js": "", "package.json": '{"name": "x"}'})) is None
-    assert layers.spec_of("nodejs", zipped({"index.js": "", "package.json": '{"devDependencies": {"a": "1"}}'})) is None
+    assert manifests.spec_of("go", zipped({"requirements.txt": "six\n"})) is None
+    assert manifests.spec_of("nodejs", zipped({"index.js": "", "package.json": '{"name": "x"}'})) is None
+    assert manifests.spec_of("nodejs", zipped({"index.js": "", "package.json": '{"devDependencies": {"a": "1"}}'})) is None
 
 
 def test_spec_of_finds_a_manifest_named_as_the_machine_will_see_it():
     # ./requirements.txt unpacks to /var/task/requirements.txt: a package must not dodge its layer that way.
     for name in ("./requirements.txt", ".//requirements.txt"):
-        spec = layers.spec_of("python3", zipped({"app.py": "", name: "six\n"}))
+        spec = manifests.spec_of("python3", zipped({"app.py": "", name: "six\n"}))
         assert spec is not None and spec.files == (("requirements.txt", b"six\n"),), name
-    spec = layers.spec_of("nodejs", zipped({"index.js": "", "./package.json": '{"dependencies": {"is-number": "7"}}'}))
+    spec = manifests.spec_of("nodejs", zipped({"index.js": "", "./package.json": '{"dependencies": {"is-number": "7"}}'}))
     assert spec is not None and spec.files[0][0] == "package.json"
 
 
@@ -72,7 +72,7 @@ def test_node_spec_takes_the_lock_file_beside_package_json():
     pkg = '{"dependencies": {"ms": "^2.1.0", "alias": "npm:left-pad@1.3.0", "@scope/pkg": "latest"}}'
     lock = json.dumps({"lockfileVersion": 3, "packages": {"": {}, "node_modules/ms": {
         "version": "2.1.3", "resolved": "https://registry.npmjs.org/ms/-/ms-2.1.3.tgz"}}})
-    spec = layers.spec_of("nodejs", zipped({"index.js": "", "package.json": pkg, "package-lock.json": lock}))
+    spec = manifests.spec_of("nodejs", zipped({"index.js": "", "package.json": pkg, "package-lock.json": lock}))
     assert [name for name, _ in spec.files] == ["package.json", "package-lock.json"]
 
 
@@ -80,12 +80,12 @@ def test_node_spec_takes_the_lock_file_beside_package_json():
                                    "https://example.com/x.tgz", "user/repo", "/abs/path", "./rel", "~/home"])
 def test_npm_dependencies_outside_the_registry_are_refused(value):
     with pytest.raises(InvalidRequest, match="only packages from the npm registry"):
-        layers.npm_dependencies(json.dumps({"dependencies": {"x": value}}).encode())
+        manifests.npm_dependencies(json.dumps({"dependencies": {"x": value}}).encode())
 
 
 def test_npm_overrides_are_checked_too():
     with pytest.raises(InvalidRequest, match="overrides"):
-        layers.npm_dependencies(json.dumps({"dependencies": {"a": "1"}, "overrides": {"b": {"c": "file:/x"}}}).encode())
+        manifests.npm_dependencies(json.dumps({"dependencies": {"a": "1"}, "overrides": {"b": {"c": "file:/x"}}}).encode())
 
 
 @pytest.mark.parametrize(("entry", "words"), [
@@ -96,7 +96,7 @@ def test_npm_overrides_are_checked_too():
 ])
 def test_lock_files_that_leave_the_registry_are_refused(entry, words):
     with pytest.raises(InvalidRequest, match=words):
-        layers.check_npm_lock("package-lock.json",
+        manifests.check_npm_lock("package-lock.json",
                               json.dumps({"lockfileVersion": 3, "packages": {"": {}, **entry}}).encode())
 
 
@@ -118,12 +118,12 @@ REGISTRY = "https://registry.example/npm/"
 def test_lock_entries_must_resolve_under_the_configured_registry(resolved, ok):
     lock = json.dumps({"lockfileVersion": 3, "packages": {"": {}, "node_modules/ms": {
         "version": "2.1.3", "resolved": resolved}}}).encode()
-    layers.check_npm_lock("package-lock.json", lock)  # the shape is fine either way
+    manifests.check_npm_lock("package-lock.json", lock)  # the shape is fine either way
     if ok:
-        layers.check_npm_lock("package-lock.json", lock, REGISTRY)
+        manifests.check_npm_lock("package-lock.json", lock, REGISTRY)
     else:
         with pytest.raises(InvalidRequest, match="only tarballs from the configured registry"):
-            layers.check_npm_lock("package-lock.json", lock, REGISTRY)
+            manifests.check_npm_lock("package-lock.json", lock, REGISTRY)
 
 
 @pytest.mark.parametrize(("lock", "words"), [
@@ -138,34 +138,34 @@ def test_lock_entries_must_resolve_under_the_configured_registry(resolved, ok):
 ])
 def test_lock_files_are_checked_entry_by_entry(lock, words):
     with pytest.raises(InvalidRequest, match=re.escape(words)):
-        layers.check_npm_lock("package-lock.json", json.dumps(lock).encode())
+        manifests.check_npm_lock("package-lock.json", json.dumps(lock).encode())
 
 
 @pytest.mark.parametrize("spec", ["2.1.3", "^1.2.3", "~1.2", "1.x", "*", "", ">=1.0.0 <2", "1.0.0 - 2.0.0",
                                   "^1 || ^2", "latest", "next", "npm:left-pad@1.3.0", "npm:@scope/x@^1",
                                   "npm:left-pad"])
 def test_registry_specs_are_accepted(spec):
-    assert layers.npm_dependencies(json.dumps({"dependencies": {"x": spec}}).encode()) == {"x": spec}
+    assert manifests.npm_dependencies(json.dumps({"dependencies": {"x": spec}}).encode()) == {"x": spec}
 
 
 def test_requirements_are_re_emitted_and_refuse_environment_variables():
-    spec = layers.spec_of("python3", zipped({"app.py": "", "requirements.txt": "# c\nSix >= 1.0 # pinned\n"}))
+    spec = manifests.spec_of("python3", zipped({"app.py": "", "requirements.txt": "# c\nSix >= 1.0 # pinned\n"}))
     assert spec.files == (("requirements.txt", b"Six>=1.0\n"),)
     for text in ("six===${HOME}\n", "six===$\\\n{HOME}\n", "six; extra == '${HOME}'\n"):
         with pytest.raises(InvalidRequest, match=re.escape("${")):
-            layers.requirement_lines(text.encode())
+            manifests.requirement_lines(text.encode())
     for text in ("six===$HOME\n", "six; extra == 'a -r b'\n", "six; extra == 'a#b'\n"):
         with pytest.raises(InvalidRequest, match="option, a comment or a variable"):
-            layers.requirement_lines(text.encode())
+            manifests.requirement_lines(text.encode())
 
 
 def test_the_key_covers_runtime_platform_and_every_manifest_byte():
-    spec = layers.LayerSpec("python3", (("requirements.txt", b"six\n"),))
+    spec = manifests.LayerSpec("python3", (("requirements.txt", b"six\n"),))
     key = spec.key("python3.11 x86_64 glibc-2.36")
     assert key == spec.key("python3.11 x86_64 glibc-2.36")
     assert key != spec.key("python3.12 x86_64 glibc-2.36")
-    assert key != layers.LayerSpec("python3", (("requirements.txt", b"six\n\n"),)).key("python3.11 x86_64 glibc-2.36")
-    assert key != layers.LayerSpec("nodejs", spec.files).key("python3.11 x86_64 glibc-2.36")
+    assert key != manifests.LayerSpec("python3", (("requirements.txt", b"six\n\n"),)).key("python3.11 x86_64 glibc-2.36")
+    assert key != manifests.LayerSpec("nodejs", spec.files).key("python3.11 x86_64 glibc-2.36")
 
 
 def test_pack_is_deterministic_and_unpacks_through_layer_dirs(tmp_path):

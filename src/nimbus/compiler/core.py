@@ -35,7 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from nimbus.compiler import layers, recipes, toolchains, wasm
+from nimbus.compiler import layers, manifests, recipes, toolchains, wasm
 from nimbus.compiler.base import Build, Builder, BuildFailed, Job, JobResult
 from nimbus.compiler.cache import Cache, MemoryCache
 from nimbus.errors import InvalidRequest, Unavailable, redact
@@ -132,7 +132,7 @@ class Compiler:
         key = cache_key(runtime, plan.identity, source)
         return await self._once(key, lambda: self._build(key, runtime, source, plan), tenant, started)
 
-    async def layer(self, spec: layers.LayerSpec, *, tenant: str = DEFAULT_TENANT) -> Build:
+    async def layer(self, spec: manifests.LayerSpec, *, tenant: str = DEFAULT_TENANT) -> Build:
         """The dependency layer ``spec`` resolves to: cached by (runtime, platform, manifest), else built now.
 
         ``BuildFailed`` carries the package tool's output (an unknown package, a version conflict…).
@@ -264,7 +264,7 @@ class Compiler:
             else:
                 self._slots.release()
 
-    async def _build_layer(self, key: str, spec: layers.LayerSpec, platform: str) -> Build:
+    async def _build_layer(self, key: str, spec: manifests.LayerSpec, platform: str) -> Build:
         async with self._slots:
             hit = await self.cache.get(key)
             if hit is not None:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Header, Query, Request
 from starlette.responses import Response
 
 from nimbus import packages, runtimes
-from nimbus.compiler import layers
+from nimbus.compiler import manifests
 from nimbus.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from nimbus.gateway import auth, fast, schemas
 from nimbus.gateway.responses import JSON
@@ -102,7 +102,7 @@ async def _layer(node, runtime: str, code: bytes, tenant: str):
     """
     if not packages.is_zip(code):
         return None
-    spec = await asyncio.to_thread(layers.spec_of, runtime, code)
+    spec = await asyncio.to_thread(manifests.spec_of, runtime, code)
     return await node.compiler.layer(spec, tenant=tenant) if spec is not None else None
 
 

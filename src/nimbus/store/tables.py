@@ -1,4 +1,4 @@
-"""The schema as SQLAlchemy Core tables: what the repository queries, and what the migrations must produce.
+"""The schema as SQLAlchemy Core tables: what the store's statements query, and what the migrations must produce.
 
 The migrations under ``migrations/versions`` are written out by hand and frozen; a test compares the
 database they build with this module, so the two cannot drift apart unnoticed.
