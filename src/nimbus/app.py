@@ -80,6 +80,8 @@ class Node:
                 idle_ttl_s=settings.idle_ttl_s,
                 health_interval_s=settings.health_interval_s,
                 layer_path=layer_dirs.path,
+                account_id=settings.account_id,
+                region=settings.region,
             )
             scheduler = Scheduler(
                 store, pool, metrics,

@@ -115,6 +115,10 @@ class Settings(BaseSettings):
     snapshots: Literal["on", "off"] = Field("off", description="on: restore cold starts from a per-runtime "
                                             "snapshot instead of booting (driver firecracker)")
     log_level: str = "info"
+    account_id: str = Field("000000000000", pattern=r"^[0-9]{12}$", description="the twelve-digit account "
+                            "functions see in their ARN (context.invoked_function_arn)")
+    region: str = Field("us-east-1", pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]+$", description="the region functions "
+                        "see in their ARN and in AWS_REGION")
 
     @classmethod
     def settings_customise_sources(

@@ -370,7 +370,11 @@ return {"env": dict(os.environ), "nnp": status["NoNewPrivs"].strip(), "seccomp":
     assert out["nnp"] == "1" and out["seccomp"] == "2" and int(out["caps"], 16) == 0, out
     assert out["uid"] != 0 and out["setuid0"][0] == "PermissionError", out
     allowed = {"PATH", "HOME", "LANG", "MY_SETTING", "AWS_LAMBDA_FUNCTION_NAME", "AWS_LAMBDA_FUNCTION_VERSION",
-               "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "NIMBUS_FUNCTION_NAME", "LAMBDA_TASK_ROOT"}
+               "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "NIMBUS_FUNCTION_NAME", "LAMBDA_TASK_ROOT",
+               # Lambda's own names: what the function runs in, never the node's
+               "AWS_LAMBDA_LOG_GROUP_NAME", "AWS_LAMBDA_LOG_STREAM_NAME", "AWS_LAMBDA_INITIALIZATION_TYPE",
+               "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_EXECUTION_ENV", "LAMBDA_RUNTIME_DIR", "TZ", "_HANDLER",
+               "_X_AMZN_TRACE_ID"}
     assert set(out["env"]) <= allowed, sorted(set(out["env"]) - allowed)
     assert out["env"]["MY_SETTING"] == "mine"
     normal_call_works(api, fn["name"])

@@ -64,7 +64,7 @@ def test_create_invoke_hot_and_logs(api):
     assert first["start"] in ("cold", "warm")
     out = first["output"]
     assert out["greeting"] == "hello nimbus" and out["function"] == fn["name"] and out["version"] == "1"
-    assert out["request"] == first["invocation_id"] and out["memory"] == 128 and out["remaining_ok"]
+    assert out["request"] == first["invocation_id"] and out["memory"] == "128" and out["remaining_ok"]
     second = invoke(api, fn["name"], {"name": "again"})
     assert second["start"] == "hot"
     assert second["output"]["machine"] == out["machine"] and second["output"]["calls"] == 2
@@ -119,7 +119,7 @@ def test_settings_only_update_keeps_code(api):
     fn = deploy(api, "def handler(e, c):\n    return c.memory_limit_in_mb\n")
     resp = api.put(f"/api/v1/functions/{fn['name']}", json={"memory_mb": 256})
     assert resp.status_code == 200 and resp.json()["code_sha256"] == fn["code_sha256"]
-    assert invoke(api, fn["name"])["output"] == 256
+    assert invoke(api, fn["name"])["output"] == "256"
 
 
 def test_delete_retires_and_forgets(api, node):

@@ -413,7 +413,7 @@ def test_context_fields_and_remaining_time(agent):
     assert out["function_name"] == "hello"
     assert out["function_version"] == "3"
     assert out["invocation_id"] == out["aws_request_id"] == "inv-42"
-    assert out["memory_limit_in_mb"] == 256
+    assert out["memory_limit_in_mb"] == "256"  # a string, as on Lambda
 
 
 def test_environment_and_working_directory(agent):
@@ -747,7 +747,7 @@ def test_node_context(agent):
     assert out["before"] - out["after"] >= 190
     assert out["functionName"] == "hello" and out["functionVersion"] == "3"
     assert out["invocationId"] == out["awsRequestId"] == "inv-7"
-    assert out["memoryLimitInMB"] == 256
+    assert out["memoryLimitInMB"] == "256"
     assert out["env"] == {"name": "hello", "greeting": "hi", "secret": None}
     assert out["cwd"] == str(agent.task_dir)
 

@@ -10,6 +10,7 @@ Stdlib only and cheap to import: no dataclasses or typing here (each costs milli
 """
 
 import os
+import sys
 import time
 
 from nimbus.agent.contract import LAYER_DIR, RESULT_MAX
@@ -19,6 +20,9 @@ ERROR_TYPE_MAX = 256  # characters of an error's type
 # under protocol.HEADER_MAX even when every character needs a 12-byte JSON escape.
 ERROR_TEXT_MAX = 16 * 1024
 COMPILED_RUNTIMES = frozenset({"go", "rust", "wasm"})  # built into an artifact; the handler field is ignored
+DEFAULT_ACCOUNT_ID = "000000000000"
+DEFAULT_REGION = "us-east-1"
+RUNTIME_DIR = os.path.dirname(os.path.abspath(__file__))  # what Lambda calls /var/runtime: the agent's own code
 
 
 def clip(text: str, limit: int) -> str:
@@ -101,11 +105,24 @@ def _env(header: dict) -> dict:
     return env
 
 
+def _account(header: dict) -> str:
+    value = header.get("account_id", DEFAULT_ACCOUNT_ID)
+    if not isinstance(value, str) or len(value) != 12 or not value.isascii() or not value.isdigit():
+        raise InvocationError("InvalidInit", "init field 'account_id' must be twelve digits")
+    return value
+
+
+def new_trace_id() -> str:
+    """An X-Ray trace header as Lambda sets ``_X_AMZN_TRACE_ID`` for each call (never sampled here)."""
+    random = os.urandom(20).hex()
+    return f"Root=1-{int(time.time()):08x}-{random[:24]};Parent={random[24:]};Sampled=0"
+
+
 class FunctionSpec:
     """The function version a machine serves, read (and checked) from the ``init`` header."""
 
     __slots__ = ("runtime", "handler", "filename", "env", "memory_mb", "timeout_s", "name", "version", "task_dir",
-                 "layer")
+                 "layer", "account_id", "region", "machine_id", "log_stream_name")
 
     def __init__(self, header: dict, task_dir: str) -> None:
         self.runtime = _text(header, "runtime")
@@ -122,6 +139,11 @@ class FunctionSpec:
         self.version = str(header.get("function_version", "$LATEST"))
         self.task_dir = task_dir
         self.layer = _layer(header)  # the dependency layer's directory, or None
+        self.account_id = _account(header)
+        self.region = _text(header, "region", DEFAULT_REGION)
+        self.machine_id = os.urandom(16).hex()  # one init per machine: made once, as Lambda names its streams
+        day = time.strftime("%Y/%m/%d", time.gmtime())
+        self.log_stream_name = f"{day}/[{self.version}]{self.machine_id}"
         if self.runtime not in COMPILED_RUNTIMES and "." not in self.handler.strip("."):
             raise InvocationError("InvalidInit", f"handler {self.handler!r} must look like 'module.function'")
         if "/" in self.filename or "\0" in self.filename or self.filename in (".", ".."):
@@ -133,18 +155,41 @@ class FunctionSpec:
         module, _, function = self.handler.rpartition(".")
         return module, function
 
+    @property
+    def arn(self) -> str:
+        """The function's ARN as Lambda gives it to the handler (unqualified)."""
+        return f"arn:aws:lambda:{self.region}:{self.account_id}:function:{self.name}"
+
+    @property
+    def log_group_name(self) -> str:
+        return f"/aws/lambda/{self.name}"
+
     def environment(self) -> dict:
-        """The process environment the function runs with: the sandbox's basics, its own, then ours."""
+        """The process environment the function runs with: the sandbox's basics, its own, then Lambda's.
+
+        ``AWS_EXECUTION_ENV`` is the runtime's to add (node knows its own version); ``_X_AMZN_TRACE_ID``
+        is set per call.
+        """
         env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG") if key in os.environ}
         env.update(self.env)
-        # Set last so a function cannot pretend to be another one.
+        # Set last so a function cannot pretend to be another one (the API refuses these names too).
         env.update(
             AWS_LAMBDA_FUNCTION_NAME=self.name,
             AWS_LAMBDA_FUNCTION_VERSION=self.version,
             AWS_LAMBDA_FUNCTION_MEMORY_SIZE=str(self.memory_mb),
+            AWS_LAMBDA_LOG_GROUP_NAME=self.log_group_name,
+            AWS_LAMBDA_LOG_STREAM_NAME=self.log_stream_name,
+            AWS_LAMBDA_INITIALIZATION_TYPE="on-demand",
+            AWS_REGION=self.region,
+            AWS_DEFAULT_REGION=self.region,
             NIMBUS_FUNCTION_NAME=self.name,
             LAMBDA_TASK_ROOT=self.task_dir,
+            LAMBDA_RUNTIME_DIR=RUNTIME_DIR,
+            TZ=":UTC",
+            _HANDLER=self.handler,
         )
+        if self.runtime == "python3":
+            env["AWS_EXECUTION_ENV"] = f"AWS_Lambda_python{sys.version_info[0]}.{sys.version_info[1]}"
         return env
 
 

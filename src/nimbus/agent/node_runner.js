@@ -88,6 +88,8 @@ async function importModule(file) {
 }
 
 async function load(request) {
+  // Lambda's name for this runtime, from the node that runs it (the agent does not know its version).
+  process.env.AWS_EXECUTION_ENV = `AWS_Lambda_nodejs${process.versions.node.split('.')[0]}.x`;
   const dot = request.handler.lastIndexOf('.');
   const moduleName = request.handler.slice(0, dot);
   const functionName = request.handler.slice(dot + 1);
@@ -126,9 +128,12 @@ function makeContext(request) {
     functionVersion: fn.function_version,
     invocationId: request.invocation_id,
     awsRequestId: request.invocation_id,
-    memoryLimitInMB: fn.memory_mb,
-    logGroupName: `/nimbus/functions/${fn.function_name}`,
-    logStreamName: '',
+    invokedFunctionArn: fn.arn,
+    memoryLimitInMB: String(fn.memory_mb),  // a string, as on Lambda
+    logGroupName: fn.log_group_name,
+    logStreamName: fn.log_stream_name,
+    identity: undefined,
+    clientContext: undefined,
     callbackWaitsForEmptyEventLoop: true,
     getRemainingTimeInMillis() {
       return Math.max(0, Math.floor(request.deadline_ms - (performance.now() - started)));
@@ -191,6 +196,7 @@ async function exec(request, blob) {
   } catch (err) {
     throw typedError('InvalidEvent', `the event is not valid JSON: ${err.message}`);
   }
+  process.env._X_AMZN_TRACE_ID = request.trace_id; // per call, as Lambda's runtime sets it
   const value = await callHandler(event, makeContext(request));
   return encodeResult(value);
 }

@@ -16,7 +16,7 @@ ships its own ``node_modules`` keeps it: its ES modules then see only that.
 import os
 
 from nimbus import protocol
-from nimbus.agent.base import Call, FunctionSpec, InvocationError, check_result_size
+from nimbus.agent.base import Call, FunctionSpec, InvocationError, check_result_size, new_trace_id
 from nimbus.agent.child import FramedChild, reported_error
 from nimbus.agent.contract import RESULT_MAX
 
@@ -67,6 +67,9 @@ class NodeRuntime:
             "function_name": self.spec.name,
             "function_version": self.spec.version,
             "memory_mb": self.spec.memory_mb,
+            "arn": self.spec.arn,
+            "log_group_name": self.spec.log_group_name,
+            "log_stream_name": self.spec.log_stream_name,
             "result_max": RESULT_MAX,
         }
         header, _ = self.child.request(request)
@@ -75,7 +78,8 @@ class NodeRuntime:
 
     def invoke(self, event: bytes, call: Call) -> bytes:
         """Run one call in node and return its JSON result."""
-        request = {"type": protocol.EXEC, "invocation_id": call.invocation_id, "deadline_ms": call.remaining_ms()}
+        request = {"type": protocol.EXEC, "invocation_id": call.invocation_id, "deadline_ms": call.remaining_ms(),
+                   "trace_id": new_trace_id()}
         header, blob = self.child.request(request, event)
         if header["type"] != protocol.RESULT:
             raise reported_error(header)

@@ -8,29 +8,45 @@ handlers, so clients bound to it survive from one call to the next. ``inspect``,
 
 import importlib
 import json
+import os
 import sys
 
 from nimbus import protocol
-from nimbus.agent.base import Call, FunctionSpec, InvocationError, check_result_size, too_deep
+from nimbus.agent.base import Call, FunctionSpec, InvocationError, check_result_size, new_trace_id, too_deep
 
 _CO_VARARGS = 0x04  # code.co_flags bit for a ``*args`` parameter
 
 
-class Context:
-    """What the handler gets as ``context``, with the names of Lambda's Python runtime."""
+class CognitoIdentity:
+    """``context.identity``: empty unless a mobile SDK sent one, which Nimbus's API never does."""
 
-    __slots__ = ("function_name", "function_version", "invocation_id", "aws_request_id", "memory_limit_in_mb",
-                 "log_group_name", "log_stream_name", "identity", "client_context", "_call")
+    __slots__ = ("cognito_identity_id", "cognito_identity_pool_id")
+
+    def __init__(self) -> None:
+        self.cognito_identity_id = None
+        self.cognito_identity_pool_id = None
+
+    def __repr__(self) -> str:
+        return (f"CognitoIdentity([cognito_identity_id={self.cognito_identity_id},"
+                f"cognito_identity_pool_id={self.cognito_identity_pool_id}])")
+
+
+class LambdaContext:
+    """What the handler gets as ``context``, with the names, types and repr of Lambda's Python runtime."""
+
+    __slots__ = ("function_name", "function_version", "invoked_function_arn", "invocation_id", "aws_request_id",
+                 "memory_limit_in_mb", "log_group_name", "log_stream_name", "identity", "client_context", "_call")
 
     def __init__(self, spec: FunctionSpec, call: Call) -> None:
         self.function_name = spec.name
         self.function_version = spec.version
+        self.invoked_function_arn = spec.arn
         self.invocation_id = call.invocation_id
         self.aws_request_id = call.invocation_id
-        self.memory_limit_in_mb = spec.memory_mb
-        self.log_group_name = f"/nimbus/functions/{spec.name}"
-        self.log_stream_name = ""
-        self.identity = None
+        self.memory_limit_in_mb = str(spec.memory_mb)  # a string on Lambda: it comes from the environment
+        self.log_group_name = spec.log_group_name
+        self.log_stream_name = spec.log_stream_name
+        self.identity = CognitoIdentity()
         self.client_context = None
         self._call = call
 
@@ -39,7 +55,11 @@ class Context:
         return self._call.remaining_ms()
 
     def __repr__(self) -> str:
-        return f"Context(function_name={self.function_name!r}, invocation_id={self.invocation_id!r})"
+        return (f"LambdaContext([aws_request_id={self.aws_request_id},log_group_name={self.log_group_name},"
+                f"log_stream_name={self.log_stream_name},function_name={self.function_name},"
+                f"memory_limit_in_mb={self.memory_limit_in_mb},function_version={self.function_version},"
+                f"invoked_function_arn={self.invoked_function_arn},client_context={self.client_context},"
+                f"identity={self.identity}])")
 
 
 def _wants_arguments(handler) -> int:
@@ -158,7 +178,8 @@ class PythonRuntime:
             raise too_deep() from None
         if protocol.nesting_over(event, payload):
             raise too_deep()
-        args = (payload, Context(self.spec, call))[: self.arguments]
+        args = (payload, LambdaContext(self.spec, call))[: self.arguments]
+        os.environ["_X_AMZN_TRACE_ID"] = new_trace_id()  # per call, as Lambda's runtime sets it
         try:
             value = self.handler(*args)
             if hasattr(value, "__await__"):

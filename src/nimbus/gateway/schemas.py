@@ -13,7 +13,12 @@ NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 ENV_MAX_BYTES = 4096  # Lambda's limit on a function's environment
 RESERVED_ENV_PREFIXES = ("NIMBUS_", "AWS_LAMBDA_")
-RESERVED_ENV_KEYS = frozenset({"PATH", "HOME", "LANG"})
+# Lambda's reserved names (the AWS_LAMBDA_ ones are in the prefix) and the sandbox's basics: the agent sets them.
+RESERVED_ENV_KEYS = frozenset({
+    "PATH", "HOME", "LANG", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_EXECUTION_ENV", "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "LAMBDA_TASK_ROOT", "LAMBDA_RUNTIME_DIR", "TZ", "_HANDLER",
+    "_X_AMZN_TRACE_ID",
+})
 
 MEMORY_MB = Field(128, ge=64, le=10240, description="memory limit of each machine, MiB")
 TIMEOUT_S = Field(30.0, gt=0, le=900, description="per-call time limit, seconds")
@@ -27,8 +32,10 @@ def _check_env(env: dict[str, str] | None) -> dict[str, str] | None:
     for key in env:
         if not ENV_KEY.fullmatch(key):  # not match: its $ also matches before a trailing newline
             raise ValueError(f"environment variable name {key!r} must match {ENV_KEY.pattern}")
-        if key in RESERVED_ENV_KEYS or key.startswith(RESERVED_ENV_PREFIXES):
-            raise ValueError(f"environment variable {key!r} is reserved by the platform")
+    reserved = sorted(key for key in env if key in RESERVED_ENV_KEYS or key.startswith(RESERVED_ENV_PREFIXES))
+    if reserved:
+        raise ValueError(f"reserved environment variables cannot be set: {', '.join(reserved)}")
+    for key in env:
         if "\0" in env[key]:  # no process environment can hold it: every call would fail to start
             raise ValueError(f"environment variable {key!r} holds a NUL character")
     size = sum(len(k.encode()) + len(v.encode()) for k, v in env.items())

@@ -82,6 +82,8 @@ class Pool:
         prewarm_interval_s: float = PREWARM_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
         layer_path: LayerPath = _no_layers,
+        account_id: str = "000000000000",
+        region: str = "us-east-1",
     ) -> None:
         """``max_warm`` defaults to ``max(min_warm, DEFAULT_MAX_WARM)``; ``clock`` drives the demand estimate;
         ``layer_path`` finds (unpacking if need be) the directory of a function's dependency layer."""
@@ -93,6 +95,8 @@ class Pool:
             raise ValueError("autoscale_window_s must be positive")
         self.driver = driver
         self._code_loader = code_loader
+        self.account_id = account_id  # what functions see in their ARN and AWS_REGION
+        self.region = region
         self._layer_path = layer_path
         self.runtimes = list(runtimes)
         self.min_warm = min_warm
@@ -345,6 +349,8 @@ class Pool:
                 "timeout_s": dep.timeout_s,
                 "function_name": dep.function_name,
                 "function_version": str(dep.version),
+                "account_id": self.account_id,
+                "region": self.region,
             }
             if dep.layer_sha256:
                 header["layer"] = LAYER_DIR
