@@ -20,7 +20,6 @@ from nimbus.callbacks import AllowList
 from nimbus.compiler.layers import LayerDirs
 from nimbus.config import Settings
 from nimbus.gateway import auth, build_api
-from nimbus.machines import channel
 from nimbus.machines.base import Driver
 from nimbus.metrics import Metrics
 from nimbus.pool import CodeCache, Pool
@@ -64,7 +63,6 @@ class Node:
             )
             options = _driver_options(settings)
             driver = machines.load_driver(settings.driver, home, **options)
-            driver.reply_budget = channel.ReplyBudget(settings.reply_buffer_mb << 20)
             metrics = Metrics()
             layer_dirs = LayerDirs(home, store.get_code)
             pool = Pool(
@@ -199,9 +197,11 @@ def server_config(app, settings: Settings, **overrides):
 
 def _driver_options(settings: Settings) -> dict:
     """The chosen driver's own keyword arguments, from the settings."""
+    reply_buffer_bytes = settings.reply_buffer_mb << 20
     if settings.driver == "bwrap":
         return {"use_templates": {"auto": None, "on": True, "off": False}[settings.templates],
-                "uid_base": settings.machine_uid_base, "uid_count": settings.machine_uid_count}
+                "uid_base": settings.machine_uid_base, "uid_count": settings.machine_uid_count,
+                "reply_buffer_bytes": reply_buffer_bytes}
     from nimbus.machines.firecracker import FirecrackerConfig
 
     return {"config": FirecrackerConfig(
@@ -212,4 +212,4 @@ def _driver_options(settings: Settings) -> dict:
         gid=settings.jail_gid,
         kernel=settings.kernel.resolve() if settings.kernel else None,
         snapshots=settings.snapshots == "on",
-    )}
+    ), "reply_buffer_bytes": reply_buffer_bytes}

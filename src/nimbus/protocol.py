@@ -257,13 +257,13 @@ def send_frame(sock, header: dict, blob: bytes = b"") -> None:
 
 
 async def read_frame(reader, allowed: frozenset | None = None, max_blob: int = BLOB_MAX,
-                     hold=None) -> tuple[dict, bytes]:
+                     budget=None) -> tuple[dict, bytes]:
     """Read one frame from an ``asyncio.StreamReader`` (the host's side). EOFError on a clean close.
 
     A prefix announcing a blob over ``max_blob`` (what a reply to this request may carry) is a
     :class:`FrameTooLarge` before anything else is read, so a guest cannot make the host buffer more.
-    ``hold(size)``, when given, is an async context manager held while the frame's ``size`` bytes are read
-    (the node's budget of reply bytes in flight).
+    ``budget``, when given, has ``await acquire(size)`` and ``release(size)``, taken around reading the
+    frame's ``size`` bytes (the node's budget of reply bytes in flight).
     """
     try:
         prefix = await reader.readexactly(PREFIX.size)
@@ -275,10 +275,14 @@ async def read_frame(reader, allowed: frozenset | None = None, max_blob: int = B
     head_len, blob_len = parse_prefix(prefix)
     if blob_len > max_blob:
         raise FrameTooLarge(f"the frame announces a blob of {blob_len} bytes; a reply here may carry {max_blob}")
-    if hold is None:
+    if budget is None:
         return await _read_body(reader, head_len, blob_len, allowed)
-    async with hold(head_len + blob_len):
+    size = head_len + blob_len
+    await budget.acquire(size)
+    try:
         return await _read_body(reader, head_len, blob_len, allowed)
+    finally:
+        budget.release(size)
 
 
 async def _read_body(reader, head_len: int, blob_len: int, allowed: frozenset | None) -> tuple[dict, bytes]:

@@ -55,31 +55,17 @@ class ReplyBudget:
 
     def release(self, size: int) -> None:
         self.used -= size
+        if not self._waiters:  # the usual case: every reply fit
+            return
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
 
-    @contextlib.asynccontextmanager
-    async def hold(self, size: int):
-        await self.acquire(size)
-        try:
-            yield
-        finally:
-            self.release(size)
-
-
-def budget_of(driver) -> ReplyBudget:
-    """The driver's reply budget (the node sets one from its settings; a default one otherwise)."""
-    budget = getattr(driver, "reply_budget", None)
-    if budget is None:
-        budget = driver.reply_budget = ReplyBudget()
-    return budget
-
 
 async def read_reply(reader, kind: str, budget: ReplyBudget) -> tuple[dict, bytes]:
     """The reply to a request of type ``kind``; a prefix announcing more than it may carry is refused unread."""
-    return await protocol.read_frame(reader, protocol.GUEST_TYPES, BLOB_LIMITS[kind], budget.hold)
+    return await protocol.read_frame(reader, protocol.GUEST_TYPES, BLOB_LIMITS[kind], budget)
 
 
 def check_request(kind: object) -> None:
@@ -134,7 +120,7 @@ class Channel:
 
     def __init__(self, peer: Peer, driver) -> None:
         self.peer = peer
-        self.driver = driver  # whose reply budget bounds the read (read at each request: the node may set it)
+        self.budget: ReplyBudget = driver.reply_budget  # the driver's, shared by all its machines
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.seq = 0
@@ -169,7 +155,7 @@ class Channel:
             async with asyncio.timeout(timeout):
                 self.writer.write(data)
                 await self.writer.drain()
-                reply, reply_blob = await read_reply(self.reader, kind, budget_of(self.driver))
+                reply, reply_blob = await read_reply(self.reader, kind, self.budget)
         except TimeoutError:
             await peer.abort()
             raise MachineTimeout(
@@ -196,5 +182,5 @@ class Channel:
         return reply, reply_blob
 
 
-__all__ = ["BLOB_LIMITS", "REPLIES", "REPLY_MAX", "Channel", "Peer", "ReplyBudget", "budget_of", "check_request",
+__all__ = ["BLOB_LIMITS", "REPLIES", "REPLY_MAX", "Channel", "Peer", "ReplyBudget", "check_request",
            "read_reply", "reply_problem"]

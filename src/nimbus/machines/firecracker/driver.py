@@ -20,6 +20,7 @@ from pathlib import Path
 
 from nimbus.agent.contract import SANDBOX_GID, SANDBOX_UID
 from nimbus.errors import MachineStartError
+from nimbus.machines import channel
 from nimbus.machines.base import DEFAULT_START_TIMEOUT_S, MachineSpec
 from nimbus.machines.firecracker import api, images, jail, kernel
 from nimbus.machines.firecracker.machine import FirecrackerMachine, Snapshot
@@ -73,8 +74,10 @@ class FirecrackerDriver:
 
     name = "firecracker"
 
-    def __init__(self, home: Path, config: FirecrackerConfig | None = None) -> None:
+    def __init__(self, home: Path, config: FirecrackerConfig | None = None, *,
+                 reply_buffer_bytes: int = channel.DEFAULT_REPLY_BUFFER_BYTES) -> None:
         self.home = Path(home)
+        self.reply_budget = channel.ReplyBudget(reply_buffer_bytes)  # replies of all its machines in flight
         self.config = config or FirecrackerConfig()
         self.run_dir = Path(self.config.run_dir or self.home / VMS_DIR)
         self.snapshots_dir = self.home / SNAPSHOTS_DIR
