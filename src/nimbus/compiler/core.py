@@ -87,7 +87,8 @@ class Compiler:
     """Builds compiled runtimes' source into artifacts; see the module docstring for the flow."""
 
     def __init__(self, builder: Builder, cache: Cache, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 concurrency: int = DEFAULT_CONCURRENCY, home: Path | None = None) -> None:
+                 concurrency: int = DEFAULT_CONCURRENCY, home: Path | None = None,
+                 sdists: bool = True) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.builder = builder
@@ -100,7 +101,7 @@ class Compiler:
         self._closed = False
         # Layers are fetched on the host (work space under ``home``); install scripts run in ``builder``.
         self.layers = layers.LayerBuilder(home if home is not None else Path(tempfile.gettempdir()) / "nimbus",
-                                          builder, timeout_s=timeout_s)
+                                          builder, timeout_s=timeout_s, sdists=sdists)
         self.builds_run = 0  # builds that ran a toolchain or wasmtime (cache misses that got a slot)
 
     def __repr__(self) -> str:
@@ -341,11 +342,12 @@ def create_compiler(
     concurrency: int = DEFAULT_CONCURRENCY,
     images: dict[str, str] | None = None,
     cache: Cache | None = None,
+    sdists: bool = True,
 ) -> Compiler:
     """A compiler over the named builder and ``cache`` (an in-memory one when None)."""
     backend = load_builder(builder, home, memory_mb=memory_mb, timeout_s=timeout_s, images=images)
     return Compiler(backend, cache if cache is not None else MemoryCache(), timeout_s=timeout_s,
-                    concurrency=concurrency, home=Path(home))
+                    concurrency=concurrency, home=Path(home), sdists=sdists)
 
 
 __all__ = ["COMPILED_RUNTIMES", "Compiler", "cache_key", "create_compiler", "load_builder"]

@@ -7,9 +7,20 @@ nodejs: the contents of ``node_modules``).
 
 Fetching runs on the host: ``pip install --only-binary=:all: --target`` takes wheels only, and installing
 a wheel unpacks files (pip byte-compiles them; it does not run them); ``npm ci --ignore-scripts`` runs no
-package script. So no package code runs on the host. A package that ships only an sdist is refused
-(building one runs its ``setup.py``); npm packages with install scripts are rebuilt by ``npm rebuild``
-in the builder sandbox (no network, only its own directories writable).
+package script. So no package code runs on the host. npm packages with install scripts are rebuilt by
+``npm rebuild`` in the builder sandbox (no network, only its own directories writable).
+
+Source distributions. When the wheel-only resolve fails (something has no wheel for this platform,
+or no wheel at all), pip runs again, ``--prefer-binary``, *inside* the builder sandbox, where building
+an sdist runs its ``setup.py`` as untrusted code under the builder's limits, writing no host directory
+(:meth:`SandboxBuilder.run_sealed`). Its only network is :class:`~nimbus.compiler.egress.EgressProxy`:
+a Unix socket bound into the sandbox, relayed to ``127.0.0.1:<port>`` by a stdlib forwarder that is
+pip's ``--proxy`` (and every child's ``HTTP(S)_PROXY``), letting through exactly the hosts of the
+configured index. A build that asks for any other host fails, naming it. Downloading on the host
+instead would not do: ``pip download`` of an sdist runs its build backend to learn its metadata.
+The sandbox's pip reads a config Nimbus writes from the node's own (:func:`sandbox_pip_config`): index
+URLs without their credentials (package code could read them); local indexes, find-links and
+constraints bound read-only at neutral paths, and the CA certificates at ``/etc/ssl/certs``.
 
 pip and npm run with an environment of Nimbus's making (:func:`resolver_env`), never the node's: PATH,
 LANG, a private scratch HOME, and the few pip/npm settings Nimbus chooses. The operator's index and
@@ -28,8 +39,10 @@ store the first time a machine needs one.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -42,9 +55,12 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from nimbus.compiler.base import OUT_DIR, SRC_DIR, Build, BuildFailed, Job, clip
+from nimbus.compiler.egress import EgressProxy, allowed_targets
 from nimbus.compiler.manifests import NODE_LOCKS, PACKAGE_JSON, REQUIREMENTS, LayerSpec, check_npm_lock
+from nimbus.compiler.sandbox import ARTIFACT_FD
 from nimbus.errors import NotFound, Unavailable, redact
 
 log = logging.getLogger("nimbus.compiler")
@@ -56,6 +72,56 @@ NODE_SCRIPT_HOOKS = ("preinstall", "install", "postinstall")
 # The resolvers' environment: nothing of the node's but PATH (see resolver_env).
 FALLBACK_PATH = "/usr/local/bin:/usr/bin:/bin"
 NO_GIT = "/nonexistent/nimbus-resolvers-use-no-git"
+# The sandboxed pip (source distributions): where things are inside the builder sandbox.
+SANDBOX_SITE = "/opt/nimbus/site"  # the node's own pip package, alone, read-only
+SANDBOX_PIP_CONF = "/opt/nimbus/pip.conf"
+SANDBOX_EGRESS = "/opt/nimbus/egress.sock"
+SANDBOX_TARGET = "/tmp/layer"
+CA_DIR = "/etc/ssl/certs"
+PIP_KEYS = ("index-url", "extra-index-url", "find-links", "no-index", "cert", "constraint", "trusted-host",
+            "timeout", "retries")
+PIP_ALIASES = {"default-timeout": "timeout"}
+SANDBOX_LOCAL = "/opt/nimbus/pip"  # local indexes, find-links, constraints, each at <n> below it
+UNPACKED_FILES_MAX = 200_000  # entries in a sandbox-built tree
+# Inside the sandbox (stdlib only, run with -I -S): the forwarder from 127.0.0.1:<port> to the egress socket,
+# then pip, then the tree as a tar.gz on descriptor 8 (ARTIFACT_FD), the only host file the job can write.
+SANDBOX_PIP_MAIN = f"""\
+import os, socket, subprocess, sys, tarfile, threading
+
+def pump(src, dst):
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+def relay(client):
+    with client, socket.socket(socket.AF_UNIX) as up:
+        try:
+            up.connect({SANDBOX_EGRESS!r})
+        except OSError:
+            return
+        back = threading.Thread(target=pump, args=(up, client), daemon=True)
+        back.start()
+        pump(client, up)
+        back.join()
+
+def serve(listener):
+    while True:
+        client, _ = listener.accept()
+        threading.Thread(target=relay, args=(client,), daemon=True).start()
+
+listener = socket.create_server(("127.0.0.1", 0))
+threading.Thread(target=serve, args=(listener,), daemon=True).start()
+proxy = "http://127.0.0.1:%d" % listener.getsockname()[1]
+env = dict(os.environ, HTTP_PROXY=proxy, HTTPS_PROXY=proxy, http_proxy=proxy, https_proxy=proxy)
+status = subprocess.call([sys.executable, "-m", "pip", "install", "--proxy", proxy, *sys.argv[1:]], env=env)
+if status:
+    sys.exit(status)
+with os.fdopen({ARTIFACT_FD}, "wb") as out, tarfile.open(fileobj=out, mode="w:gz", compresslevel=1) as tar:
+    tar.add({SANDBOX_TARGET!r}, arcname=".")
+"""
 
 
 # ---------------------------------------------------------------------------- building
@@ -73,13 +139,15 @@ class LayerBuilder:
     """Resolves a ``LayerSpec`` into a layer archive (a tar.gz of the tree machines mount).
 
     ``sandbox`` runs the jobs that must execute package code (``npm rebuild`` of packages with install
-    scripts); it is the compiler's builder.
+    scripts, and source distributions where it has ``run_sealed``); it is the compiler's builder.
+    ``sdists=False`` keeps python3 layers to wheels (the host's resolve alone).
     """
 
-    def __init__(self, home: Path, sandbox, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, home: Path, sandbox, *, timeout_s: float = DEFAULT_TIMEOUT_S, sdists: bool = True) -> None:
         self.home = Path(home)
         self.sandbox = sandbox
         self.timeout_s = timeout_s
+        self.sdists = sdists
         self._node_version: str | None = None
         self._registry: str | None = None
 
@@ -138,13 +206,65 @@ class LayerBuilder:
         try:
             output = await self._run(argv, work, "pip install")
         except BuildFailed as exc:
-            hint = ""
-            if "from versions: none" in exc.output or "No matching distribution" in exc.output:
-                hint = (" (no wheel for this platform, or no such package; Nimbus installs wheels only, since "
-                        "building a source distribution runs its setup code)")
-            raise BuildFailed(f"resolving {REQUIREMENTS} failed{hint}", exc.output) from None
+            if exc.timed_out:
+                raise
+            if not self.sdists or not hasattr(self.sandbox, "run_sealed"):  # wheels only (docker has no sealed jobs)
+                hint = ""
+                if "from versions: none" in exc.output or "No matching distribution" in exc.output:
+                    why = (f"the {getattr(self.sandbox, 'name', 'configured')} builder cannot build source "
+                           "distributions" if self.sdists else "source distributions are not built here")
+                    hint = f" (no wheel for this platform, or no such package; {why}, so wheels only)"
+                raise BuildFailed(f"resolving {REQUIREMENTS} failed{hint}", exc.output) from None
+            shutil.rmtree(tree, ignore_errors=True)
+            output = await self._pip_in_sandbox(work, tree)
         shutil.rmtree(tree / "bin", ignore_errors=True)  # console scripts: nothing in a machine runs them
         return tree, output
+
+    async def _pip_in_sandbox(self, work: Path, tree: Path) -> str:
+        """Resolve again in the builder sandbox, source distributions allowed, the index its only network."""
+        listed = await self._run([sys.executable, "-m", "pip", "config", "list"], work, "pip config list", scrub=False)
+        settings = parse_pip_config(listed)
+        conf, binds, allowed, notes = sandbox_pip_config(settings)
+        pip_dir = _package_dir("pip")
+        if pip_dir is None:
+            raise BuildFailed("pip is not installed beside Nimbus, so source distributions cannot be built")
+        # A short private directory: a Unix socket's path has at most 107 bytes.
+        private = Path(tempfile.mkdtemp(prefix="nimbus-egress-"))
+        try:
+            (private / "pip.conf").write_text(conf)
+            os.chmod(private / "pip.conf", 0o644)
+            binds = [*binds, (str(private / "pip.conf"), SANDBOX_PIP_CONF), (str(pip_dir), f"{SANDBOX_SITE}/pip"),
+                     (str(private / "egress.sock"), SANDBOX_EGRESS)]
+            args = ("-I", "-S", f"{SRC_DIR}/nimbus_pip.py", "--prefer-binary", "--no-cache-dir", "--target",
+                    SANDBOX_TARGET, "--no-input", "--progress-bar", "off", "--disable-pip-version-check",
+                    "--no-warn-script-location", "-r", REQUIREMENTS)
+            env = (("HOME", "/tmp"), ("TMPDIR", "/tmp"), ("LANG", "C.UTF-8"), ("PYTHONPATH", SANDBOX_SITE),
+                   ("PIP_CONFIG_FILE", SANDBOX_PIP_CONF), ("PIP_NO_INPUT", "1"))
+            job = Job(runtime="python3", tool="python3", args=args, env=env, artifact="layer.tar.gz",
+                      files=(("nimbus_pip.py", SANDBOX_PIP_MAIN.encode()),
+                             (REQUIREMENTS, (work / REQUIREMENTS).read_bytes())),
+                      timeout_s=self.timeout_s)
+            async with EgressProxy(private / "egress.sock", allowed) as proxy:
+                result = await self.sandbox.run_sealed(job, binds=binds, artifact_max=UNPACKED_MAX)
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
+        where = "in the builder sandbox, whose only network is the package index"
+        if proxy.refused:
+            reached = ", ".join(sorted(f"{host}:{port}" for host, port in allowed)) or "none configured"
+            raise BuildFailed(f"resolving {REQUIREMENTS} {where}: a package tried to reach "
+                              f"{', '.join(proxy.refused)}, which is not the package index ({reached}); "
+                              "builds may reach the index only", result.output)
+        if result.timed_out:
+            raise BuildFailed(f"resolving {REQUIREMENTS} {where} ran past its {self.timeout_s:g} s limit and was "
+                              "stopped", result.output, timed_out=True)
+        if result.status != 0 or result.artifact is None:
+            why = f" ({result.note})" if result.note else ""
+            raise BuildFailed(f"resolving {REQUIREMENTS} failed{why} (no wheel was found for some requirement, "
+                              f"so pip ran again {where}, building source distributions)", result.output)
+        await asyncio.to_thread(_untar_bounded, result.artifact, tree)
+        note = "".join(f"note: {line}\n" for line in notes)
+        return (f"{note}no wheel for some requirement: resolved {where} (source distributions built there):\n"
+                f"{result.output}")
 
     async def _npm(self, work: Path, spec: LayerSpec) -> tuple[Path, str]:
         locked = any(name in NODE_LOCKS for name, _ in spec.files)
@@ -180,14 +300,17 @@ class LayerBuilder:
         await asyncio.to_thread(_untar, result.artifact, work)
         return f"\nran the install scripts of {', '.join(scripted)} in the builder sandbox:\n{result.output}"
 
-    async def _run(self, argv: list[str], cwd: Path, what: str) -> str:
-        """Run a resolver in ``resolver_env`` with a private HOME of its own, removed when it ends."""
+    async def _run(self, argv: list[str], cwd: Path, what: str, *, scrub: bool = True) -> str:
+        """Run a resolver in ``resolver_env`` with a private HOME of its own, removed when it ends.
+
+        ``scrub=False`` keeps the node's environment values in the output, for Nimbus's own reading only.
+        """
         scratch = self.home / "layers" / ".work"
         scratch.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".home-", dir=scratch) as home:
-            return await self._exec(argv, cwd, what, resolver_env(Path(home)))
+            return await self._exec(argv, cwd, what, resolver_env(Path(home)), scrub=scrub)
 
-    async def _exec(self, argv: list[str], cwd: Path, what: str, env: dict[str, str]) -> str:
+    async def _exec(self, argv: list[str], cwd: Path, what: str, env: dict[str, str], *, scrub: bool = True) -> str:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
@@ -204,7 +327,8 @@ class LayerBuilder:
                 raise BuildFailed(f"{what} ran past its {self.timeout_s:g} s limit and was stopped",
                                   timed_out=True) from None
             raise
-        text = redact(out.decode(errors="replace"))
+        text = out.decode(errors="replace")
+        text = redact(text) if scrub else text
         if proc.returncode != 0:
             raise BuildFailed(f"{what} failed (exit status {proc.returncode})", text)
         return text
@@ -233,6 +357,105 @@ def resolver_env(home: Path) -> dict[str, str]:
              or _first_file(Path.home() / ".npmrc"))
     env["npm_config_userconfig"] = str(npmrc) if npmrc else os.devnull
     return env
+
+
+def parse_pip_config(text: str) -> dict[str, str]:
+    """The settings ``pip config list`` prints that the sandboxed pip should share, keyed without their
+    section (``install.`` overrides ``global.``; ``:env:`` is Nimbus's environment, not the operator's)."""
+    found: dict[str, dict[str, str]] = {"global": {}, "install": {}}
+    for line in text.splitlines():
+        name, sep, raw = line.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or section not in found:
+            continue
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            continue
+        key = key.replace("_", "-")
+        key = PIP_ALIASES.get(key, key)
+        if key in PIP_KEYS and isinstance(value, str):
+            found[section][key] = value
+    return {**found["global"], **found["install"]}
+
+
+def sandbox_pip_config(settings: dict[str, str]) -> tuple[str, list[tuple[str, str]], frozenset, list[str]]:
+    """The sandboxed pip's config file from the node's pip ``settings``, with what it needs: the read-only
+    binds (host path, sandbox path) of local indexes, find-links, constraints and CA files, the ``(host,
+    port)`` pairs the egress proxy lets through, and notes on what was left out.
+
+    Credentials in index URLs are dropped (package code in the sandbox could read the file). Local paths
+    are bound at neutral paths (``/opt/nimbus/pip/<n>``) and the config names them there; a ``…/simple``
+    index is bound with its parent, since PEP 503 trees link their files beside it.
+    """
+    binds: dict[str, str] = {}
+    notes: list[str] = []
+    urls: list[str] = []
+
+    def bind(path: str, *, tree: bool = False) -> str | None:
+        real = os.path.realpath(path)
+        if not os.path.exists(real):
+            notes.append(f"the sandbox's pip does without {path}, which does not exist")
+            return None
+        if real == CA_DIR or real.startswith(CA_DIR + "/"):
+            binds.setdefault(CA_DIR, CA_DIR)
+            return real
+        top = os.path.dirname(real) if tree and os.path.basename(real) == "simple" else real
+        inside = binds.setdefault(top, f"{SANDBOX_LOCAL}/{len(binds)}")
+        return inside + real[len(top):]
+
+    def location(value: str, *, index: bool = False) -> str | None:
+        parts = urlsplit(value)
+        if parts.scheme in ("http", "https"):
+            if parts.username or parts.password:
+                notes.append(f"the sandbox's pip uses {parts.hostname} without the credentials the node's has")
+                netloc = parts.hostname or ""
+                netloc = f"[{netloc}]" if ":" in netloc else netloc
+                value = urlunsplit(parts._replace(netloc=f"{netloc}:{parts.port}" if parts.port else netloc))
+            urls.append(value)
+            return value
+        if parts.scheme == "file":
+            inside = bind(unquote(parts.path), tree=index)
+            return f"file://{quote(inside)}" if inside else None
+        if parts.scheme:
+            notes.append(f"the sandbox's pip does without {value} (only http, https and local paths)")
+            return None
+        return bind(value, tree=index)
+
+    lines = []
+    if settings.get("no-index", "").lower() not in ("1", "true", "yes", "on"):
+        index = settings.get("index-url", "https://pypi.org/simple")
+        kept = location(index, index=True)
+        lines.append(f"index-url = {kept}" if kept else "no-index = true")
+    else:
+        lines.append("no-index = true")
+    for key in ("extra-index-url", "find-links", "constraint"):
+        values = [location(item, index=key == "extra-index-url") for item in settings.get(key, "").split()]
+        if any(values):
+            lines.append(f"{key} = {' '.join(v for v in values if v)}")
+    if os.path.isdir(CA_DIR):
+        binds.setdefault(CA_DIR, CA_DIR)
+    cert = location(settings["cert"]) if settings.get("cert") else None
+    if cert:
+        lines.append(f"cert = {cert}")
+    allowed = allowed_targets(urls)
+    trusted = [host for host in settings.get("trusted-host", "").split()
+               if any(normal == host.split(":")[0].lower() for normal, _ in allowed)]
+    if trusted:
+        lines.append(f"trusted-host = {' '.join(trusted)}")
+    for key in ("timeout", "retries"):
+        if settings.get(key, "").isdigit():
+            lines.append(f"{key} = {settings[key]}")
+    conf = "[global]\n" + "".join(f"{line}\n" for line in lines)
+    return conf, sorted(binds.items()), allowed, notes
+
+
+def _package_dir(name: str) -> Path | None:
+    """An installed package's directory, located without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(os.path.realpath(next(iter(spec.submodule_search_locations))))
 
 
 def _first_file(*paths: Path) -> Path | None:
@@ -272,6 +495,21 @@ def _tar_dir(path: Path, arcname: str) -> bytes:
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         tar.add(path, arcname=arcname)
     return buffer.getvalue()
+
+
+def _untar_bounded(data: bytes, dest: Path) -> None:
+    """Unpack a tree a sandboxed build made: untrusted, so its sizes are added up (sparse members at their
+    full size) and checked before anything is written, and the ``data`` filter keeps every entry inside."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        members, total = [], 0
+        for member in tar:
+            total += member.size
+            members.append(member)
+            if total > UNPACKED_MAX or len(members) > UNPACKED_FILES_MAX:
+                raise BuildFailed(f"the dependencies built in the sandbox unpack to over {UNPACKED_MAX >> 20} MiB "
+                                  f"or {UNPACKED_FILES_MAX} files; the limits are those")
+        dest.mkdir(parents=True, exist_ok=True)
+        tar.extractall(dest, members=members, filter="data")
 
 
 def _untar(data: bytes, dest: Path) -> None:

@@ -24,6 +24,14 @@ CAP_SETUID/SETGID/SETPCAP for ``setpriv``, which clears the bounding set, the gr
 inheritable set and becomes host uid/gid 65534 before the toolchain starts (``no_new_privs`` is set by
 bwrap). The job's directories are chowned to 65534 for that.
 
+Sealed jobs (:meth:`SandboxBuilder.run_sealed`) run a package's own build code, not a toolchain's:
+pip building source distributions for a dependency layer (:mod:`nimbus.compiler.layers`), with the
+machines' Python (``python3``: the base installation bound read-only at its own path). They write no
+host directory: the source is bound read-only, there is no ``/build/out``, and the artifact goes to one
+host file handed in as descriptor ``ARTIFACT_FD``, so ``RLIMIT_FSIZE`` bounds what they can leave on the
+node's disk; everything else they write lands in the size-capped ``/tmp``, which the memory limit counts.
+Their one way out of the network namespace is a Unix socket the caller binds in (the egress proxy).
+
 System calls: the machines' seccomp filter (:mod:`nimbus.machines.seccomp`: no mount, unshare/setns or
 namespace-creating clone, ptrace, keyctl, bpf, perf_event_open, userfaultfd, kexec, modules…), handed to
 bwrap with ``--seccomp`` on a descriptor the ``/bin/sh`` launcher opens; bwrap installs it just before
@@ -58,13 +66,15 @@ import os
 import shlex
 import subprocess
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from nimbus.agent.contract import SANDBOX_GID, SANDBOX_UID
 from nimbus.compiler import process, recipes, toolchains
 from nimbus.compiler.base import OUT_DIR, SRC_DIR, TMP_DIR, BuildFailed, Job, JobResult, Toolchain, clip
-from nimbus.compiler.workspace import Workspace, private_dir, remove_tree
-from nimbus.machines import cgroups, seccomp
+from nimbus.compiler.workspace import ARTIFACT_MAX, Workspace, private_dir, remove_tree
+from nimbus.errors import MachineStartError
+from nimbus.machines import cgroups, layout, seccomp
 from nimbus.machines.layout import parent_dirs
 
 log = logging.getLogger("nimbus.compiler.sandbox")
@@ -73,6 +83,7 @@ HOSTNAME = "nimbus-build"
 PATH = "/usr/local/bin:/usr/bin:/bin"
 SHELL = "/bin/sh"
 SECCOMP_FD = 9  # where the launcher opens the seccomp program for bwrap
+ARTIFACT_FD = 8  # where a sealed job writes its artifact (run_sealed)
 SETPRIV = "/usr/bin/setpriv"
 PRLIMIT = "/usr/bin/prlimit"
 RUST_MOUNT = "/opt/rust"
@@ -152,7 +163,6 @@ class SandboxBuilder:
         self._bwrap_error = ""
         self.bwrap: str | None = bwrap_path
         if self.bwrap is None:
-            from nimbus.errors import MachineStartError
             from nimbus.machines.bwrap import find_bwrap
 
             try:
@@ -188,14 +198,30 @@ class SandboxBuilder:
 
     async def run(self, job: Job) -> JobResult:
         """Run ``job`` in a fresh sandbox; its directories and cgroup are gone when this returns."""
+        self._check_ready()
+        tool, binds = await self._resolve_tool(job.tool)
+        lower = await self._warm_go_cache() if job.go_cache else None
+        return await self._run(job, tool, binds, lower=lower)
+
+    async def run_sealed(self, job: Job, *, binds: Sequence[tuple[str, str]] = (), artifact_max: int) -> JobResult:
+        """Run ``job`` writing no host directory: for jobs whose code is a package's, not a toolchain's.
+
+        Its source directory is bound read-only and there is no ``/build/out``; the job writes its
+        artifact to descriptor ``ARTIFACT_FD``, one host file that ``RLIMIT_FSIZE`` bounds, so however
+        much the job writes, the node's disk holds at most that (the rest goes to the size-capped ``/tmp``,
+        which the memory limit counts). ``binds`` are extra read-only (host, sandbox) binds: a Unix
+        socket bound this way can still be connected to.
+        """
+        self._check_ready()
+        tool, tool_binds = await self._resolve_tool(job.tool)
+        return await self._run(job, tool, [*tool_binds, *binds], sealed=True, artifact_max=artifact_max)
+
+    def _check_ready(self) -> None:
         if self._closed:
             raise BuildFailed("the builder is closed")
         ok, why = self.available()
         if not ok:
             raise BuildFailed(f"the sandbox builder cannot run here: {why}")
-        tool, binds = await self._resolve_tool(job.tool)
-        lower = await self._warm_go_cache() if job.go_cache else None
-        return await self._run(job, tool, binds, lower=lower)
 
     async def close(self) -> None:
         """Running jobs are ended by their callers' cancellation; this releases the cgroup bases."""
@@ -214,6 +240,8 @@ class SandboxBuilder:
         lower: Path | None = None,
         writable: list[tuple[str, str]] = (),
         cpus: float | None = None,
+        sealed: bool = False,
+        artifact_max: int = ARTIFACT_MAX,
     ) -> JobResult:
         owner = (SANDBOX_UID, SANDBOX_GID) if self.privileged else None
         with Workspace(self.builds_dir, job, owner=owner) as ws:
@@ -223,12 +251,15 @@ class SandboxBuilder:
                 program = self._seccomp_program()
                 argv = self.command(job, tool, src=ws.src, out=ws.out, binds=binds, lower=lower,
                                     writable=list(writable), enforced=enforced,
-                                    seccomp_fd=SECCOMP_FD if program is not None else None)
-                if cgroup is not None or program is not None:
+                                    seccomp_fd=SECCOMP_FD if program is not None else None, sealed=sealed)
+                redirect = f" {SECCOMP_FD}<{shlex.quote(str(program))}" if program is not None else ""
+                if sealed and job.artifact is not None:
+                    # The artifact's one host file, opened on the host and handed in as a descriptor.
+                    redirect += f" {ARTIFACT_FD}>{shlex.quote(str(ws.out / job.artifact))}"
+                if cgroup is not None or redirect:
                     # Join before bwrap exists, so it and everything it forks are inside (as the machines do),
                     # and open the seccomp program as bwrap's fd SECCOMP_FD.
                     join = cgroup.shell_join() if cgroup is not None else ""
-                    redirect = f" {SECCOMP_FD}<{shlex.quote(str(program))}" if program is not None else ""
                     argv = [SHELL, "-c", join + 'exec "$@"' + redirect, "nimbus-build", *argv]
                 exit_ = await process.run(argv, env={"PATH": PATH}, timeout_s=job.timeout_s,
                                           kill=cgroup.kill if cgroup is not None else None)
@@ -237,7 +268,7 @@ class SandboxBuilder:
                     note = f"the build hit its memory limit ({self.memory_mb} MiB) and the kernel killed a process"
                 artifact = None
                 if exit_.status == 0 and job.artifact is not None:
-                    artifact = ws.read_artifact(job.artifact)
+                    artifact = ws.read_artifact(job.artifact, artifact_max)
                     if artifact is None:
                         note = f"the build succeeded but left no regular file {job.artifact}"
             finally:
@@ -258,10 +289,12 @@ class SandboxBuilder:
         writable: list[tuple[str, str]] = (),
         enforced: frozenset[str] = frozenset(),
         seccomp_fd: int | None = None,
+        sealed: bool = False,
     ) -> list[str]:
         """The bwrap command line for ``job`` run as ``tool`` (its path inside the sandbox).
 
         ``seccomp_fd``: the descriptor bwrap will inherit holding the seccomp program, if any.
+        ``sealed``: the source read-only and no output directory (see :meth:`run_sealed`).
         """
         if self.privileged:
             # As root: no user namespace (it could only map to host root); setpriv drops to 65534 below.
@@ -275,7 +308,7 @@ class SandboxBuilder:
         for key, value in job.env:
             args += ["--setenv", key, value]
         etc = self._etc_files()
-        mounts = [inside for _, inside in (*binds, *etc)] + [SRC_DIR, OUT_DIR]
+        mounts = [inside for _, inside in (*binds, *etc)] + ([SRC_DIR] if sealed else [SRC_DIR, OUT_DIR])
         for parent in parent_dirs(mounts):
             # bwrap makes missing parents 0700, which uid 65534 could not cross: make them 0755 first.
             args += ["--perms", "0755", "--dir", parent]
@@ -296,7 +329,10 @@ class SandboxBuilder:
                      "--chmod", "1777", recipes.GO_CACHE_DIR]
         for host, inside in writable:
             args += ["--bind", host, inside]
-        args += ["--bind", str(src), SRC_DIR, "--bind", str(out), OUT_DIR, "--chdir", SRC_DIR]
+        if sealed:
+            args += ["--ro-bind", str(src), SRC_DIR, "--chdir", SRC_DIR]
+        else:
+            args += ["--bind", str(src), SRC_DIR, "--bind", str(out), OUT_DIR, "--chdir", SRC_DIR]
         args += ["--remount-ro", "/"]
         if seccomp_fd is not None:
             args += ["--seccomp", str(seccomp_fd)]
@@ -314,6 +350,13 @@ class SandboxBuilder:
 
     async def _resolve_tool(self, tool: str) -> tuple[str, list[tuple[str, str]]]:
         """The tool's path inside the sandbox, and the read-only binds it needs."""
+        if tool == "python3":
+            # The interpreter machines run (layers must match it), bound at its own path as they bind it.
+            try:
+                python, prefixes = layout.base_python()
+            except MachineStartError as exc:
+                raise BuildFailed(str(exc)) from None
+            return str(python), [(str(prefix), str(prefix)) for prefix in prefixes]
         if tool == "go":
             go = await asyncio.to_thread(toolchains.find_go)
             if _under_usr(go.goroot):
@@ -471,4 +514,4 @@ def _under_usr(path: Path) -> bool:
     return path.is_relative_to("/usr")
 
 
-__all__ = ["SandboxBuilder", "bwrap_supports_overlay", "default_cpus"]
+__all__ = ["ARTIFACT_FD", "SandboxBuilder", "bwrap_supports_overlay", "default_cpus"]
