@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench setup toolchains clean
+.PHONY: run test lint bench setup toolchains sdk clean
 
 # Debian packages the runtimes need: node (nodejs runtime), go and rustc (their builds). A rustup Rust in
 # ~/.cargo/bin counts as installed (the node finds it there too); Debian's rustc is the fallback.
@@ -27,10 +27,14 @@ toolchains:
 		else echo "note: not installed:$$missing (their runtimes will be unavailable; see nimbus doctor)"; fi; \
 	fi
 
-run: $(STAMP) toolchains
+# The AWS SDK python3 and nodejs machines get, built once per host (NIMBUS_SDK_CACHE) from PyPI and npm.
+sdk: $(STAMP) toolchains
+	$(VENV)/bin/nimbus sdk
+
+run: $(STAMP) toolchains sdk
 	$(VENV)/bin/nimbus up
 
-test: $(STAMP) toolchains lint
+test: $(STAMP) toolchains lint sdk
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # Lint and types as habits: ruff over everything, mypy where [tool.mypy] says (both configured in pyproject.toml).

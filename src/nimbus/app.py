@@ -16,7 +16,9 @@ from fastapi import FastAPI
 
 from nimbus import compiler, machines
 from nimbus import home as nimbus_home
+from nimbus.agent.contract import SDK_DIRS
 from nimbus.callbacks import AllowList
+from nimbus.compiler import sdk
 from nimbus.compiler.layers import LayerDirs
 from nimbus.config import Settings
 from nimbus.gateway import auth, build_api
@@ -56,12 +58,14 @@ class Node:
                 home,
                 builder=settings.builder,
                 timeout_s=settings.build_timeout_s,
+                sdists=settings.build_sdists,
                 memory_mb=settings.build_memory_mb,
                 concurrency=settings.build_concurrency,
                 images={"go": settings.builder_go_image, "rust": settings.builder_rust_image},
                 cache=compiler.StoreCache(store),
             )
-            options = _driver_options(settings)
+            sdk_dirs = await bundled_sdk(settings)
+            options = _driver_options(settings, sdk_dirs)
             driver = machines.load_driver(settings.driver, home, **options)
             metrics = Metrics()
             layer_dirs = LayerDirs(home, store.get_code)
@@ -80,6 +84,7 @@ class Node:
                 layer_path=layer_dirs.path,
                 account_id=settings.account_id,
                 region=settings.region,
+                sdk={runtime: SDK_DIRS[runtime] for runtime in sdk_dirs},
             )
             scheduler = Scheduler(
                 store, pool, metrics,
@@ -195,13 +200,30 @@ def server_config(app, settings: Settings, **overrides):
     return uvicorn.Config(app, **{**options, **overrides})
 
 
-def _driver_options(settings: Settings) -> dict:
-    """The chosen driver's own keyword arguments, from the settings."""
+async def bundled_sdk(settings: Settings, runtimes: list[str] | None = None) -> dict[str, str]:
+    """runtime → host directory of the AWS SDK its machines get, built first if this host lacks it.
+
+    Before any machine boots, so every machine of a runtime has it, blank ones included (every runtime
+    that bundles one, ``runtimes`` or not: pre-warmed or not, its functions run). Empty when
+    ``sdk_layer`` is off, and on the Firecracker driver, whose guest images do not carry it yet.
+    """
+    if not settings.sdk_layer:
+        return {}
+    if settings.driver != "bwrap":
+        log.warning("the %s driver's machines get no bundled AWS SDK (NIMBUS_SDK_LAYER): its guest images "
+                    "do not carry one yet", settings.driver)
+        return {}
+    cache = settings.sdk_cache.expanduser().resolve()
+    return await sdk.ensure_all(runtimes or sdk.RUNTIMES, cache, sdk.layer_builder(cache))
+
+
+def _driver_options(settings: Settings, sdk_dirs: dict[str, str] | None = None) -> dict:
+    """The chosen driver's own keyword arguments, from the settings (``sdk_dirs``: from :func:`bundled_sdk`)."""
     reply_buffer_bytes = settings.reply_buffer_mb << 20
     if settings.driver == "bwrap":
         return {"use_templates": {"auto": None, "on": True, "off": False}[settings.templates],
                 "uid_base": settings.machine_uid_base, "uid_count": settings.machine_uid_count,
-                "reply_buffer_bytes": reply_buffer_bytes}
+                "reply_buffer_bytes": reply_buffer_bytes, "sdk": sdk_dirs or {}}
     from nimbus.machines.firecracker import FirecrackerConfig
 
     return {"config": FirecrackerConfig(

@@ -31,6 +31,11 @@ def _toml_path() -> Path:
     return Path(os.environ.get("NIMBUS_HOME", DEFAULT_HOME)) / "nimbus.toml"
 
 
+def _user_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME")
+    return Path(base) if base and os.path.isabs(base) else Path.home() / ".cache"
+
+
 class Settings(BaseSettings):
     """The node's configuration; see the README's Configuration table."""
 
@@ -88,6 +93,15 @@ class Settings(BaseSettings):
                                 "empty refuses callbacks")
     runtimes: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["python3", "nodejs"],
                                                      description="runtimes pre-warmed")
+    sdk_layer: bool = Field(True, description="every python3 and nodejs machine gets the AWS SDK Lambda bundles "
+                            "(boto3; the @aws-sdk v3 clients) read-only, built once per host before machines boot; "
+                            "a function's own pinned copy wins")
+    sdk_cache: Path = Field(default_factory=lambda: _user_cache() / "nimbus" / "sdk", description="where the "
+                            "bundled SDK is built, shared by every node on the host (default: "
+                            "$XDG_CACHE_HOME/nimbus/sdk or ~/.cache/nimbus/sdk)")
+    build_sdists: bool = Field(True, description="a requirements.txt package with no wheel is built from its "
+                               "source distribution in the builder sandbox, whose only network is the package "
+                               "index; off: wheels only")
     builder: Literal["sandbox", "docker"] = Field("sandbox", description="where Go/Rust/WASM builds run")
     build_timeout_s: float = Field(300.0, gt=0, le=3600, description="wall-clock limit of one build")
     build_memory_mb: int = Field(2048, ge=256, description="memory limit of one build")

@@ -189,7 +189,7 @@ def test_an_npm_package_with_an_install_script_is_rebuilt_in_the_builder_sandbox
 
 @pytest.mark.parametrize(("runtime", "files", "words"), [
     ("python3", {"app.py": "def handler(e, c): pass\n", "requirements.txt": "nimbus-no-such-package-4b1d==1.0\n"},
-     ["nimbus-no-such-package-4b1d", "wheels only"]),
+     ["nimbus-no-such-package-4b1d", "No matching distribution", "in the builder sandbox"]),
     ("python3", {"app.py": "def handler(e, c): pass\n", "requirements.txt": "six==0.0.999\n"},
      ["six==0.0.999", "Could not find a version"]),
     ("python3", {"app.py": "def handler(e, c): pass\n", "requirements.txt": "six==1.16.0\nsix==1.15.0\n"},
@@ -250,7 +250,7 @@ def test_a_new_version_without_requirements_drops_the_layer_and_settings_keep_it
     assert resp.status_code == 200 and resp.json()["layer_sha256"] == layer
     assert invoke(api, name, {"html": "&"})["output"]["escaped"] == "&amp;"
     code = base64.b64decode(zipped({"app.py": "import importlib.util\ndef handler(e, c):\n"
-                                               "    return importlib.util.find_spec('six') is None\n"}))
+                                               "    return importlib.util.find_spec('markupsafe') is None\n"}))
     resp = api.put(f"/api/v1/functions/{name}", json={"code_base64": base64.b64encode(code).decode()})
     assert resp.status_code == 200 and resp.json()["layer_sha256"] is None
     assert invoke(api, name, {})["output"] is True  # the new version's machine has no layer

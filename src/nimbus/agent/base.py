@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from nimbus.agent.contract import LAYER_DIR, RESULT_MAX
+from nimbus.agent.contract import LAYER_DIR, RESULT_MAX, SDK_DIRS
 
 ERROR_TYPE_MAX = 256  # characters of an error's type
 # Characters kept of an error's message and of its stack. With the 64 KiB log tail the error header stays
@@ -95,6 +95,17 @@ def _layer(header: dict) -> str | None:
     return LAYER_DIR
 
 
+def _sdk(header: dict, runtime: str) -> str | None:
+    """The bundled SDK's directory the init header names (absent or null: none); only the runtime's own
+    :data:`SDK_DIRS` entry is valid, so a header cannot put another path on the function's import path."""
+    value = header.get("sdk")
+    if value is None:
+        return None
+    if value != SDK_DIRS.get(runtime):
+        raise InvocationError("InvalidInit", f"init field 'sdk' must be {SDK_DIRS.get(runtime)!r} when present")
+    return value
+
+
 def _env(header: dict) -> dict:
     env = header.get("env") or {}
     if not isinstance(env, dict):
@@ -122,7 +133,7 @@ class FunctionSpec:
     """The function version a machine serves, read (and checked) from the ``init`` header."""
 
     __slots__ = ("runtime", "handler", "filename", "env", "memory_mb", "timeout_s", "name", "version", "task_dir",
-                 "layer", "account_id", "region", "machine_id", "log_stream_name")
+                 "layer", "sdk", "account_id", "region", "machine_id", "log_stream_name")
 
     def __init__(self, header: dict, task_dir: str) -> None:
         self.runtime = _text(header, "runtime")
@@ -139,6 +150,7 @@ class FunctionSpec:
         self.version = str(header.get("function_version", "$LATEST"))
         self.task_dir = task_dir
         self.layer = _layer(header)  # the dependency layer's directory, or None
+        self.sdk = _sdk(header, self.runtime)  # the bundled AWS SDK's directory, or None
         self.account_id = _account(header)
         self.region = _text(header, "region", DEFAULT_REGION)
         self.machine_id = os.urandom(16).hex()  # one init per machine: made once, as Lambda names its streams
@@ -171,6 +183,9 @@ class FunctionSpec:
         is set per call.
         """
         env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG") if key in os.environ}
+        # Lambda's unreserved default, which the function may override: the X-Ray SDK logs, rather than
+        # raises, when code traces outside a segment (at import, in a thread).
+        env["AWS_XRAY_CONTEXT_MISSING"] = "LOG_ERROR"
         env.update(self.env)
         # Set last so a function cannot pretend to be another one (the API refuses these names too).
         env.update(

@@ -20,6 +20,10 @@ LAYER_DIR = "/opt/layer"
 # Where node's upward node_modules search from inside the layer (/opt/layer/<pkg>/…) looks next: a link
 # to the layer itself, so a layer package finds its siblings as it did in its own node_modules.
 LAYER_MODULES_LINK = "/opt/node_modules"
+# Where a machine sees the AWS SDK its runtime bundles (nimbus.compiler.sdk), read-only: the one value the
+# Init header's "sdk" may have for that runtime. Python appends its directory to sys.path after the layer;
+# node finds /node_modules last when it walks up from any file, from CommonJS and ES modules alike.
+SDK_DIRS = {"python3": "/opt/sdk/python", "nodejs": "/node_modules"}
 # Kernel facts /proc would show every function: /dev/null is bound over those the host has.
 PROC_HIDDEN = ("config.gz", "kallsyms", "modules", "keys", "key-users", "timer_list", "sched_debug", "kcore")
 

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from nimbus import __version__
-from nimbus.cli import doctor, functions, images, keys, up
+from nimbus.cli import doctor, functions, images, keys, sdk, up
 from nimbus.cli.client import CliError
 
 app = typer.Typer(
@@ -60,6 +60,7 @@ app.command("invocations")(functions.invocations)
 app.command("logs")(functions.logs)
 app.add_typer(keys.keys_app, name="keys")
 app.add_typer(images.images_app, name="images")
+app.command("sdk")(sdk.sdk)
 app.command("doctor")(doctor.doctor)
 
 

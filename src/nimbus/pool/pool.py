@@ -28,6 +28,7 @@ from nimbus.pool.demand import Demand
 
 log = logging.getLogger("nimbus.pool")
 
+LATEST = "$LATEST"  # Lambda's name for the unpublished version, which unqualified calls run
 DEFAULT_INIT_TIMEOUT_S = 10.0
 PREWARM_INTERVAL_S = 1.0
 PREWARM_BACKOFF_MAX_S = 30.0
@@ -84,9 +85,11 @@ class Pool:
         layer_path: LayerPath = _no_layers,
         account_id: str = "000000000000",
         region: str = "us-east-1",
+        sdk: dict[str, str] | None = None,
     ) -> None:
         """``max_warm`` defaults to ``max(min_warm, DEFAULT_MAX_WARM)``; ``clock`` drives the demand estimate;
-        ``layer_path`` finds (unpacking if need be) the directory of a function's dependency layer."""
+        ``layer_path`` finds (unpacking if need be) the directory of a function's dependency layer; ``sdk``:
+        runtime → where its machines see the bundled AWS SDK (the driver mounts it), named in their Init."""
         if max_warm is None:
             max_warm = max(min_warm, DEFAULT_MAX_WARM)
         if not 0 <= min_warm <= max_warm:
@@ -98,6 +101,7 @@ class Pool:
         self.account_id = account_id  # what functions see in their ARN and AWS_REGION
         self.region = region
         self._layer_path = layer_path
+        self._sdk = dict(sdk or {})
         self.runtimes = list(runtimes)
         self.min_warm = min_warm
         self.max_warm = max_warm
@@ -348,12 +352,15 @@ class Pool:
                 "memory_mb": dep.memory_mb,
                 "timeout_s": dep.timeout_s,
                 "function_name": dep.function_name,
-                "function_version": str(dep.version),
+                "function_version": LATEST,  # every call today is unqualified: it runs $LATEST
                 "account_id": self.account_id,
                 "region": self.region,
             }
             if dep.layer_sha256:
                 header["layer"] = LAYER_DIR
+            sdk = self._sdk.get(dep.runtime)
+            if sdk is not None:
+                header["sdk"] = sdk
             reply, _ = await machine.request(header, code, timeout=max(DEFAULT_INIT_TIMEOUT_S, dep.timeout_s))
         except MachineTimeout:
             self._failed_init(machine, dep)

@@ -28,6 +28,7 @@ from nimbus.agent.contract import (
     SANDBOX_ENV,
     SANDBOX_GID,
     SANDBOX_UID,
+    SDK_DIRS,
     TASK_DIR,
     TASK_DIR_MB,
     WASMTIME_SITE,
@@ -143,6 +144,8 @@ class BwrapDriver:
     for the seccomp filter (``None``: applied when libseccomp is there, with a warning when not).
     ``reply_buffer_bytes``: how many bytes of replies all its machines may have in flight at once.
     ``uid_base``/``uid_count``: the host uids (and gids) its machines get, one each, on a root node.
+    ``sdk``: runtime → host directory of the AWS SDK every machine of that runtime (template included)
+    sees read-only at its :data:`~nimbus.agent.contract.SDK_DIRS` path from boot (:mod:`nimbus.compiler.sdk`).
     """
 
     name = "bwrap"
@@ -159,8 +162,15 @@ class BwrapDriver:
         reply_buffer_bytes: int = channel.DEFAULT_REPLY_BUFFER_BYTES,
         uid_base: int = MACHINE_UID_BASE,
         uid_count: int = MACHINE_UID_COUNT,
+        sdk: dict[str, str] | None = None,
     ) -> None:
         self.home = Path(home)
+        self._sdk_layout: dict[str, list[str]] = {}
+        for runtime, path in (sdk or {}).items():
+            check_layer(path)
+            inside = SDK_DIRS[runtime]
+            parents = [arg for parent in parent_dirs([inside]) for arg in ("--perms", "0755", "--dir", parent)]
+            self._sdk_layout[runtime] = [*parents, "--ro-bind", path, inside]
         self.reply_budget = channel.ReplyBudget(reply_buffer_bytes)
         self.bwrap = bwrap_path or find_bwrap()
         self.python, self._prefixes = base_python()
@@ -355,6 +365,7 @@ class BwrapDriver:
             argv += ["--perms", "0644", "--file", str(fd), f"/etc/{name}"]
         if runtime == "wasm":
             argv += self._wasm_layout
+        argv += self._sdk_layout.get(runtime, ())
         if layer is not None:
             argv += ["--ro-bind", layer, LAYER_DIR]
         argv += [*perms, "--size", str(tmp_bytes), "--tmpfs", "/dev/shm", "--remount-ro", "/dev"]
