@@ -6,6 +6,7 @@ and a scratch task directory, and drives it with ``nimbus.protocol`` frames.
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -622,6 +623,11 @@ def node_started(agent: AgentProcess, code: str, **fields) -> AgentProcess:
     return started(agent, code, runtime="nodejs", **fields)
 
 
+def node_messages(logs: str) -> list[str]:
+    """Log lines without the time Lambda's console puts first (``<ISO time>\t<request id>\t<LEVEL>\t…``)."""
+    return [re.sub(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\t", "", line) for line in logs.splitlines()]
+
+
 def node_children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     if not path.exists():
@@ -685,7 +691,7 @@ def test_node_thrown_error(agent):
     error = assert_error(reply, "PaymentDeclined")
     assert error["message"] == "card refused"
     assert "index.js" in error["stack"] and "node_runner" not in error["stack"]
-    assert reply["logs"] == "about to fail\n"
+    assert node_messages(reply["logs"]) == ["inv-1\tINFO\tabout to fail"]
     assert_error(agent.exec({"kind": "type"})[0], "TypeError")
 
 
@@ -709,8 +715,9 @@ def test_node_logs(agent):
         """,
     )
     reply, _ = agent.exec({"a": 1})
-    assert reply["logs"] == "log { a: 1 }\nerror line\nraw\n"
-    assert agent.exec({"a": 2})[0]["logs"] == "log { a: 2 }\nerror line\nraw\n"
+    assert node_messages(reply["logs"]) == ["inv-1\tINFO\tlog { a: 1 }", "inv-1\tERROR\terror line", "raw"]
+    assert node_messages(agent.exec({"a": 2}, invocation_id="inv-2")[0]["logs"]) == [
+        "inv-2\tINFO\tlog { a: 2 }", "inv-2\tERROR\terror line", "raw"]
 
 
 @needs_node
@@ -758,7 +765,7 @@ def test_node_process_exit_is_fatal(agent):
     reply, _ = agent.exec({})
     error = assert_error(reply, "RuntimeExit", fatal=True)
     assert "code 3" in error["message"]
-    assert reply["logs"] == "bye\n"
+    assert node_messages(reply["logs"]) == ["inv-1\tINFO\tbye"]
     assert_error(agent.exec({})[0], "RuntimeExit", fatal=True)
     assert agent.request({"type": "ping"})[0]["type"] == "pong"
 

@@ -10,6 +10,11 @@ copy of the original stderr.
 
 A function may close or replace the agent's read end (``os.close(3)``): the next collection notices,
 makes a new pipe and reports the lost logs instead of crashing the agent.
+
+What is written after a call's answer (a thread or a timer the call left running) belongs to no call
+that is still open, so it must not show up in the next one's logs: :meth:`LogCapture.begin` drops it when
+the next call starts and that call's logs open with one line saying how many bytes went. What the
+function's module writes while it loads, before the first call, still goes to the first call.
 """
 
 import _thread
@@ -23,6 +28,7 @@ PIPE_SIZE = 1 << 20  # a roomier pipe: fewer wake-ups of the drain thread under 
 F_SETPIPE_SZ = 1031
 COLLECT_READS_MAX = 256  # a writer that never stops (a background child) cannot hold a collection forever
 LOST_NOTE = "[nimbus: the function closed the agent's log pipe; output written since was lost]\n"
+DROPPED_NOTE = "[nimbus: {} bytes written between calls were dropped]\n"
 _STREAMS = ("stdout", "stderr", "__stdout__", "__stderr__")
 
 
@@ -57,6 +63,9 @@ class LogCapture:
         self._lost = False  # the read end was closed under us
         self._ino = None  # (st_dev, st_ino) of the pipe, to know our read end from a reused fd number
         self._lock = _thread.allocate_lock()
+        self._read = 0  # bytes read from the pipe since the last collection (the tail may hold fewer)
+        self._answered = False  # a call was collected: from now on, output between calls is nobody's
+        self._dropped = 0  # bytes dropped by begin(), reported by the next collection
 
     def start(self) -> None:
         """Redirect fds 1 and 2 into the pipe; keep the original stderr for diagnostics."""
@@ -114,6 +123,7 @@ class LogCapture:
                 return False
             if not data:
                 return False
+            self._read += len(data)
             tail = self._tail
             tail += data
             if len(tail) > LOG_TAIL_MAX:
@@ -121,19 +131,35 @@ class LogCapture:
                 self._cut = True
         return True
 
+    def begin(self) -> None:
+        """A call starts: drop what was written since the last call's answer, to be reported by :meth:`collect`."""
+        if not self._answered:  # output of the module's load: the first call's
+            return
+        _flush_streams()
+        with self._lock:
+            if self._pipe_intact():
+                self._read_available(self.fd)
+            self._dropped, self._read = self._read, 0
+            self._tail.clear()
+            self._cut = False
+
     def collect(self) -> tuple[str, bool]:
-        """Return ``(text, truncated)``: the tail of everything written since the last call, then empty it."""
+        """Return ``(text, truncated)``: the tail of everything written since the call began, then empty it."""
         _flush_streams()
         with self._lock:
             ok = self._read_available(self.fd) if self._pipe_intact() else False
             data, cut, lost = bytes(self._tail), self._cut, self._lost or not ok
             self._tail.clear()
             self._cut = self._lost = False
+            self._read, dropped, self._dropped = 0, self._dropped, 0
+            self._answered = True
         if lost and not self._pipe_intact():
             self._reopen()
             data += LOST_NOTE.encode()
         if cut:
             data = _skip_partial_char(data)
+        if dropped:
+            data = DROPPED_NOTE.format(dropped).encode() + data
         return data.decode("utf-8", "replace"), cut
 
     def _pipe_intact(self) -> bool:

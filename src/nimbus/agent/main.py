@@ -375,6 +375,7 @@ class Agent:
     def on_exec(self, header: dict, blob: bytes) -> tuple[dict, bytes]:
         """Run one call; the reply carries the output (or the error) and the call's logs."""
         started = time.perf_counter()
+        self.logs.begin()  # what came after the last answer is no part of this call
         try:
             if self.runtime is None:
                 raise InvocationError("NotInitialized", "exec before a successful init", fatal=True)

@@ -5,12 +5,24 @@
  * The Python agent starts this script once per machine, with requests arriving on fd 3 and replies
  * leaving on fd 4, both in the frames of nimbus.protocol: u32 header_len | u32 blob_len (big-endian)
  * | JSON header | blob. It loads one handler on `init`, then serves `exec` requests one at a time.
- * stdout and stderr are the function's log stream (the agent captures them), so this script never
- * writes there itself. The agent validates sizes and types; this side trusts it.
+ * stdout and stderr are the function's log stream (the agent captures them); this script writes there
+ * only through the console it patches as Lambda's node runtime does: each line starts with the time, the
+ * request id and the level (`<ISO time>\t<request id>\tINFO\t…`), or is a JSON object when
+ * AWS_LAMBDA_LOG_FORMAT=JSON, and AWS_LAMBDA_LOG_LEVEL filters them. The agent validates sizes and
+ * types; this side trusts it.
+ *
+ * When a call is answered follows Lambda's rules. A promise (or a plain return value) answers as soon as
+ * it settles, and so do context.done/succeed/fail and an error passed to the callback. A callback's
+ * result waits for the event loop to be empty while context.callbackWaitsForEmptyEventLoop is true (the
+ * default), and a callback handler that never calls back answers null once the loop is empty. The
+ * request pipe would keep the loop alive forever, so it is unref'd while a call runs and 'beforeExit'
+ * says when nothing is left; it is ref'd again once the call is answered. A promise that never settles
+ * is never answered here: the host's timeout ends the call, as it does a loop that never empties.
  */
 const fs = require('fs');
 const net = require('net');
 const path = require('path');
+const util = require('util');
 const { pathToFileURL } = require('url');
 
 const REQUEST_FD = 3;
@@ -20,6 +32,61 @@ const MODULE_EXTENSIONS = ['.js', '.mjs', '.cjs'];
 
 let handler = null;
 let fn = null; // the init request: function name, version, memory, result limit
+let requests = null; // the request pipe, unref'd while a call runs
+let onEmptyLoop = null; // what the call in progress does when the event loop runs dry
+let requestId; // the call in progress, or the last one (undefined while the module loads, as on Lambda)
+
+// Lambda's log levels, in order; console.log is INFO.
+const LEVELS = ['TRACE', 'DEBUG', 'INFO', 'WARN', 'ERROR', 'FATAL'];
+
+/** The fields Lambda's node runtime gives an Error in a JSON log line. */
+function errorFields(err) {
+  return {
+    errorType: (err.constructor && err.constructor.name) || 'UnknownError',
+    errorMessage: err.message,
+    stackTrace: typeof err.stack === 'string' ? err.stack.split('\n') : err.stack,
+  };
+}
+
+/** One JSON log line's object: one argument is the message as is, several are formatted together. */
+function jsonLine(level, params) {
+  const line = { timestamp: new Date().toISOString(), level, requestId };
+  if (params.length === 1) {
+    line.message = params[0];
+    try {
+      return JSON.stringify(line, (_, value) => (value instanceof Error ? { ...errorFields(value), ...value } : value));
+    } catch (_) {
+      line.message = util.format(params[0]);
+      return JSON.stringify(line);
+    }
+  }
+  line.message = util.format(...params);
+  const err = params.find((param) => param instanceof Error);
+  if (err) Object.assign(line, errorFields(err), { stackTrace: typeof err.stack === 'string' ? err.stack.split('\n') : [] });
+  return JSON.stringify(line);
+}
+
+/** Replace console's logging methods by Lambda's, reading the format and level from the environment. */
+function patchConsole() {
+  const json = String(process.env.AWS_LAMBDA_LOG_FORMAT || '').toUpperCase() === 'JSON';
+  // JSON without a level logs at INFO: the application log level Lambda sets for JSON.
+  const wanted = String(process.env.AWS_LAMBDA_LOG_LEVEL || (json ? 'INFO' : 'TRACE')).toUpperCase();
+  const lowest = Math.max(0, LEVELS.indexOf(wanted));
+  const write = (level, params) => {
+    if (params.length === 0) params = [undefined]; // console.log() alone: Lambda prints "undefined"
+    const text = json ? jsonLine(level, params)
+      : `${new Date().toISOString()}\t${requestId}\t${level}\t${util.format(...params)}`;
+    process.stdout.write(text + '\n');
+  };
+  const method = (level) => (LEVELS.indexOf(level) >= lowest ? (...params) => write(level, params) : () => {});
+  console.trace = method('TRACE');
+  console.debug = method('DEBUG');
+  console.info = method('INFO');
+  console.log = console.info;
+  console.warn = method('WARN');
+  console.error = method('ERROR');
+  console.fatal = (...params) => write('FATAL', params);
+}
 
 /** An Error carrying the error type the host should see. */
 function typedError(type, message) {
@@ -35,18 +102,22 @@ function userStack(stack) {
   return (cut === -1 ? lines : lines.slice(0, cut)).join('\n');
 }
 
-/** `{type, message, stack}` from anything a handler throws or passes to its callback. */
+/**
+ * `{type, message, stack}` from anything a handler throws or passes to its callback. Like Lambda's node
+ * runtime: an Error keeps its name; any other value is typed by `typeof` and described by its `toString`
+ * (`callback('Unauthorized')` is `{errorType: 'string', errorMessage: 'Unauthorized'}`).
+ */
 function describe(err) {
   if (err !== null && typeof err === 'object' && 'message' in err) {
     return { type: String(err.name || 'Error'), message: String(err.message), stack: userStack(err.stack) };
   }
   let message;
   try {
-    message = typeof err === 'string' ? err : JSON.stringify(err);
-  } catch (_) {
     message = String(err);
+  } catch (_) {
+    message = Object.prototype.toString.call(err); // an object whose toString throws or is not a function
   }
-  return { type: 'Error', message: String(message), stack: '' };
+  return { type: typeof err, message, stack: '' };
 }
 
 /** Write one frame synchronously: once the reply is out, nothing the function does later can lose it. */
@@ -134,7 +205,7 @@ function makeContext(request) {
     logStreamName: fn.log_stream_name,
     identity: undefined,
     clientContext: undefined,
-    callbackWaitsForEmptyEventLoop: true,
+    callbackWaitsForEmptyEventLoop: true, // read when the callback is called, as on Lambda
     getRemainingTimeInMillis() {
       return Math.max(0, Math.floor(request.deadline_ms - (performance.now() - started)));
     },
@@ -143,19 +214,29 @@ function makeContext(request) {
 
 /**
  * Call the handler and settle with its outcome, whichever way it reports it: a returned value, a
- * returned Promise, `callback(err, result)`, or the legacy `context.done/succeed/fail`. The first wins.
+ * returned Promise, `callback(err, result)`, or the legacy `context.done/succeed/fail`. The first wins;
+ * when it is answered is Lambda's rule (see the top of this file).
  */
 function callHandler(event, context) {
   return new Promise((resolve, reject) => {
     let settled = false;
     const succeed = (value) => {
-      if (!settled) { settled = true; resolve(value); }
+      if (!settled) { settled = true; onEmptyLoop = null; resolve(value); }
     };
     const fail = (err) => {
-      if (!settled) { settled = true; reject(err === undefined ? new Error('the handler failed') : err); }
+      if (!settled) { settled = true; onEmptyLoop = null; reject(err === undefined ? new Error('the handler failed') : err); }
     };
-    const callback = (err, value) => (err === null || err === undefined ? succeed(value) : fail(err));
-    context.done = callback;
+    const done = (err, value) => (err === null || err === undefined ? succeed(value) : fail(err));
+    const callback = (err, value) => {
+      if (settled) return;
+      if (err !== null && err !== undefined) fail(err);
+      else if (!context.callbackWaitsForEmptyEventLoop) succeed(value);
+      else {
+        settled = true; // the result is fixed; it leaves when nothing else is left to run
+        onEmptyLoop = () => resolve(value);
+      }
+    };
+    context.done = done;
     context.succeed = succeed;
     context.fail = fail;
     let returned;
@@ -166,10 +247,13 @@ function callHandler(event, context) {
       return;
     }
     if (returned !== null && typeof returned === 'object' && typeof returned.then === 'function') {
+      onEmptyLoop = () => succeed(null); // a promise left pending when nothing can settle it: null, as on Lambda
       returned.then(succeed, fail);
     } else if (handler.length < 3) {
       succeed(returned); // a plain function: its return value is the result
-    } // else: callback style, wait for the callback
+    } else if (!settled) {
+      onEmptyLoop = () => succeed(null); // callback style that never calls back: null, as on Lambda
+    }
   });
 }
 
@@ -197,8 +281,23 @@ async function exec(request, blob) {
     throw typedError('InvalidEvent', `the event is not valid JSON: ${err.message}`);
   }
   process.env._X_AMZN_TRACE_ID = request.trace_id; // per call, as Lambda's runtime sets it
-  const value = await callHandler(event, makeContext(request));
-  return encodeResult(value);
+  requestId = request.invocation_id;
+  requests.unref(); // the loop may now run dry: 'beforeExit' says when
+  try {
+    const value = await callHandler(event, makeContext(request));
+    return encodeResult(value);
+  } finally {
+    onEmptyLoop = null;
+    requests.ref();
+  }
+}
+
+/** The event loop ran dry during a call: answer it if its rules say so; keep the process alive either way. */
+function emptyLoop() {
+  const action = onEmptyLoop;
+  onEmptyLoop = null;
+  if (action) action();
+  else requests.ref(); // nothing to answer (the result is on its way): keep the process alive
 }
 
 async function dispatch(header, blob) {
@@ -244,11 +343,13 @@ class FrameReader {
 }
 
 function main() {
+  patchConsole();
   let queue = Promise.resolve(); // one request at a time, in order
   const reader = new FrameReader((header, blob) => {
     queue = queue.then(() => dispatch(header, blob));
   });
-  const requests = new net.Socket({ fd: REQUEST_FD, readable: true, writable: false });
+  requests = new net.Socket({ fd: REQUEST_FD, readable: true, writable: false });
+  process.on('beforeExit', emptyLoop);
   requests.on('data', (chunk) => reader.push(chunk));
   // The agent closed the channel (or died): the machine is going away.
   requests.on('end', () => process.exit(0));

@@ -4,6 +4,12 @@ Running in-process makes a hot call cost a function call plus JSON. The handler'
 between calls (Lambda's warm-start semantics), and so does the event loop that runs ``async def``
 handlers, so clients bound to it survive from one call to the next. ``inspect``, ``asyncio`` and
 ``traceback`` cost tens of milliseconds to import, so they are avoided or imported only when needed.
+
+The root logger gets the handler Lambda's Python runtime (awslambdaric) gives it, so the documented
+``logging.getLogger().setLevel(logging.INFO)`` pattern writes Lambda's lines: tab-separated text with the
+request id, or JSON with ``AWS_LAMBDA_LOG_FORMAT=JSON`` (and ``AWS_LAMBDA_LOG_LEVEL``). Importing
+``logging`` adds about 5 ms to a cold start, so it is configured the moment the function's code imports
+it (:class:`_LoggingHook`), never imported for a function that does not.
 """
 
 import importlib
@@ -15,6 +21,138 @@ from nimbus import protocol
 from nimbus.agent.base import Call, FunctionSpec, InvocationError, check_result_size, new_trace_id, too_deep
 
 _CO_VARARGS = 0x04  # code.co_flags bit for a ``*args`` parameter
+TEXT_LOG_FORMAT = "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s\n"
+TEXT_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S"
+JSON_DATE_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # awslambdaric's: whole seconds
+# LogRecord attributes that are not a caller's ``extra``: JSON lines leave them out.
+_RECORD_FIELDS = frozenset({
+    "name", "msg", "args", "levelname", "levelno", "pathname", "filename", "module", "exc_info", "exc_text",
+    "stack_info", "lineno", "funcName", "created", "msecs", "relativeCreated", "thread", "threadName",
+    "processName", "process", "taskName", "message", "asctime", "aws_request_id",
+})
+
+_request_id = ""  # the call in progress, or the last one (Lambda's runtime keeps it between calls too)
+
+
+def _log_settings() -> tuple[bool, str]:
+    """``(json, level)`` from the function's environment, read as Lambda's runtime reads it.
+
+    JSON without a level logs at INFO: that is the application log level Lambda sets for JSON.
+    """
+    as_json = os.environ.get("AWS_LAMBDA_LOG_FORMAT", "").upper() == "JSON"
+    level = os.environ.get("AWS_LAMBDA_LOG_LEVEL", "").upper()
+    level = "DEBUG" if level == "TRACE" else level
+    return as_json, level or ("INFO" if as_json else "")
+
+
+def configure_logging(logging) -> None:
+    """Give the root logger Lambda's handler (``logging`` is passed in: the agent never imports it itself)."""
+    import time
+
+    class LambdaHandler(logging.Handler):
+        """Writes each record to stdout as one line (or a line and its traceback), with the request id."""
+
+        def emit(self, record):
+            try:
+                text = self.format(record)
+                stream = sys.stdout
+                stream.write(text if text.endswith("\n") else text + "\n")
+                stream.flush()
+            except RecursionError:
+                raise
+            except Exception:
+                self.handleError(record)
+
+    class JsonFormatter(logging.Formatter):
+        """Lambda's JSON line: timestamp, level, message, logger, requestId, errors, and any ``extra``."""
+
+        def format(self, record):
+            level = min(50, max(0, record.levelno)) // 10 * 10
+            error = record.exc_info if isinstance(record.exc_info, tuple) and record.exc_info[0] else None
+            stack = None
+            if error is not None:
+                import traceback
+
+                stack = traceback.format_tb(error[2])
+            msg = record.msg
+            line = {
+                "timestamp": time.strftime(JSON_DATE_FORMAT, time.gmtime(record.created)),
+                "level": logging.getLevelName(level),
+                "message": msg if isinstance(msg, dict) and not record.args else record.getMessage(),
+                "logger": record.name,
+                "stackTrace": stack,
+                "errorType": error[0].__name__ if error else None,
+                "errorMessage": str(error[1]) if error else None,
+                "requestId": record.__dict__.get("aws_request_id"),
+                "location": f"{record.pathname}:{record.funcName}:{record.lineno}" if error else None,
+            }
+            line.update((key, value) for key, value in record.__dict__.items()
+                        if key not in _RECORD_FIELDS and key not in line)
+            line = {key: value for key, value in line.items() if value is not None}
+            return json.dumps(line, ensure_ascii=False, default=str) + "\n"
+
+    def add_request_id(record) -> bool:
+        record.aws_request_id = _request_id
+        return True
+
+    as_json, level = _log_settings()
+    logging.Formatter.converter = time.gmtime  # as Lambda's runtime sets it, for the function's formatters too
+    handler = LambdaHandler()
+    handler.setFormatter(JsonFormatter() if as_json else logging.Formatter(TEXT_LOG_FORMAT, TEXT_DATE_FORMAT))
+    handler.addFilter(add_request_id)
+    root = logging.getLogger()
+    if isinstance(logging.getLevelName(level), int):
+        root.setLevel(level)
+    root.addHandler(handler)
+
+
+class _ConfiguringLoader:
+    """``logging``'s own loader, which configures the module once it has run (then steps aside)."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        configure_logging(module)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+class _LoggingHook:
+    """A meta path finder that sees the first import of ``logging`` and has it configured as it loads.
+
+    Whoever imports it (the function, a library, asyncio), the root handler is there before any code
+    can log, as on Lambda, where the runtime configures logging before it loads the function.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "logging":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(name, path, target) if find is not None else None
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _ConfiguringLoader(spec.loader)
+                return spec
+        return None
+
+
+def _prepare_logging() -> None:
+    """Configure ``logging`` now if something imported it already, or as soon as something does."""
+    logging = sys.modules.get("logging")
+    if logging is not None:
+        configure_logging(logging)
+    elif not any(isinstance(finder, _LoggingHook) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _LoggingHook())
 
 
 class CognitoIdentity:
@@ -149,7 +287,11 @@ class PythonRuntime:
         # site-packages come in any Python. Its files are read-only; bytecode it ships is used as is.
         if self.spec.layer is not None and self.spec.layer not in sys.path:
             sys.path.append(self.spec.layer)
+        # The bundled SDK (boto3) last, as Lambda's /var/runtime: a boto3 the function pins wins.
+        if self.spec.sdk is not None and self.spec.sdk not in sys.path:
+            sys.path.append(self.spec.sdk)
         importlib.invalidate_caches()
+        _prepare_logging()
         try:
             module = importlib.import_module(module_name)
         except SyntaxError as exc:
@@ -179,6 +321,8 @@ class PythonRuntime:
         if protocol.nesting_over(event, payload):
             raise too_deep()
         args = (payload, LambdaContext(self.spec, call))[: self.arguments]
+        global _request_id
+        _request_id = call.invocation_id
         os.environ["_X_AMZN_TRACE_ID"] = new_trace_id()  # per call, as Lambda's runtime sets it
         try:
             value = self.handler(*args)

@@ -66,7 +66,7 @@ def _source(body: schemas._Code, runtime: str) -> bytes:
 
 def _handler(handler: str | None, runtime: str) -> str:
     handler = handler or runtimes.get(runtime).default_handler
-    if not runtimes.HANDLER_RE.match(handler):
+    if not runtimes.HANDLER_RE.fullmatch(handler):  # fullmatch: $ alone also matches before a final newline
         raise InvalidRequest(f"handler {handler!r} must look like module.function (e.g. main.handler)")
     return handler
 

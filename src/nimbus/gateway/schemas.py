@@ -13,6 +13,8 @@ NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 ENV_MAX_BYTES = 4096  # Lambda's limit on a function's environment
 RESERVED_ENV_PREFIXES = ("NIMBUS_", "AWS_LAMBDA_")
+# Lambda's LoggingConfig, which a function sets through its environment here: the runtimes read them.
+ALLOWED_ENV_KEYS = frozenset({"AWS_LAMBDA_LOG_FORMAT", "AWS_LAMBDA_LOG_LEVEL"})
 # Lambda's reserved names (the AWS_LAMBDA_ ones are in the prefix) and the sandbox's basics: the agent sets them.
 RESERVED_ENV_KEYS = frozenset({
     "PATH", "HOME", "LANG", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_EXECUTION_ENV", "AWS_ACCESS_KEY_ID",
@@ -32,7 +34,8 @@ def _check_env(env: dict[str, str] | None) -> dict[str, str] | None:
     for key in env:
         if not ENV_KEY.fullmatch(key):  # not match: its $ also matches before a trailing newline
             raise ValueError(f"environment variable name {key!r} must match {ENV_KEY.pattern}")
-    reserved = sorted(key for key in env if key in RESERVED_ENV_KEYS or key.startswith(RESERVED_ENV_PREFIXES))
+    reserved = sorted(key for key in env if key not in ALLOWED_ENV_KEYS
+                      and (key in RESERVED_ENV_KEYS or key.startswith(RESERVED_ENV_PREFIXES)))
     if reserved:
         raise ValueError(f"reserved environment variables cannot be set: {', '.join(reserved)}")
     for key in env:
@@ -55,7 +58,8 @@ class _Code(BaseModel):
         # the names and values _check_env takes (all but its size limit), stated in the OpenAPI document
         "propertyNames": {"pattern": ENV_KEY.pattern,
                           "not": {"anyOf": [{"enum": sorted(RESERVED_ENV_KEYS)},
-                                            {"pattern": "^(" + "|".join(RESERVED_ENV_PREFIXES) + ")"}]}},
+                                            {"pattern": "^(?!(" + "|".join(sorted(ALLOWED_ENV_KEYS)) + ")$)("
+                                             + "|".join(RESERVED_ENV_PREFIXES) + ")"}]}},
         "additionalProperties": {"type": "string", "pattern": "^[^\\x00]*$"},
     }, description=f"environment variables, at most {ENV_MAX_BYTES} bytes in all; some names are reserved")
 

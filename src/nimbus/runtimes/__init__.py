@@ -41,9 +41,11 @@ RUNTIMES: dict[str, Runtime] = {
                     artifact="module.cwasm"),
 }
 
-# module.function; the module may be dotted (pkg.mod, python3) or a path (lib/index, a package's file).
-HANDLER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(/[A-Za-z_][A-Za-z0-9_.-]*)*"
-                        r"\.[A-Za-z_$][A-Za-z0-9_$]*$")
+# module.function; the module may be dotted (pkg.mod, python3) or a path (lib/index, a package's file), and
+# its names may hold hyphens (auto-confirm.handler), as Lambda loads any file name. Tenant input: every
+# path segment starts with a letter, digit or underscore, so "..", ".hidden", "-opt", absolute paths and
+# empty segments cannot be named; nothing but [A-Za-z0-9_.-] and "/" gets through (no NUL, no backslash).
+HANDLER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*\.[A-Za-z_$][A-Za-z0-9_$]*$")
 
 
 def normalise(name: str) -> str:
