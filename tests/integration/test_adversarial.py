@@ -374,7 +374,7 @@ return {"env": dict(os.environ), "nnp": status["NoNewPrivs"].strip(), "seccomp":
                # Lambda's own names: what the function runs in, never the node's
                "AWS_LAMBDA_LOG_GROUP_NAME", "AWS_LAMBDA_LOG_STREAM_NAME", "AWS_LAMBDA_INITIALIZATION_TYPE",
                "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_EXECUTION_ENV", "LAMBDA_RUNTIME_DIR", "TZ", "_HANDLER",
-               "_X_AMZN_TRACE_ID"}
+               "_X_AMZN_TRACE_ID", "AWS_XRAY_CONTEXT_MISSING"}
     assert set(out["env"]) <= allowed, sorted(set(out["env"]) - allowed)
     assert out["env"]["MY_SETTING"] == "mine"
     normal_call_works(api, fn["name"])

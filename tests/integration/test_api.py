@@ -63,7 +63,7 @@ def test_create_invoke_hot_and_logs(api):
     assert first["status"] == "succeeded", first
     assert first["start"] in ("cold", "warm")
     out = first["output"]
-    assert out["greeting"] == "hello nimbus" and out["function"] == fn["name"] and out["version"] == "1"
+    assert out["greeting"] == "hello nimbus" and out["function"] == fn["name"] and out["version"] == "$LATEST"
     assert out["request"] == first["invocation_id"] and out["memory"] == "128" and out["remaining_ok"]
     second = invoke(api, fn["name"], {"name": "again"})
     assert second["start"] == "hot"

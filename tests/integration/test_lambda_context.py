@@ -57,7 +57,7 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def check_stream(stream: str, version: int) -> str:
+def check_stream(stream: str, version: str) -> str:
     """The stream name's form; returns its machine id."""
     days = {time.strftime("%Y/%m/%d", time.gmtime(time.time() + delta)) for delta in (-60, 0)}
     day, _, rest = stream.rpartition("/")
@@ -72,7 +72,7 @@ def check_env(env: dict, fn: dict, region: str, execution_env: str, handler: str
     assert env["AWS_REGION"] == env["AWS_DEFAULT_REGION"] == region
     assert env["AWS_EXECUTION_ENV"] == execution_env
     assert env["AWS_LAMBDA_LOG_GROUP_NAME"] == f"/aws/lambda/{name}"
-    check_stream(env["AWS_LAMBDA_LOG_STREAM_NAME"], fn["version"])
+    check_stream(env["AWS_LAMBDA_LOG_STREAM_NAME"], "$LATEST")  # an unqualified call runs $LATEST
     assert env["_HANDLER"] == handler
     assert env["LAMBDA_RUNTIME_DIR"] and env["LAMBDA_RUNTIME_DIR"].startswith("/")
     assert env["TZ"] == ":UTC"
@@ -80,7 +80,7 @@ def check_env(env: dict, fn: dict, region: str, execution_env: str, handler: str
     stamp = TRACE.fullmatch(env["_X_AMZN_TRACE_ID"])
     assert stamp and abs(int(stamp.group(1), 16) - time.time()) < 300, env["_X_AMZN_TRACE_ID"]
     assert env["AWS_LAMBDA_FUNCTION_NAME"] == name
-    assert env["AWS_LAMBDA_FUNCTION_VERSION"] == str(fn["version"])
+    assert env["AWS_LAMBDA_FUNCTION_VERSION"] == "$LATEST"
     assert env["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"] == str(fn["memory_mb"])
     assert env["LAMBDA_TASK_ROOT"]
 
@@ -100,7 +100,7 @@ def check_python(api, account: str, region: str) -> None:
     assert out["repr"] == (
         f"LambdaContext([aws_request_id={out['request']},log_group_name=/aws/lambda/{name},"
         f"log_stream_name={out['log_stream_name']},function_name={name},memory_limit_in_mb=192,"
-        f"function_version={fn['version']},invoked_function_arn={arn},client_context=None,"
+        f"function_version=$LATEST,invoked_function_arn={arn},client_context=None,"
         f"identity={out['identity']}])"
     )
     check_env(out["env"], fn, region, f"AWS_Lambda_python{out['interpreter']}", fn["handler"])

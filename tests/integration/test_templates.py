@@ -185,7 +185,8 @@ async def test_a_child_keeps_no_privilege_and_no_descriptor_of_the_template(driv
     assert me["fds"]["0"] == "/dev/null" and me["fds"]["1"] == me["fds"]["2"] == me["fds"]["4"], me["fds"]
     assert len(me["fds"]) == 6 and me["fds"]["3"].startswith("pipe:"), me["fds"]
     assert me["argv_fd"][1] == "--fd" and "--control" not in me["argv_fd"]
-    lambdas = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_EXECUTION_ENV", "TZ", "_HANDLER", "_X_AMZN_TRACE_ID")
+    lambdas = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_EXECUTION_ENV", "AWS_XRAY_CONTEXT_MISSING", "TZ", "_HANDLER",
+               "_X_AMZN_TRACE_ID")
     env = {k: v for k, v in me["env"].items()
            if not k.startswith(("AWS_LAMBDA_", "LAMBDA_", "NIMBUS_")) and k not in lambdas}
     assert env == {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}, me["env"]
