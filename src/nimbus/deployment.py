@@ -6,6 +6,8 @@ importing the pool, and the pool can take one without importing the store.
 
 from dataclasses import dataclass
 
+LATEST = "$LATEST"  # Lambda's name for the unpublished version, which unqualified calls run
+
 
 @dataclass(frozen=True, slots=True)
 class Deployment:
@@ -24,3 +26,6 @@ class Deployment:
     code_sha256: str
     package: bool = False  # the code is a zip of many files, which the agent unpacks
     layer_sha256: str | None = None  # its dependency layer, mounted read-only: only new machines can have it
+    # "$LATEST" or a published number: what the function sees as its version. Part of a machine's identity,
+    # so one revision run as $LATEST and as "1" never shares machines (each sees its own version).
+    executed_version: str = LATEST

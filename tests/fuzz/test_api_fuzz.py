@@ -82,7 +82,8 @@ def before_generate_path_parameters(context, strategy):
     # looked up at draw time: the strategy is built at collection, the seeded values exist once the node runs
     existing = st.fixed_dictionaries({key: st.integers(0, 63).map(lambda i, key=key: SEEDED[key][i % len(SEEDED[key])])
                                       for key in keys})
-    return st.one_of(strategy, existing)
+    # over the generated parameters, so the others (a version number, an alias) are still there
+    return st.one_of(strategy, st.tuples(strategy, existing).map(lambda pair: {**pair[0], **pair[1]}))
 
 
 @schema.hook

@@ -182,7 +182,8 @@ def _event(data: str | None) -> bytes:
 
 
 def invoke(
-    name: Annotated[str, typer.Argument(help="Function name or id.")],
+    name: Annotated[str, typer.Argument(help="Function name or id; NAME:QUALIFIER runs a published version "
+                                              "(NAME:3), an alias (NAME:prod) or NAME:$LATEST.")],
     data: Annotated[
         str | None,
         typer.Option("--data", "-d", help="The event as JSON, or @file (@- for stdin). Default {}.",

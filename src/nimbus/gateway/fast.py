@@ -1,6 +1,7 @@
 """The sync invoke path as a plain ASGI handler: the call a node serves most, without the framework.
 
-``POST /api/v1/functions/{name}/invoke`` is the hot path: routing, dependency injection, a ``Request``
+``POST /api/v1/functions/{name}/invoke`` (``{name}`` may be ``name:qualifier``, or the qualifier may come as
+``?qualifier=``) is the hot path: routing, dependency injection, a ``Request``
 object and response classes cost more of a warm call than the sandbox round trip does (measured with
 ``python -m bench.profile``). :class:`FastInvoke` sits inside the auth and body-limit middleware, so
 keys, rate limits and the body cap apply as to any route, and answers that one request itself:
@@ -10,11 +11,14 @@ stays the documented one in ``/openapi.json``. Both answer through :func:`invoke
 cannot drift apart (tests/integration/test_invoke_parity.py holds them to it).
 """
 
+from urllib.parse import parse_qs
+
 import orjson
 
 from nimbus import protocol
+from nimbus.deployment import LATEST
 from nimbus.errors import InvalidRequest, NimbusError, PayloadTooLarge
-from nimbus.gateway import problems, schemas
+from nimbus.gateway import names, problems, schemas
 from nimbus.gateway.responses import dumps
 
 PREFIX = "/api/v1/functions/"
@@ -80,15 +84,30 @@ def _too_deep() -> InvalidRequest:
                           f"at most {protocol.NESTING_MAX} levels of arrays and objects are allowed")
 
 
-async def invoke_sync(node, name: str, tenant: str, scope, receive, idempotency_key: str | None = None) -> bytes:
+def query_qualifier(scope) -> str | None:
+    """The ``qualifier`` query parameter of a request (the last one given), or None."""
+    raw = scope.get("query_string")
+    if not raw:
+        return None
+    values = parse_qs(raw.decode("latin-1"), keep_blank_values=True).get("qualifier")
+    return values[-1] if values else None
+
+
+async def invoke_sync(node, name: str, tenant: str, scope, receive, idempotency_key: str | None = None,
+                      qualifier: str | None = None) -> bytes:
     """The one sync invoke, for this path and the FastAPI route: the body of its 200 answer.
 
-    The function is looked up before the event is read (an unknown one is a 404 whatever the body). A
-    ``NimbusError`` is the caller's to answer; both answer it with ``problems.for_error``.
+    ``name`` may carry a qualifier (``name:prod``), or ``qualifier`` gives it. The function is looked up
+    before the event is read (an unknown one is a 404 whatever the body). A ``NimbusError`` is the caller's
+    to answer; both answer it with ``problems.for_error``.
     """
-    fn = await node.store.lookup_function(name, tenant)
+    if qualifier is None and ":" not in name:  # the hot path: no parsing, the plain cached look-up
+        fn, version = await node.store.lookup_function(name, tenant), LATEST
+    else:
+        base, qualifier = names.merge_qualifier(name, qualifier)
+        fn, version = await node.store.lookup_qualified(base, tenant, qualifier)
     event = await read_event(scope, receive)
-    inv = await node.scheduler.invoke(fn, event, idempotency_key=idempotency_key)
+    inv = await node.scheduler.invoke(fn, event, idempotency_key=idempotency_key, executed_version=version)
     return dumps(schemas.invoke_view(inv))
 
 
@@ -105,7 +124,7 @@ class FastInvoke:
             return
         try:
             body = await invoke_sync(scope["app"].state.node, name, scope["state"]["nimbus.principal"].tenant,
-                                     scope, receive)
+                                     scope, receive, qualifier=query_qualifier(scope))
         except NimbusError as exc:
             await problems.for_error(exc, scope["method"], scope["path"])(scope, receive, send)
             return

@@ -163,7 +163,11 @@ class FunctionOut(BaseModel):
     timeout_s: float
     concurrency: int
     max_retries: int = 2
-    version: int
+    version: int = Field(description="the revision number of $LATEST (every PUT makes one)")
+    published: int | None = Field(None, description="the published version number of this revision, if any")
+    description: str = ""
+    role: str | None = Field(None, description="the Lambda API's execution role: stored and echoed, it grants "
+                             "nothing")
     code_sha256: str
     code_size: int
     code_kind: str = Field("source", description="source (one file), zip (a package), or module (prebuilt wasm)")
@@ -199,6 +203,7 @@ class InvokeOut(BaseModel):
     start: str | None = Field(None, description="cold | warm | hot")
     restored: bool = Field(False, description="the machine came from a snapshot instead of booting (firecracker)")
     duration_ms: float | None = None
+    executed_version: str = Field("$LATEST", description="the version that ran: $LATEST or a published number")
 
 
 class AsyncOut(BaseModel):
@@ -223,6 +228,7 @@ class InvocationOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     attempts: int
+    executed_version: str = Field("$LATEST", description="the version that ran: $LATEST or a published number")
     next_attempt_at: datetime | None = Field(None, description="a queued retry waits until then (backoff)")
     callback_status: str | None = Field(None, description="pending | delivered | failed; null without callback_url")
     callback_attempts: int = 0
@@ -238,7 +244,8 @@ def function_view(fn, build=None, layer=None) -> dict:
     view = {
         "id": fn.id, "name": fn.name, "runtime": fn.runtime, "handler": fn.handler, "env": fn.env,
         "memory_mb": fn.memory_mb, "timeout_s": fn.timeout_s, "concurrency": fn.concurrency,
-        "max_retries": fn.max_retries, "version": fn.version,
+        "max_retries": fn.max_retries, "version": fn.version, "published": fn.published,
+        "description": fn.description, "role": fn.role,
         "code_sha256": fn.code_sha256, "code_size": fn.code_size, "code_kind": fn.code_kind,
         "artifact_sha256": fn.artifact_sha256,
         "artifact_size": fn.artifact_size, "layer_sha256": fn.layer_sha256, "created_at": fn.created_at,
@@ -260,7 +267,8 @@ def _output(raw: bytes | None):
 
 def invoke_view(inv) -> dict:
     return {"invocation_id": inv.id, "status": inv.status, "output": _output(inv.output), "error": inv.error,
-            "start": inv.start, "restored": inv.restored, "duration_ms": inv.duration_ms}
+            "start": inv.start, "restored": inv.restored, "duration_ms": inv.duration_ms,
+            "executed_version": inv.executed_version}
 
 
 def invocation_view(inv) -> dict:
@@ -269,6 +277,99 @@ def invocation_view(inv) -> dict:
         "status": inv.status, "start": inv.start, "restored": inv.restored, "output": _output(inv.output),
         "error": inv.error, "logs": inv.logs, "logs_truncated": inv.logs_truncated, "duration_ms": inv.duration_ms,
         "created_at": inv.created_at, "started_at": inv.started_at, "finished_at": inv.finished_at,
-        "attempts": inv.attempts, "next_attempt_at": inv.not_before if inv.status == "queued" else None,
+        "attempts": inv.attempts, "executed_version": inv.executed_version,
+        "next_attempt_at": inv.not_before if inv.status == "queued" else None,
         "callback_status": inv.callback_status, "callback_attempts": inv.callback_attempts,
+    }
+
+
+# ---------------------------------------------------------------- versions and aliases
+
+DESCRIPTION = Field("", max_length=256)
+
+
+class PublishIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    description: str | None = Field(None, max_length=256, description="the version's description")
+
+
+class VersionOut(BaseModel):
+    """A published version: an immutable revision's settings and code under its number."""
+
+    version: str = Field(description="the published number, as text (Lambda's Version)")
+    revision: int = Field(description="the revision number (the function's version when it was made)")
+    revision_id: str
+    description: str
+    runtime: str
+    handler: str
+    env: dict[str, str]
+    memory_mb: int
+    timeout_s: float
+    concurrency: int
+    max_retries: int
+    code_sha256: str
+    code_size: int
+    artifact_sha256: str | None = None
+    layer_sha256: str | None = None
+    created_at: datetime
+
+
+class VersionList(BaseModel):
+    versions: list[VersionOut]
+
+
+_WEIGHTS = Field(None, description="at most one published version → the share of calls (0 to 1) it gets",
+                 examples=[{"4": 0.1}])
+
+
+class AliasCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128, description="letters, digits, '-' and '_', not all digits")
+    version: StrictInt | str = Field(description="a published number, or $LATEST (without additional)",
+                                     examples=["3"])
+    additional: dict[str, StrictFloat | StrictInt] | None = _WEIGHTS
+    description: str = DESCRIPTION
+
+
+class AliasUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: StrictInt | str | None = None
+    additional: dict[str, StrictFloat | StrictInt] | None = Field(
+        None, description="replaces the weighted version; {} removes it; absent keeps it")
+    description: str | None = Field(None, max_length=256)
+
+
+class AliasOut(BaseModel):
+    name: str
+    function: str
+    version: str
+    additional: dict[str, float]
+    description: str
+    revision_id: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class AliasList(BaseModel):
+    aliases: list[AliasOut]
+
+
+def version_view(v) -> dict:
+    return {
+        "version": str(v.published), "revision": v.version, "revision_id": v.id, "description": v.description,
+        "runtime": v.runtime, "handler": v.handler, "env": v.env, "memory_mb": v.memory_mb, "timeout_s": v.timeout_s,
+        "concurrency": v.concurrency, "max_retries": v.max_retries, "code_sha256": v.code_sha256,
+        "code_size": v.code_size, "artifact_sha256": v.artifact_sha256, "layer_sha256": v.layer_sha256,
+        "created_at": v.created_at,
+    }
+
+
+def alias_view(a) -> dict:
+    return {
+        "name": a.name, "function": a.function_name, "version": str(a.version),
+        "additional": {str(k): w for k, w in a.additional.items()}, "description": a.description,
+        "revision_id": a.revision_id, "created_at": a.created_at, "updated_at": a.updated_at,
     }

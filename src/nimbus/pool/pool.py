@@ -3,7 +3,9 @@
 ``acquire`` prefers, in order: an idle machine already initialised with this version (*hot*), a
 pre-booted blank machine of the runtime that is then initialised (*warm*), a new machine (*cold*).
 A machine that has loaded one version's code serves only that version until it is destroyed: the
-rule that keeps one function from ever seeing another's memory, files or environment.
+rule that keeps one function from ever seeing another's memory, files or environment. A version here is
+a revision *as* a version (``$LATEST`` or a published number, ``Deployment.executed_version``): the same
+revision run as ``$LATEST`` and as ``1`` has machines of each, since the function sees which it is.
 
 Two loops run beside the calls: the pre-warm loop keeps each runtime's *target* of blank machines
 booted (and destroys the surplus), and the health loop pings idle machines and retires the old, the
@@ -21,20 +23,26 @@ from typing import Any
 
 from nimbus import packages, protocol, runtimes
 from nimbus.agent.contract import LAYER_DIR
-from nimbus.deployment import Deployment
+from nimbus.deployment import LATEST, Deployment
 from nimbus.errors import InitFailed, MachineDied, MachineError, MachineTimeout, Unavailable
 from nimbus.machines.base import DEFAULT_MEMORY_MB, Driver, Machine, MachineSpec
 from nimbus.pool.demand import Demand
 
 log = logging.getLogger("nimbus.pool")
 
-LATEST = "$LATEST"  # Lambda's name for the unpublished version, which unqualified calls run
 DEFAULT_INIT_TIMEOUT_S = 10.0
 PREWARM_INTERVAL_S = 1.0
 PREWARM_BACKOFF_MAX_S = 30.0
 DEFAULT_MAX_WARM = 8
 DEFAULT_AUTOSCALE_WINDOW_S = 30.0
 PING_WAIT_S = 0.1  # how long a call waits for its idle machine to come back from a health ping
+
+
+Key = tuple[str, str]  # (version_id, executed_version): which machines may serve a deployment
+
+
+def key_of(dep: Deployment) -> Key:
+    return (dep.version_id, dep.executed_version)
 
 
 @dataclass(slots=True, eq=False)
@@ -117,13 +125,14 @@ class Pool:
 
         self._blank: dict[str, deque[Machine]] = {rt: deque() for rt in self.runtimes}
         self._demand: dict[str, Demand] = {rt: Demand(min_warm, clock()) for rt in self.runtimes}
-        self._idle: dict[str, deque[Lease]] = {}  # version_id -> leases, most recently used on the right
+        self._idle: dict[Key, deque[Lease]] = {}  # key -> leases, most recently used on the right
         self._booting: dict[str, int] = dict.fromkeys(self.runtimes, 0)
         self._pinging: dict[str, int] = dict.fromkeys(self.runtimes, 0)  # blanks out of their deque for a ping
-        self._idle_pinging: dict[str, int] = {}  # version id → its idle machines out for a ping
+        self._idle_pinging: dict[Key, int] = {}  # key → its idle machines out for a ping
         self._pings_done: asyncio.Future[None] | None = None  # resolved when the running health round ends
         self._busy: dict[str, int] = {}  # runtime -> machines serving a call
-        self._retired: dict[str, str | None] = {}  # function_id -> the version still allowed, if any
+        # function_id -> (the version id still allowed, if any; whether only $LATEST machines are retired)
+        self._retired: dict[str, tuple[str | None, bool]] = {}
         self._count = 0  # machines alive or booting: the figure max_machines bounds
         self._waiters: deque[asyncio.Future] = deque()
         self._refill = asyncio.Event()
@@ -182,7 +191,7 @@ class Pool:
             if lease is not None:
                 self.starts["hot"] += 1
                 return lease
-            if self._idle_pinging.get(dep.version_id) and self._pings_done is not None and not waited_for_ping:
+            if self._idle_pinging.get(key_of(dep)) and self._pings_done is not None and not waited_for_ping:
                 # Its idle machine is out for a health ping (well under a millisecond when healthy):
                 # waiting for it is cheaper than any start. Once, and bounded, for a ping that hangs.
                 waited_for_ping = True
@@ -235,20 +244,38 @@ class Pool:
             self._discard(machine)
             return
         lease.idle_since = now
-        self._idle.setdefault(dep.version_id, deque()).append(lease)
+        self._idle.setdefault(key_of(dep), deque()).append(lease)
         self._wake_one()  # a caller waiting for capacity may now evict or reuse this machine
 
-    def retire_function(self, function_id: str, keep_version_id: str | None = None) -> int:
-        """Destroy a function's idle machines (all, or all but one version's); busy ones die on release."""
-        self._retired[function_id] = keep_version_id
+    def retire_function(self, function_id: str, keep_version_id: str | None = None, *,
+                        latest_only: bool = False) -> int:
+        """Destroy a function's idle machines (all, or all but one revision's); busy ones die on release.
+
+        ``latest_only`` (an update of ``$LATEST``): only machines serving ``$LATEST`` go; published
+        versions keep theirs, since their code did not change.
+        """
+        self._retired[function_id] = (keep_version_id, latest_only)
         destroyed = 0
-        for version_id, leases in list(self._idle.items()):
-            if leases and leases[0].deployment.function_id == function_id and version_id != keep_version_id:
+        for key, leases in list(self._idle.items()):
+            if leases and leases[0].deployment.function_id == function_id and key[0] != keep_version_id and (
+                    not latest_only or key[1] == LATEST):
                 while leases:
                     self._discard(leases.pop().machine)
                     destroyed += 1
-                del self._idle[version_id]
+                del self._idle[key]
         return destroyed
+
+    def retire_version(self, version_id: str, executed_version: str) -> int:
+        """Destroy the idle machines of one revision run as ``executed_version`` (a deleted published
+        version); a busy one goes idle after its call and is reaped after ``idle_ttl_s``."""
+        leases = self._idle.pop((version_id, executed_version), None) or deque()
+        for lease in leases:
+            self._discard(lease.machine)
+        return len(leases)
+
+    def idle_count(self, version_id: str, executed_version: str = LATEST) -> int:
+        """Idle machines kept for one revision run as ``executed_version``."""
+        return len(self._idle.get((version_id, executed_version), ()))
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Machines by runtime and state, and ``target`` (blank machines aimed at), for /health, /metrics, tests."""
@@ -280,15 +307,19 @@ class Pool:
     # ---------------------------------------------------------------- internals
 
     def _is_retired(self, dep: Deployment) -> bool:
-        if dep.function_id not in self._retired:
+        retired = self._retired.get(dep.function_id)
+        if retired is None:
             return False
-        return self._retired[dep.function_id] != dep.version_id
+        keep, latest_only = retired
+        if latest_only and dep.executed_version != LATEST:
+            return False
+        return keep != dep.version_id
 
     def _fresh(self, machine: Machine, now: float) -> bool:
         return machine.alive and now - machine.created_at < self.max_age_s and machine.uses < self.max_uses
 
     def _take_idle(self, dep: Deployment) -> Lease | None:
-        leases = self._idle.get(dep.version_id)
+        leases = self._idle.get((dep.version_id, dep.executed_version))
         now = time.monotonic()
         while leases:
             lease = leases.pop()
@@ -324,10 +355,10 @@ class Pool:
 
     def _pick_victim(self) -> Machine | None:
         """The least recently used idle machine, else a blank one."""
-        oldest: tuple[float, str] | None = None
-        for version_id, leases in self._idle.items():
+        oldest: tuple[float, Key] | None = None
+        for key, leases in self._idle.items():
             if leases and (oldest is None or leases[0].idle_since < oldest[0]):
-                oldest = (leases[0].idle_since, version_id)
+                oldest = (leases[0].idle_since, key)
         if oldest is not None:
             return self._idle[oldest[1]].popleft().machine
         for blanks in self._blank.values():
@@ -352,7 +383,7 @@ class Pool:
                 "memory_mb": dep.memory_mb,
                 "timeout_s": dep.timeout_s,
                 "function_name": dep.function_name,
-                "function_version": LATEST,  # every call today is unqualified: it runs $LATEST
+                "function_version": dep.executed_version,  # "$LATEST" or the published number
                 "account_id": self.account_id,
                 "region": self.region,
             }
@@ -472,7 +503,7 @@ class Pool:
         """One health round: retire expired machines, ping the rest. Returns how many were destroyed."""
         now = time.monotonic()
         destroyed = 0
-        checks: list[tuple[str, str, Any]] = []  # (kind, runtime or version id, a Machine or a Lease)
+        checks: list[tuple[str, Any, Any]] = []  # (kind, runtime or key, a Machine or a Lease)
         for rt, blanks in self._blank.items():
             for machine in list(blanks):
                 blanks.remove(machine)
@@ -482,17 +513,17 @@ class Pool:
                 else:
                     self._discard(machine)
                     destroyed += 1
-        for version_id, leases in list(self._idle.items()):
+        for key, leases in list(self._idle.items()):
             for lease in list(leases):
                 leases.remove(lease)
                 if self._fresh(lease.machine, now) and now - lease.idle_since < self.idle_ttl_s:
-                    checks.append(("idle", version_id, lease))
-                    self._idle_pinging[version_id] = self._idle_pinging.get(version_id, 0) + 1
-                else:
+                    checks.append(("idle", key, lease))
+                    self._idle_pinging[key] = self._idle_pinging.get(key, 0) + 1
+                else:  # past its idle TTL: whatever version it serves holds no machine once unused that long
                     self._discard(lease.machine)
                     destroyed += 1
             if not leases:
-                self._idle.pop(version_id, None)
+                self._idle.pop(key, None)
         machines = [item[2] if item[0] == "blank" else item[2].machine for item in checks]
         done = self._pings_done = asyncio.get_running_loop().create_future()
         try:

@@ -21,7 +21,7 @@ import orjson
 
 from nimbus import callbacks, protocol
 from nimbus.agent.contract import LOG_TAIL_MAX, RESULT_MAX
-from nimbus.deployment import Deployment
+from nimbus.deployment import LATEST, Deployment
 from nimbus.errors import (
     Conflict,
     InitFailed,
@@ -128,18 +128,22 @@ class Scheduler:
 
     # ---------------------------------------------------------------- entry points
 
-    async def invoke(self, fn, event: bytes, *, idempotency_key: str | None = None) -> InvocationRecord:
+    async def invoke(self, fn, event: bytes, *, idempotency_key: str | None = None,
+                     executed_version: str = LATEST) -> InvocationRecord:
         """Run a call now and return its finished record: one store write, at the end, written behind
         (the caller has its answer; see ``Store.record_invocation``).
+
+        ``fn`` is the revision to run and ``executed_version`` what it runs as (``Store.lookup_qualified``
+        gives both): ``$LATEST`` or a published number, on machines of that version only.
 
         With ``idempotency_key`` the call is recorded as running first, so a repeat of the key (on any
         node, even concurrent) finds it and gets its result instead of running it again.
         """
         if idempotency_key is not None:
-            return await self._invoke_once(fn, event, idempotency_key)
+            return await self._invoke_once(fn, event, idempotency_key, executed_version)
         self._admit(fn.tenant)
         try:
-            dep = fn.deployment()
+            dep = fn.deployment(executed_version)
             inv = self._sync_record(fn, dep)
             await self._execute_sync(dep, inv, event)
             try:
@@ -155,10 +159,10 @@ class Scheduler:
         return InvocationRecord(
             id=new_id(), function_id=dep.function_id, function_name=dep.function_name, tenant=fn.tenant,
             version=dep.version, version_id=dep.version_id, mode="sync", status="running", created_at=_now(),
-            attempts=1, **extra,
+            attempts=1, executed_version=dep.executed_version, **extra,
         )
 
-    async def _invoke_once(self, fn, event: bytes, key: str) -> InvocationRecord:
+    async def _invoke_once(self, fn, event: bytes, key: str, executed_version: str) -> InvocationRecord:
         key = check_idempotency_key(key)
         existing = await self.store.get_by_idempotency_key(fn.tenant, key)
         if existing is not None:
@@ -166,7 +170,7 @@ class Scheduler:
         await self._check_budget(fn.tenant, 0)
         self._admit(fn.tenant)
         try:
-            dep = fn.deployment()
+            dep = fn.deployment(executed_version)
             inv = self._sync_record(fn, dep, idempotency_key=key, lease_owner=self.node_id)
             stored, created = await self.store.insert_idempotent(inv)
         except BaseException:
@@ -206,8 +210,9 @@ class Scheduler:
         return first
 
     async def submit_async(self, fn, event: bytes, *, callback_url: str | None = None,
-                           idempotency_key: str | None = None) -> InvocationRecord:
-        """Record an async call as queued (before the 202 goes out) and wake the dispatcher.
+                           idempotency_key: str | None = None, executed_version: str = LATEST) -> InvocationRecord:
+        """Record an async call as queued (before the 202 goes out) and wake the dispatcher. It runs the
+        revision ``fn`` names as ``executed_version``, even if ``$LATEST`` or an alias moves meanwhile.
 
         A repeated ``idempotency_key`` returns the first invocation instead. ``callback_url`` must be
         allowed by ``NIMBUS_CALLBACK_ALLOW`` (``InvalidRequest`` otherwise).
@@ -225,7 +230,7 @@ class Scheduler:
         inv = InvocationRecord(
             id=new_id(), function_id=fn.id, function_name=fn.name, tenant=fn.tenant, version=fn.version,
             version_id=fn.version_id, mode="async", status="queued", event=event, created_at=_now(),
-            callback_url=callback_url, idempotency_key=idempotency_key,
+            callback_url=callback_url, idempotency_key=idempotency_key, executed_version=executed_version,
         )
         stored, created = await self.store.insert_idempotent(inv)
         if not created:

@@ -251,7 +251,8 @@ class AsyncWorker:
             inv.attempts += 1
 
         try:
-            await self.scheduler.execute(version.deployment(), inv, inv.event or b"null", on_start=start)
+            await self.scheduler.execute(version.deployment(inv.executed_version), inv, inv.event or b"null",
+                                         on_start=start)
         except Unavailable as exc:
             inv.status, inv.start, inv.output, inv.logs, inv.duration_ms = "failed", None, None, "", None
             inv.finished_at = _now()

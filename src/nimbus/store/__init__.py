@@ -12,7 +12,8 @@ The package, top-down (docs/architecture.md has the long story):
   talks to the driver.
 - ``statements``: the queries, built once, and what their rows become.
 - ``writebehind``: group commit and write-behind of invocation rows.
-- the verbs, one module per concern: ``functions``, ``builds`` (and layers, garbage, artifacts),
+- the verbs, one module per concern: ``functions``, ``versions`` (published versions, aliases, the
+  qualified look-up), ``builds`` (and layers, garbage, artifacts),
   ``invocations`` (and retention, usage), ``queue`` (claims, leases, retries, callbacks), ``keys``.
 - ``tables``, ``records``, ``retention`` and ``migrations``: the schema, the dataclasses, the sweep
   loop and the schema's history.
@@ -33,11 +34,19 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.store.builds import BuildsMixin
-from nimbus.store.functions import FUNCTION_CACHE_S, FunctionsMixin
+from nimbus.store.functions import FUNCTION_CACHE_S
 from nimbus.store.invocations import InvocationsMixin
 from nimbus.store.keys import KeysMixin
 from nimbus.store.queue import QueueMixin
-from nimbus.store.records import ApiKeyRecord, BuildRecord, FunctionRecord, InvocationRecord, VersionRecord
+from nimbus.store.records import (
+    AliasRecord,
+    ApiKeyRecord,
+    BuildRecord,
+    FunctionRecord,
+    InvocationRecord,
+    VersionRecord,
+)
+from nimbus.store.versions import VersionsMixin
 from nimbus.store.writebehind import (
     DEFAULT_WRITE_BEHIND_MS,
     INSERT_BATCH_MAX,
@@ -48,10 +57,10 @@ from nimbus.store.writebehind import (
 
 log = logging.getLogger("nimbus.store")
 
-__all__ = ["ApiKeyRecord", "BuildRecord", "FunctionRecord", "InvocationRecord", "Store", "VersionRecord"]
+__all__ = ["AliasRecord", "ApiKeyRecord", "BuildRecord", "FunctionRecord", "InvocationRecord", "Store", "VersionRecord"]
 
 
-class Store(FunctionsMixin, BuildsMixin, InvocationsMixin, QueueMixin, KeysMixin):
+class Store(VersionsMixin, BuildsMixin, InvocationsMixin, QueueMixin, KeysMixin):
     """Functions, their versions and code, the build cache, invocations and API keys, in SQLite or PostgreSQL.
 
     Open one with ``await Store.open(url)``, which also brings the schema up to date; ``await store.close()``

@@ -52,7 +52,8 @@ class FunctionsMixin(Database):
     """Functions and versions; a function's code is an artifact (``nimbus.store.builds``)."""
 
     _function_cache_s: float
-    _functions: dict[tuple[str, str], tuple[float, FunctionRecord]]  # lookup_function's cache
+    # lookup_function's cache, (tenant, key) → record; lookup_qualified's shares it, (tenant, key, qualifier).
+    _functions: dict[tuple[str, ...], tuple[float, Any]]
     _behind: WriteBehind | None
 
     async def create_function(
@@ -71,6 +72,8 @@ class FunctionsMixin(Database):
         artifact_sha256: str | None = None,
         max_retries: int = DEFAULT_MAX_RETRIES,
         layer_sha256: str | None = None,
+        description: str = "",
+        role: str | None = None,
     ) -> FunctionRecord:
         """Create a function at version 1. ``Conflict`` if the tenant already has one with this name.
 
@@ -86,6 +89,7 @@ class FunctionsMixin(Database):
             memory_mb=memory_mb, timeout_s=float(timeout_s), concurrency=concurrency, version=1,
             version_id=new_id(), code_sha256=sha, code_size=len(code), code_kind=code_kind, created_at=now,
             updated_at=now, artifact_sha256=artifact_sha256, max_retries=max_retries, layer_sha256=layer_sha256,
+            description=description, role=role,
         )
         with boundary(f"create function {name!r}"):
             async with self._write() as conn:
@@ -126,6 +130,8 @@ class FunctionsMixin(Database):
         artifact_sha256: str | None = None,
         max_retries: int | None = None,
         layer_sha256: str | None = None,
+        description: str | None = None,
+        role: str | None = None,
     ) -> FunctionRecord:
         """Make version N+1 from the latest, with the given code and settings changed. ``NotFound``.
 
@@ -169,6 +175,8 @@ class FunctionsMixin(Database):
                     artifact_sha256=built[0], artifact_size=built[1],
                     max_retries=max_retries if max_retries is not None else current.max_retries,
                     layer_sha256=layer,
+                    description=description if description is not None else current.description,
+                    role=role if role is not None else current.role,
                 )
                 if code is not None:
                     await put_artifact(conn, record.code_sha256, record.runtime, code, now)
@@ -243,6 +251,7 @@ class FunctionsMixin(Database):
                 )).all()
                 shas = sorted({sha for row in rows for sha in row if sha is not None})
                 await conn.execute(_i.delete().where(_i.c.function_id == function_id))
+                await conn.execute(tables.aliases.delete().where(tables.aliases.c.function_id == function_id))
                 await conn.execute(_v.delete().where(_v.c.function_id == function_id))
                 await conn.execute(_f.delete().where(_f.c.id == function_id))
                 # Lock the candidates first, in a statement of its own: a concurrent create or put_build
@@ -292,5 +301,6 @@ def _version_row(record: FunctionRecord) -> dict[str, Any]:
         "timeout_s": record.timeout_s, "concurrency": record.concurrency, "code_sha256": record.code_sha256,
         "code_size": record.code_size, "code_kind": record.code_kind, "created_at": record.updated_at,
         "artifact_sha256": record.artifact_sha256, "max_retries": record.max_retries,
-        "layer_sha256": record.layer_sha256,
+        "layer_sha256": record.layer_sha256, "published": None, "description": record.description,
+        "role": record.role,
     }

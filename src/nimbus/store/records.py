@@ -8,7 +8,7 @@ nothing in the database.
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from nimbus.deployment import Deployment
+from nimbus.deployment import LATEST, Deployment
 
 DEFAULT_TENANT = "default"
 DEFAULT_MAX_RETRIES = 2  # Lambda's default for async invocations
@@ -57,16 +57,21 @@ class FunctionRecord:
     layer_sha256: str | None = None
     """Packages with requirements.txt or package.json: the archive of the dependency layer its machines
     mount read-only. None when the function has no dependencies."""
+    published: int | None = None
+    """The published version number of this revision; None when it is not published."""
+    description: str = ""
+    role: str | None = None
+    """The Lambda API's execution role: stored and echoed, it grants nothing."""
 
-    def deployment(self) -> Deployment:
-        """What a machine serving the latest version is initialised with: a sync call runs this."""
+    def deployment(self, executed_version: str = LATEST) -> Deployment:
+        """What a machine serving this revision as ``executed_version`` is initialised with."""
         return Deployment(
             version_id=self.version_id, function_id=self.id, function_name=self.name, version=self.version,
             runtime=self.runtime, handler=self.handler, env=dict(self.env), memory_mb=self.memory_mb,
             timeout_s=float(self.timeout_s), concurrency=self.concurrency,
             # Compiled runtimes run their built artifact; interpreted ones their code.
             code_sha256=self.artifact_sha256 or self.code_sha256, package=self.code_kind == "zip",
-            layer_sha256=self.layer_sha256,
+            layer_sha256=self.layer_sha256, executed_version=executed_version,
         )
 
 
@@ -98,17 +103,42 @@ class VersionRecord:
     max_retries: int = DEFAULT_MAX_RETRIES
     layer_sha256: str | None = None
     """The dependency layer this version's machines mount; None when it has none."""
+    published: int | None = None
+    """The published version number of this revision; None when it is not published."""
+    description: str = ""
+    role: str | None = None
 
-    def deployment(self) -> Deployment:
+    def deployment(self, executed_version: str = LATEST) -> Deployment:
         """What a machine serving this version is initialised with: an async call runs the version it was
-        queued for."""
+        queued for, as the version (``$LATEST`` or a number) it was queued under."""
         return Deployment(
             version_id=self.id, function_id=self.function_id, function_name=self.function_name,
             version=self.version, runtime=self.runtime, handler=self.handler, env=dict(self.env),
             memory_mb=self.memory_mb, timeout_s=float(self.timeout_s), concurrency=self.concurrency,
             code_sha256=self.artifact_sha256 or self.code_sha256, package=self.code_kind == "zip",
-            layer_sha256=self.layer_sha256,
+            layer_sha256=self.layer_sha256, executed_version=executed_version,
         )
+
+
+@dataclass(slots=True, kw_only=True)
+class AliasRecord:
+    """A named pointer at a published version (or ``$LATEST``), optionally sending a share of the calls to
+    a second published version."""
+
+    id: str
+    function_id: str
+    function_name: str
+    tenant: str
+    name: str
+    version: int | str
+    """A published number, or ``"$LATEST"``."""
+    additional: dict[int, float]
+    """At most one entry: published number → the share of calls (0..1) it gets instead of ``version``."""
+    description: str
+    revision_id: str
+    """New on every update (Lambda's RevisionId)."""
+    created_at: datetime
+    updated_at: datetime
 
 
 @dataclass(slots=True, kw_only=True)
@@ -178,6 +208,8 @@ class InvocationRecord:
     """``pending``, ``delivered`` or ``failed``: how far POSTing the result to ``callback_url`` got."""
     callback_attempts: int = 0
     idempotency_key: str | None = None
+    executed_version: str = LATEST
+    """``$LATEST`` or the published number the call ran (``version_id`` names the revision)."""
 
 
 @dataclass(slots=True, kw_only=True)

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from nimbus.store import tables
 from nimbus.store.records import (
     FINISHED_STATUSES,
+    AliasRecord,
     ApiKeyRecord,
     BuildRecord,
     FunctionRecord,
@@ -42,7 +43,7 @@ _FUNCTION_COLUMNS = (
     _f.c.id, _f.c.name, _f.c.tenant, _v.c.runtime, _v.c.handler, _v.c.env, _v.c.memory_mb, _v.c.timeout_s,
     _v.c.concurrency, _f.c.version, _v.c.id.label("version_id"), _v.c.code_sha256, _v.c.code_size,
     _v.c.code_kind, _f.c.created_at, _f.c.updated_at, _v.c.artifact_sha256, _built.c.size.label("artifact_size"),
-    _v.c.max_retries, _v.c.layer_sha256,
+    _v.c.max_retries, _v.c.layer_sha256, _v.c.published, _v.c.description, _v.c.role,
 )
 LATEST = _f.join(_v, sa.and_(_v.c.function_id == _f.c.id, _v.c.version == _f.c.version))
 SELECT_LATEST = sa.select(*_FUNCTION_COLUMNS).select_from(
@@ -56,14 +57,45 @@ FUNCTION_BY_ID = SELECT_LATEST.where(_f.c.id == _key)
 LOCK_FUNCTION = sa.select(_f.c.id).where(*_BY_KEY).order_by(_KEY_ORDER).limit(1).with_for_update()
 NAME_TAKEN = sa.select(_f.c.id).where(_f.c.tenant == _tenant, _f.c.name == _key)
 
-GET_VERSION = sa.select(
+SELECT_VERSIONS = sa.select(
     _v.c.id, _v.c.function_id, _f.c.name.label("function_name"), _f.c.tenant, _v.c.version, _v.c.runtime,
     _v.c.handler, _v.c.env, _v.c.memory_mb, _v.c.timeout_s, _v.c.concurrency, _v.c.code_sha256, _v.c.code_size,
     _v.c.code_kind, _v.c.created_at, _v.c.artifact_sha256, _built.c.size.label("artifact_size"), _v.c.max_retries,
-    _v.c.layer_sha256,
+    _v.c.layer_sha256, _v.c.published,
+    # A published version's own description when it was given one, else its revision's.
+    sa.func.coalesce(_v.c.published_description, _v.c.description).label("description"), _v.c.role,
 ).select_from(
     _v.join(_f, _f.c.id == _v.c.function_id).outerjoin(_built, _built.c.sha256 == _v.c.artifact_sha256)
-).where(_v.c.id == _key)
+)
+GET_VERSION = SELECT_VERSIONS.where(_v.c.id == _key)
+_number = sa.bindparam("number", type_=sa.Integer)
+# A function's published versions, and one of them by number ("key" is the function's id).
+LIST_PUBLISHED = SELECT_VERSIONS.where(_v.c.function_id == _key, _v.c.published.is_not(None)).order_by(
+    _v.c.published)
+GET_PUBLISHED = SELECT_VERSIONS.where(_v.c.function_id == _key, _v.c.published == _number)
+# A published revision as the function record a call runs: its own number, settings and code.
+PUBLISHED_AS_FUNCTION = sa.select(
+    *(_v.c.version if c is _f.c.version else _v.c.created_at.label("updated_at") if c is _f.c.updated_at else c
+      for c in _FUNCTION_COLUMNS)
+).select_from(
+    _f.join(_v, _v.c.function_id == _f.c.id).outerjoin(_built, _built.c.sha256 == _v.c.artifact_sha256)
+).where(_f.c.id == _key, _v.c.published == _number)
+# The function's id (name first, as GET_FUNCTION), without the join: what a qualified look-up starts from.
+FUNCTION_ID = sa.select(_f.c.id).where(*_BY_KEY).order_by(_KEY_ORDER).limit(1)
+
+_al = tables.aliases
+SELECT_ALIASES = sa.select(
+    _al.c.id, _al.c.function_id, _f.c.name.label("function_name"), _al.c.tenant, _al.c.name, _al.c.version,
+    _al.c.additional_version, _al.c.additional_weight, _al.c.description, _al.c.revision_id, _al.c.created_at,
+    _al.c.updated_at,
+).select_from(_al.join(_f, _f.c.id == _al.c.function_id))
+GET_ALIAS = SELECT_ALIASES.where(_al.c.function_id == _key, _al.c.name == sa.bindparam("alias", type_=sa.String))
+LIST_ALIASES = SELECT_ALIASES.where(_al.c.function_id == _key).order_by(_al.c.name)
+# Aliases that route calls to a published number: it cannot be deleted while one does.
+ALIASES_USING = sa.select(_al.c.name).where(
+    _al.c.function_id == _key,
+    sa.or_(_al.c.version == sa.bindparam("text", type_=sa.String), _al.c.additional_version == _number),
+).order_by(_al.c.name)
 
 GET_CODE = sa.select(_a.c.content).where(_a.c.sha256 == _key)
 # An artifact something still needs: a version's code, built artifact or layer, or a build-cache row.
@@ -199,6 +231,15 @@ def as_version(row: sa.Row) -> VersionRecord:
     values = dict(row._mapping)
     values["env"] = dict(values["env"] or {})
     return VersionRecord(**values)
+
+
+def as_alias(row: sa.Row) -> AliasRecord:
+    values = dict(row._mapping)
+    extra, weight = values.pop("additional_version"), values.pop("additional_weight")
+    values["additional"] = {int(extra): float(weight)} if extra is not None and weight is not None else {}
+    version = values["version"]
+    values["version"] = int(version) if version.isdigit() else version
+    return AliasRecord(**values)
 
 
 def as_invocation(row: sa.Row) -> InvocationRecord:

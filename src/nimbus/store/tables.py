@@ -5,9 +5,12 @@ database they build with this module, so the two cannot drift apart unnoticed.
 
 Layout (docs/architecture.md#storage):
 
-- ``functions``: identity (tenant, name) and the number of the latest version.
-- ``function_versions``: immutable settings, a code reference and (compiled runtimes) the built artifact
-  the machines run, one row per version.
+- ``functions``: identity (tenant, name), the number of the latest revision (``$LATEST``) and the last
+  published version number handed out (never reused).
+- ``function_versions``: immutable revisions: settings, a code reference and (compiled runtimes) the built
+  artifact the machines run, one row per PUT. ``published`` marks the revisions published as numbered
+  versions.
+- ``aliases``: named pointers at a published version, with an optional weighted second version.
 - ``artifacts``: code and built bytes by sha256, shared by every version and build with the same bytes.
 - ``builds``: the build cache, sha256(runtime, toolchain, source) → artifact, so identical code deployed
   again (on any node sharing the database) is not built again. Dependency layers are builds too
@@ -88,6 +91,8 @@ functions = sa.Table(
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
+    # Migration 0008: the highest published version number ever handed out, so a deleted one is not reused.
+    sa.Column("last_published", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.UniqueConstraint("tenant", "name"),
 )
 
@@ -115,7 +120,16 @@ function_versions = sa.Table(
     sa.Column("max_retries", sa.Integer, nullable=False, server_default=sa.text("2")),
     # Packages with requirements.txt / package.json: the dependency layer machines mount (migration 0004).
     sa.Column("layer_sha256", sa.String(SHA256), sa.ForeignKey("artifacts.sha256"), nullable=True),
+    # Migration 0008: the published version number of this revision (NULL: unpublished), its description,
+    # and the Lambda API's execution role (stored and echoed; it grants nothing).
+    sa.Column("published", sa.Integer, nullable=True),
+    sa.Column("description", sa.Text, nullable=False, server_default=""),
+    sa.Column("role", sa.Text, nullable=True),
+    # The description given when publishing: the version's own, while $LATEST keeps ``description``.
+    sa.Column("published_description", sa.Text, nullable=True),
     sa.UniqueConstraint("function_id", "version"),
+    # A unique index, not a constraint: SQLite adds it without rebuilding the table. NULLs never collide.
+    sa.Index(None, "function_id", "published", unique=True),
     # Deleting a function asks whether anyone else still uses each of its artifacts.
     sa.Index(None, "code_sha256"),
     sa.Index(None, "artifact_sha256"),
@@ -183,6 +197,8 @@ invocations = sa.Table(
     sa.Column("callback_status", sa.String(16)),
     sa.Column("callback_attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.Column("idempotency_key", sa.String(256)),
+    # Migration 0008: which version ran: "$LATEST" or a published number ("1", "2"…).
+    sa.Column("executed_version", sa.String(16), nullable=False, server_default="$LATEST"),
     sa.Index("ix_invocations_tenant_idempotency_key", "tenant", "idempotency_key", unique=True),
     sa.Index("ix_invocations_callback_status", "callback_status"),
     # A function's recent invocations, newest first.
@@ -205,5 +221,29 @@ api_keys = sa.Table(
     # Migration 0003: admin keys manage every tenant's keys; the prefix identifies a key in listings.
     sa.Column("admin", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("prefix", sa.String(16), nullable=False, server_default=""),
+    # Migration 0008: the SigV4 secret of the Lambda API (gateway/lambda_api); NULL for bearer-only keys.
+    sa.Column("secret", sa.Text, nullable=True),
     sa.Index(None, "tenant"),
+)
+
+ALIAS = 128  # Lambda's limit on alias names
+VERSION = 16  # "$LATEST" or a published number
+
+# Named pointers at published versions (migration 0008): what a qualified invoke resolves.
+aliases = sa.Table(
+    "aliases",
+    metadata,
+    sa.Column("id", sa.String(ID), primary_key=True),
+    sa.Column("function_id", sa.String(ID), sa.ForeignKey("functions.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("tenant", sa.String(TENANT), nullable=False),
+    sa.Column("name", sa.String(ALIAS), nullable=False),
+    # A published number as text, or "$LATEST" (allowed only without an additional version).
+    sa.Column("version", sa.String(VERSION), nullable=False),
+    sa.Column("additional_version", sa.Integer, nullable=True),
+    sa.Column("additional_weight", sa.Float, nullable=True),
+    sa.Column("description", sa.Text, nullable=False, server_default=""),
+    sa.Column("revision_id", sa.String(ID), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.UniqueConstraint("function_id", "name"),
 )
