@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from bench import compiled, firecracker, floors, inprocess, plot, report
+from bench import compiled, firecracker, floors, inprocess, lambda_api, plot, report
 from bench.common import (
     HERE,
     NOOP_CODE,
@@ -237,6 +237,10 @@ def main(argv=None) -> None:
         results["warm_p50_ms"] = {"value": warm, "floor": floor, "ratio": warm / floor,
                                   "floor_parts": {"asgi_echo_p50_ms": echo_seq, "socketpair_rtt_p50_ms": pair}}
 
+        print("warm, Lambda API (/2015-03-31) beside /api/v1 ...", flush=True)
+        results["lambda_invoke_p50_ms"] = lambda_api.measure(
+            invoke_url, f"{base}/2015-03-31/functions/{name}/invocations", BODY, args.requests)
+
         print(f"warm, concurrency {CONCURRENCY} ...", flush=True)
         # The echo answers ~50x faster: more calls, so its run lasts long enough to be a rate.
         echo_rps, echo_lat, echo_err = concurrent(echo_url, BODY, args.concurrent_requests * 10, CONCURRENCY)
@@ -288,7 +292,8 @@ def main(argv=None) -> None:
     pool_rows = inprocess.measure(args.acquires)
     results["hot_acquire_p50_us"] = pool_rows["hot_acquire_p50_us"]
     # Order the table as the issue does.
-    ordered = {k: results[k] for k in ("warm_p50_ms", "warm_throughput_rps_c32", "warm_p99_ms_c32")}
+    ordered = {k: results[k] for k in ("warm_p50_ms", "lambda_invoke_p50_ms", "warm_throughput_rps_c32",
+                                       "warm_p99_ms_c32")}
     ordered["hot_acquire_p50_us"] = pool_rows["hot_acquire_p50_us"]
     ordered["cold_start_p50_ms"] = results["cold_start_p50_ms"]
     ordered["cold_start_p50_ms"]["in_process"] = pool_rows["cold_parts"]

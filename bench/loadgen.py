@@ -13,12 +13,13 @@ from urllib.parse import urlsplit
 class HTTPClient:
     """One keep-alive connection POSTing one fixed body to one URL."""
 
-    def __init__(self, url: str, body: bytes) -> None:
+    def __init__(self, url: str, body: bytes, headers: dict[str, str] | None = None) -> None:
         parts = urlsplit(url)
         self.host, self.port = parts.hostname, parts.port or 80
         path = parts.path or "/"
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self.request = (f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
-                        f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+                        f"{extra}Content-Length: {len(body)}\r\n\r\n").encode() + body
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -51,11 +52,12 @@ def ok(status: int, body: bytes) -> bool:
     return status == 200 and (b'"status"' not in body or b'"succeeded"' in body)
 
 
-def sequential(url: str, body: bytes, n: int, warmup: int | None = None) -> list[float]:
+def sequential(url: str, body: bytes, n: int, warmup: int | None = None,
+               headers: dict[str, str] | None = None) -> list[float]:
     """Latencies (s) of ``n`` calls one after another on one connection, after a warm-up."""
 
     async def run():
-        client = HTTPClient(url, body)
+        client = HTTPClient(url, body, headers)
         await client.connect()
         out = []
         try:

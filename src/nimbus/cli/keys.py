@@ -21,13 +21,16 @@ def keys_create(
     as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON (with the key).")] = False,
     url: UrlOption = DEFAULT_URL,
 ) -> None:
-    """Create a key; the key is printed on stdout, once: the node keeps only its hash."""
+    """Create a key; the key is printed on stdout, once (the node keeps only its hash); the Lambda API's
+    access key id and secret (for boto3 and the AWS CLI) on stderr, also once."""
     with Api(url) as api:
         key = api.call("POST", "/api/v1/keys", json={"tenant": tenant, "name": name, "admin": admin})
     if as_json:
         print_json(key)
         return
-    typer.echo(key["key"])
+    typer.echo(key["key"])  # stdout holds the key alone: KEY=$(nimbus keys create ...) keeps working
+    note(f"for boto3 and the AWS CLI (the Lambda API, SigV4):\n"
+         f"  AWS_ACCESS_KEY_ID={key['access_key_id']}\n  AWS_SECRET_ACCESS_KEY={key['secret_access_key']}")
     kind = "admin key" if key["admin"] else "key"
     note(f"created {kind} {key['id']} ({key['prefix']}...) for tenant {key['tenant']}; "
           "it is shown only now: store it (e.g. export NIMBUS_API_KEY=...)")

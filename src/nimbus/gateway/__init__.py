@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from nimbus import __version__
 from nimbus.gateway import auth, fast, functions, invocations, keys, layers, limits, problems, system
+from nimbus.gateway.lambda_api.routes import LambdaApi
 
 
 def build_api(lifespan: Callable[[FastAPI], AbstractAsyncContextManager] | None = None) -> FastAPI:
@@ -26,6 +27,7 @@ def build_api(lifespan: Callable[[FastAPI], AbstractAsyncContextManager] | None 
     app.include_router(system.router)
     app.add_middleware(fast.FastInvoke)  # innermost of ours: behind the key check and the body cap
     app.add_middleware(limits.BodyLimit)
+    app.add_middleware(LambdaApi)  # /2015-03-31 (boto3): its own body limits and error shapes, behind auth
     # Outermost: a caller without a valid key, or over its rate, is refused before anything else runs.
     app.state.guard = auth.Guard()
     app.add_middleware(auth.AuthMiddleware, guard=app.state.guard)

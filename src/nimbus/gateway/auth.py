@@ -14,6 +14,12 @@ another node stops working within that time (at once on the node that revoked it
 The rate limit is a token bucket per key (per client address when auth is off, and for requests whose
 key is not yet known to be valid, so guessing keys costs the guesser, not the database):
 ``NIMBUS_RATE_LIMIT`` tokens per second, ``NIMBUS_RATE_BURST`` at most (0: one second's worth).
+
+The Lambda API (``/2015-03-31/``, boto3) authenticates with SigV4 instead: with auth on, the access key
+id is an API key's id and the secret its SigV4 secret; this middleware checks the header and the clock
+and looks the key up (refusing with AWS's 403s), and leaves the signature, which covers the body, to the
+Lambda API to verify once it has read the body (``scope["state"]["nimbus.sigv4"]``). With auth off any
+signature, or none, is accepted, as local emulators do.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import time
 from dataclasses import dataclass
 
 from nimbus.errors import NimbusError, NotFound
+from nimbus.gateway.lambda_api import errors as lambda_errors
+from nimbus.gateway.lambda_api import sigv4
 from nimbus.gateway.problems import problem
 from nimbus.store.records import DEFAULT_TENANT
 
@@ -43,6 +51,8 @@ BUCKETS_MAX = 100_000  # rate-limit buckets; full ones are forgotten past it (a 
 OPEN_PATHS = frozenset({"/health"})  # no key, no rate limit: load balancers and orchestrators probe it
 PUBLIC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})  # no key; rate-limited
 ADMIN_PATHS = frozenset({"/metrics"})  # every tenant's function names: admin keys only
+LAMBDA_ROOT = "/2015-03-31/"  # the Lambda API: SigV4, and AWS's error shapes
+SECRET_BYTES = 30  # a SigV4 secret: 40 URL-safe characters, as long as AWS's
 
 REALM = 'Bearer realm="nimbus"'
 
@@ -62,6 +72,11 @@ ANONYMOUS = Principal(key_id=None, tenant=DEFAULT_TENANT)
 def new_key() -> str:
     """A fresh API key: recognisable by its prefix, unguessable by its 32 random bytes."""
     return KEY_PREFIX + secrets.token_urlsafe(KEY_BYTES)
+
+
+def new_secret() -> str:
+    """A SigV4 secret access key, kept by the store as it is (an HMAC key must be known to check a MAC)."""
+    return secrets.token_urlsafe(SECRET_BYTES)
 
 
 def hash_key(key: str) -> str:
@@ -130,6 +145,8 @@ class Guard:
 
     def __init__(self) -> None:
         self._cache: dict[str, tuple[Principal | None, float]] = {}
+        # SigV4 access key id -> (principal and secret, or None when unknown; key hash; expiry)
+        self._sigv4: dict[str, tuple[tuple[Principal, str] | None, str | None, float]] = {}
         self._settings = None
         self.cache_s = DEFAULT_CACHE_S
         self.buckets: Buckets | None = None
@@ -142,6 +159,31 @@ class Guard:
     def forget(self, key_hash: str) -> None:
         """Drop a cached look-up: a key revoked on this node stops working with the next request."""
         self._cache.pop(key_hash, None)
+        for access_key, (_, hashed, _) in list(self._sigv4.items()):
+            if hashed == key_hash:
+                del self._sigv4[access_key]
+
+    def cached_sigv4(self, access_key: str) -> tuple[bool, tuple[Principal, str] | None]:
+        entry = self._sigv4.get(access_key)
+        if entry is None or entry[2] < time.monotonic():
+            return False, None
+        return True, entry[0]
+
+    async def look_up_sigv4(self, store, access_key: str) -> tuple[Principal, str] | None:
+        """The principal and secret of a live access key id, None for an unknown or revoked one; cached as
+        ``look_up``."""
+        try:
+            record, secret = await store.get_sigv4_key(access_key)
+        except NotFound:
+            found, hashed = None, None
+        else:
+            found = (Principal(key_id=record.id, tenant=record.tenant, admin=record.admin), secret)
+            hashed = record.key_hash
+        if self.cache_s > 0:
+            if len(self._sigv4) >= CACHE_MAX:
+                self._sigv4.clear()
+            self._sigv4[access_key] = (found, hashed, time.monotonic() + self.cache_s)
+        return found
 
     def cached(self, key_hash: str) -> tuple[bool, Principal | None]:
         entry = self._cache.get(key_hash)
@@ -214,10 +256,14 @@ class AuthMiddleware:
 
         if node.settings.auth != "on":
             if buckets is not None and (wait := buckets.take(address)):
-                await _too_many(wait, buckets, "client address")(scope, receive, send)
+                await _refuse_rate(path, wait, buckets, "client address", scope, receive, send)
                 return
             state["nimbus.principal"] = ANONYMOUS
             await self.app(scope, receive, send)
+            return
+
+        if path.startswith(LAMBDA_ROOT):
+            await self._sigv4(scope, receive, send, guard, node, address)
             return
 
         response = None
@@ -263,6 +309,46 @@ class AuthMiddleware:
             return
         state["nimbus.principal"] = who
         await self.app(scope, receive, send)
+
+
+    async def _sigv4(self, scope, receive, send, guard: Guard, node, address: str) -> None:
+        """Admit a Lambda API request by its SigV4 key (the signature itself is checked with the body)."""
+        buckets = guard.buckets
+        try:
+            parsed = sigv4.parse(scope)
+            if parsed is None:
+                raise lambda_errors.missing_auth()
+            sigv4.check_clock(parsed)
+            known, found = guard.cached_sigv4(parsed.access_key)
+            if found is None and buckets is not None and (wait := buckets.take(address)):
+                raise lambda_errors.throttled(f"Rate exceeded for this client address: {buckets.rate:g} "
+                                              "requests/s", wait)
+            if not known:
+                try:
+                    found = await guard.look_up_sigv4(node.store, parsed.access_key)
+                except NimbusError as exc:
+                    raise lambda_errors.LambdaError("ServiceException", 500, f"cannot check the access key: {exc}",
+                                                    kind="Service") from None
+            if found is None:
+                raise lambda_errors.unknown_key()
+            who, secret = found
+            if buckets is not None and (wait := buckets.take("key:" + who.key_id)):
+                raise lambda_errors.throttled(f"Rate exceeded for this access key: {buckets.rate:g} requests/s",
+                                              wait)
+        except lambda_errors.LambdaError as exc:
+            await lambda_errors.send(exc, send)
+            return
+        scope["state"]["nimbus.principal"] = who
+        scope["state"]["nimbus.sigv4"] = (parsed, secret)
+        await self.app(scope, receive, send)
+
+
+async def _refuse_rate(path: str, wait: float, buckets: Buckets, who: str, scope, receive, send) -> None:
+    if path.startswith(LAMBDA_ROOT):
+        await lambda_errors.send(lambda_errors.throttled(f"Rate exceeded for this {who}: {buckets.rate:g} "
+                                                         "requests/s", wait), send)
+        return
+    await _too_many(wait, buckets, who)(scope, receive, send)
 
 
 # ---------------------------------------------------------------- the first admin key

@@ -44,6 +44,8 @@ class KeyOut(BaseModel):
 
 class KeyCreated(KeyOut):
     key: str = Field(description="the key itself: shown in this answer only, never again")
+    access_key_id: str = Field(description="the Lambda API's SigV4 access key id (the key's id)")
+    secret_access_key: str = Field(description="the Lambda API's SigV4 secret: shown in this answer only")
 
 
 class KeyList(BaseModel):
@@ -67,11 +69,12 @@ def _refusal(request: Request) -> Response | None:
 async def create_key(body: KeyCreate, request: Request) -> Response:
     if (refused := _refusal(request)) is not None:
         return refused
-    key = auth.new_key()
+    key, secret = auth.new_key(), auth.new_secret()
     record = await request.app.state.node.store.create_api_key(
         tenant=body.tenant, name=body.name, key_hash=auth.hash_key(key), admin=body.admin,
-        prefix=auth.display_prefix(key))
-    return JSON({**_view(record), "key": key}, status_code=201, headers={"Location": f"/api/v1/keys/{record.id}"})
+        prefix=auth.display_prefix(key), secret=secret)
+    return JSON({**_view(record), "key": key, "access_key_id": record.id, "secret_access_key": secret},
+                status_code=201, headers={"Location": f"/api/v1/keys/{record.id}"})
 
 
 @router.get("/keys", response_model=KeyList, responses=ADMIN_ONLY)
