@@ -12,6 +12,7 @@ Async invocations are written to the store before their 202; the worker claims t
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -58,6 +59,46 @@ NOT_KEPT = ("[nimbus] the output and logs of this call were not kept: this tenan
             "its storage budget")
 
 
+class FunctionSlots:
+    """Each function's concurrency limit, over all its versions at once.
+
+    A semaphore per function cannot do it: versions may have different limits, and replacing the
+    semaphore when a call of another version came (as this once did) let both sets of calls run. Here
+    every call counts against its function, and waits while the function runs as many calls as the
+    limit of the version it is about to run (the limit a call was given is the one it must respect).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, list] = {}  # function id → [calls running, calls wanting in, Condition]
+
+    @contextlib.asynccontextmanager
+    async def slot(self, function_id: str, limit: int):
+        entry = self._entries.get(function_id)
+        if entry is None:
+            entry = self._entries[function_id] = [0, 0, asyncio.Condition()]
+        cond = entry[2]
+        entry[1] += 1  # counted before the first await, so the entry cannot be dropped under this call
+        try:
+            async with cond:
+                await cond.wait_for(lambda: entry[0] < limit)  # no wait when under the limit
+                entry[0] += 1
+        finally:
+            entry[1] -= 1
+        try:
+            yield
+        finally:
+            async with cond:
+                entry[0] -= 1
+                if entry[1]:
+                    cond.notify_all()  # waiters of different limits: each checks its own
+                elif not entry[0]:
+                    del self._entries[function_id]  # idle: functions that ran once hold nothing
+
+    def running(self, function_id: str) -> int:
+        entry = self._entries.get(function_id)
+        return entry[0] if entry else 0
+
+
 class Scheduler:
     """Admits every call, sync or async, and runs each on a machine; owns the async worker."""
 
@@ -90,7 +131,7 @@ class Scheduler:
         self.budget_retry_s = budget_retry_s
         self.callback_allow = callback_allow if callback_allow is not None else callbacks.AllowList()
         self._worker_slots = asyncio.Semaphore(workers)
-        self._function_slots: dict[str, tuple[int, asyncio.Semaphore]] = {}
+        self._function_slots = FunctionSlots()
         # Calls of each function this node runs or holds (sync and async, waiting or running): a claim
         # takes no more of a function's async calls than its concurrency leaves free.
         self._in_use: dict[str, int] = {}
@@ -129,7 +170,7 @@ class Scheduler:
     # ---------------------------------------------------------------- entry points
 
     async def invoke(self, fn, event: bytes, *, idempotency_key: str | None = None,
-                     executed_version: str = LATEST) -> InvocationRecord:
+                     executed_version: str = LATEST, call_context: dict | None = None) -> InvocationRecord:
         """Run a call now and return its finished record: one store write, at the end, written behind
         (the caller has its answer; see ``Store.record_invocation``).
 
@@ -138,14 +179,17 @@ class Scheduler:
 
         With ``idempotency_key`` the call is recorded as running first, so a repeat of the key (on any
         node, even concurrent) finds it and gets its result instead of running it again.
+
+        ``call_context`` is what this call alone tells the function (:func:`protocol.call_fields`): the qualifier
+        it was invoked with (its ARN's suffix) and a Lambda client context. Sync calls only, as on Lambda.
         """
         if idempotency_key is not None:
-            return await self._invoke_once(fn, event, idempotency_key, executed_version)
+            return await self._invoke_once(fn, event, idempotency_key, executed_version, call_context)
         self._admit(fn.tenant)
         try:
             dep = fn.deployment(executed_version)
             inv = self._sync_record(fn, dep)
-            await self._execute_sync(dep, inv, event)
+            await self._execute_sync(dep, inv, event, call_context)
             try:
                 await self.store.record_invocation(self._as_kept(inv))
             except Exception:
@@ -162,7 +206,8 @@ class Scheduler:
             attempts=1, executed_version=dep.executed_version, **extra,
         )
 
-    async def _invoke_once(self, fn, event: bytes, key: str, executed_version: str) -> InvocationRecord:
+    async def _invoke_once(self, fn, event: bytes, key: str, executed_version: str,
+                           call_context: dict | None) -> InvocationRecord:
         key = check_idempotency_key(key)
         existing = await self.store.get_by_idempotency_key(fn.tenant, key)
         if existing is not None:
@@ -180,7 +225,7 @@ class Scheduler:
             self._leave(fn.tenant)
             return await self._first_result(stored, fn, "sync")
         try:
-            await self._execute_sync(dep, inv, event)
+            await self._execute_sync(dep, inv, event, call_context)
             try:
                 await self.store.finish_invocation(
                     inv.id, status=inv.status, start=inv.start, output=inv.output, error=inv.error, logs=inv.logs,
@@ -305,39 +350,35 @@ class Scheduler:
             del self._in_use[function_id]
         self.async_worker.freed(function_id, left, concurrency)
 
-    async def _execute_sync(self, dep: Deployment, inv: InvocationRecord, event: bytes) -> None:
+    async def _execute_sync(self, dep: Deployment, inv: InvocationRecord, event: bytes,
+                            call_context: dict | None) -> None:
         self._use(dep.function_id)
         try:
-            await self.execute(dep, inv, event)
+            await self.execute(dep, inv, event, call_context=call_context)
         finally:
             self._done_with(dep.function_id, dep.concurrency)
 
-    def _function_slot(self, dep: Deployment) -> asyncio.Semaphore:
-        entry = self._function_slots.get(dep.function_id)
-        if entry is None or entry[0] != dep.concurrency:
-            entry = (dep.concurrency, asyncio.Semaphore(dep.concurrency))
-            self._function_slots[dep.function_id] = entry
-        return entry[1]
-
-    async def execute(self, dep: Deployment, inv: InvocationRecord, event: bytes, on_start=None) -> None:
+    async def execute(self, dep: Deployment, inv: InvocationRecord, event: bytes, on_start=None,
+                      call_context: dict | None = None) -> None:
         """Acquire a machine, run the event, fill ``inv`` with the outcome. Never raises for function faults.
 
         ``on_start`` is awaited once the call holds its slots, just before it asks for a machine.
         """
-        async with self._function_slot(dep), self._worker_slots:
+        async with self._function_slots.slot(dep.function_id, dep.concurrency), self._worker_slots:
             if on_start is not None:
                 await on_start()
             self._running += 1
             began = time.perf_counter()
             inv.started_at = _now()
             try:
-                await self._run_on_machine(dep, inv, event)
+                await self._run_on_machine(dep, inv, event, call_context)
             finally:
                 self._running -= 1
                 inv.finished_at = _now()
                 self.metrics.observe(dep.function_name, inv.status, inv.start, time.perf_counter() - began)
 
-    async def _run_on_machine(self, dep: Deployment, inv: InvocationRecord, event: bytes) -> None:
+    async def _run_on_machine(self, dep: Deployment, inv: InvocationRecord, event: bytes,
+                              call_context: dict | None = None) -> None:
         try:
             lease = await self.pool.acquire(dep)
         except InitFailed as exc:
@@ -348,6 +389,8 @@ class Scheduler:
         inv.restored = lease.start != "hot" and getattr(lease.machine, "restored", False)
         healthy = False  # unless the machine answers cleanly, it is not trusted again
         header = {"type": protocol.EXEC, "invocation_id": inv.id, "deadline_ms": int(dep.timeout_s * 1000)}
+        if call_context:
+            header.update(call_context)
         began = time.perf_counter()
         try:
             reply, blob = await lease.machine.request(header, event, timeout=dep.timeout_s + TIMEOUT_GRACE_S)
