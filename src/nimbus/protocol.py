@@ -28,6 +28,9 @@ PING = "ping"
 PONG = "pong"
 
 HOST_TYPES = frozenset({INIT, EXEC, PING})
+# An exec header's per-call fields beside invocation_id and deadline_ms, as the agent reads them.
+QUALIFIER_RE = re.compile(r"\$LATEST|[0-9]{1,10}|[A-Za-z0-9_-]{1,128}")
+CLIENT_CONTEXT_MAX = 3583  # bytes of base64, Lambda's limit on X-Amz-Client-Context
 GUEST_TYPES = frozenset({INIT_OK, RESULT, ERROR, PONG})
 
 
@@ -37,6 +40,18 @@ class ProtocolError(Exception):
 
 class FrameTooLarge(ProtocolError):
     """A frame's prefix announced more than may come at that point; refused before a byte of it is read."""
+
+
+def call_fields(qualifier: str | None = None, client_context: dict | None = None) -> dict | None:
+    """The exec header fields of one call that its function sees in ``context``: the qualifier it was
+    invoked with (``invoked_function_arn`` ends ``:<qualifier>``) and the caller's client context.
+    None when there is neither, so an unqualified call's header stays as it was."""
+    fields: dict = {}
+    if qualifier is not None:
+        fields["qualifier"] = qualifier
+    if client_context is not None:
+        fields["client_context"] = client_context
+    return fields or None
 
 
 def nesting_over(raw: bytes, value=None, limit: int = NESTING_MAX) -> bool:

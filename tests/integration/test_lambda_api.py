@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import boto3
+import httpx
 import pytest
 from botocore.config import Config
 
@@ -320,3 +321,82 @@ def test_aws_cli_invoke(node, lam, tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["StatusCode"] == 200
     assert json.loads(out.read_text())["event"] == {"from": "cli"}
+
+
+# ---------------------------------------------------------------- what a call tells the function
+
+PROBE_PY = """
+def handler(event, context):
+    cc = context.client_context
+    return {"arn": context.invoked_function_arn, "version": context.function_version,
+            "custom": None if cc is None else cc.custom, "env": None if cc is None else cc.env,
+            "app": None if cc is None or cc.client is None else cc.client.app_title,
+            "installation": None if cc is None or cc.client is None else cc.client.installation_id}
+"""
+PROBE_JS = """
+exports.handler = async (event, context) => ({
+  arn: context.invokedFunctionArn, version: context.functionVersion,
+  clientContext: context.clientContext === undefined ? 'undefined' : context.clientContext,
+});
+"""
+
+
+def test_the_arn_names_the_qualifier_and_the_client_context_reaches_python(lam):
+    """As on Lambda: invoked_function_arn ends with the qualifier the call named (none when it named none),
+    and X-Amz-Client-Context arrives as context.client_context with its client/custom/env parts."""
+    create(lam, "lam-arn-py", PROBE_PY)
+    lam.publish_version(FunctionName="lam-arn-py")
+    lam.create_alias(FunctionName="lam-arn-py", Name="live", FunctionVersion="1")
+    base = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:lam-arn-py"
+    plain = payload_of(lam.invoke(FunctionName="lam-arn-py"))
+    assert plain == {"arn": base, "version": "$LATEST", "custom": None, "env": None, "app": None,
+                     "installation": None}
+    assert payload_of(lam.invoke(FunctionName="lam-arn-py", Qualifier="1"))["arn"] == base + ":1"
+    aliased = payload_of(lam.invoke(FunctionName="lam-arn-py:live"))
+    assert aliased["arn"] == base + ":live" and aliased["version"] == "1"
+    assert payload_of(lam.invoke(FunctionName="lam-arn-py", Qualifier="$LATEST"))["arn"] == base + ":$LATEST"
+    sent = {"client": {"installation_id": "inst-1", "app_title": "Shop"}, "custom": {"k": "v"}, "env": {"os": "x"}}
+    context = base64.b64encode(json.dumps(sent).encode()).decode()
+    got = payload_of(lam.invoke(FunctionName="lam-arn-py", ClientContext=context))
+    assert (got["custom"], got["env"], got["app"], got["installation"]) == ({"k": "v"}, {"os": "x"}, "Shop", "inst-1")
+    # the next call, on the same machine, sent none: nothing of the last one's is left
+    assert payload_of(lam.invoke(FunctionName="lam-arn-py"))["custom"] is None
+
+
+def test_the_arn_names_the_qualifier_on_the_native_api_too(node, lam):
+    create(lam, "lam-arn-v1", PROBE_PY)
+    lam.publish_version(FunctionName="lam-arn-v1")
+    base = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:lam-arn-v1"
+    for path, arn in (("lam-arn-v1/invoke", base), ("lam-arn-v1:1/invoke", base + ":1"),
+                      ("lam-arn-v1/invoke?qualifier=1", base + ":1")):
+        answer = httpx.post(f"{node.url}/api/v1/functions/{path}", json={}).json()
+        assert answer["output"]["arn"] == arn, (path, answer)
+
+
+def test_the_arn_names_the_qualifier_and_the_client_context_reaches_node(lam):
+    lam.create_function(FunctionName="lam-arn-js", Runtime="nodejs20.x", Role=ROLE, Handler="index.handler",
+                        Code={"ZipFile": zip_of({"index.js": PROBE_JS})})
+    lam.publish_version(FunctionName="lam-arn-js")
+    base = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:lam-arn-js"
+    assert payload_of(lam.invoke(FunctionName="lam-arn-js")) == {"arn": base, "version": "$LATEST",
+                                                                  "clientContext": "undefined"}
+    assert payload_of(lam.invoke(FunctionName=f"{base}:1"))["arn"] == base + ":1"
+    context = base64.b64encode(json.dumps({"custom": {"n": 1}}).encode()).decode()
+    assert payload_of(lam.invoke(FunctionName="lam-arn-js", ClientContext=context))["clientContext"] == {"custom": {"n": 1}}
+
+
+def test_a_queued_call_of_a_version_names_it_in_its_arn(node, lam):
+    """Event calls keep no qualifier in the queue: their ARN names the version that runs (an alias's
+    target, not its name), and they get no client context, as on Lambda."""
+    create(lam, "lam-arn-ev", PROBE_PY.replace("return {", "print('ARN', context.invoked_function_arn)\n    return {"))
+    lam.publish_version(FunctionName="lam-arn-ev")
+    answer = lam.invoke(FunctionName="lam-arn-ev", Qualifier="1", InvocationType="Event")
+    request_id = answer["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        record = httpx.get(f"{node.url}/api/v1/invocations/{request_id}").json()
+        if record.get("status") == "succeeded":
+            break
+        time.sleep(0.2)
+    assert record["status"] == "succeeded", record
+    assert f"ARN arn:aws:lambda:{REGION}:{ACCOUNT}:function:lam-arn-ev:1" in record["logs"]

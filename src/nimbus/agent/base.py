@@ -14,6 +14,7 @@ import sys
 import time
 
 from nimbus.agent.contract import LAYER_DIR, RESULT_MAX, SDK_DIRS
+from nimbus.protocol import QUALIFIER_RE
 
 ERROR_TYPE_MAX = 256  # characters of an error's type
 # Characters kept of an error's message and of its stack. With the 64 KiB log tail the error header stays
@@ -209,17 +210,26 @@ class FunctionSpec:
 
 
 class Call:
-    """One ``exec`` request: its invocation id and the time it has left."""
+    """One ``exec`` request: its invocation id, the time it has left, and what it alone tells the function:
+    the qualifier it was invoked with and the caller's client context (``protocol.call_fields``)."""
 
-    __slots__ = ("invocation_id", "deadline_ms", "started")
+    __slots__ = ("invocation_id", "deadline_ms", "started", "qualifier", "client_context")
 
     def __init__(self, header: dict, spec: FunctionSpec) -> None:
         self.invocation_id = str(header.get("invocation_id") or "")
+        qualifier = header.get("qualifier")
+        self.qualifier = qualifier if isinstance(qualifier, str) and QUALIFIER_RE.fullmatch(qualifier) else None
+        client_context = header.get("client_context")
+        self.client_context = client_context if isinstance(client_context, dict) else None
         deadline_ms = header.get("deadline_ms")
         if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, int | float) or deadline_ms < 0:
             deadline_ms = spec.timeout_s * 1000
         self.deadline_ms = float(deadline_ms)
         self.started = time.monotonic()
+
+    def arn(self, spec: FunctionSpec) -> str:
+        """The ARN the call was invoked by: the function's, with ``:<qualifier>`` when it named one."""
+        return spec.arn if self.qualifier is None else f"{spec.arn}:{self.qualifier}"
 
     def remaining_ms(self) -> int:
         """Milliseconds left before the host gives up on this call (never negative)."""

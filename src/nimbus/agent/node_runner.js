@@ -199,12 +199,12 @@ function makeContext(request) {
     functionVersion: fn.function_version,
     invocationId: request.invocation_id,
     awsRequestId: request.invocation_id,
-    invokedFunctionArn: fn.arn,
+    invokedFunctionArn: request.arn || fn.arn, // with the call's qualifier when it named one
     memoryLimitInMB: String(fn.memory_mb),  // a string, as on Lambda
     logGroupName: fn.log_group_name,
     logStreamName: fn.log_stream_name,
     identity: undefined,
-    clientContext: undefined,
+    clientContext: request.client_context, // what the caller sent as X-Amz-Client-Context, if anything
     callbackWaitsForEmptyEventLoop: true, // read when the callback is called, as on Lambda
     getRemainingTimeInMillis() {
       return Math.max(0, Math.floor(request.deadline_ms - (performance.now() - started)));

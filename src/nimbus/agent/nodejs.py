@@ -79,7 +79,9 @@ class NodeRuntime:
     def invoke(self, event: bytes, call: Call) -> bytes:
         """Run one call in node and return its JSON result."""
         request = {"type": protocol.EXEC, "invocation_id": call.invocation_id, "deadline_ms": call.remaining_ms(),
-                   "trace_id": new_trace_id()}
+                   "trace_id": new_trace_id(), "arn": call.arn(self.spec)}
+        if call.client_context is not None:
+            request["client_context"] = call.client_context
         header, blob = self.child.request(request, event)
         if header["type"] != protocol.RESULT:
             raise reported_error(header)

@@ -169,6 +169,33 @@ class CognitoIdentity:
                 f"cognito_identity_pool_id={self.cognito_identity_pool_id}])")
 
 
+class _Fields:
+    """An object whose slots are read from a dict, absent keys as None (awslambdaric's make_obj_from_dict)."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def __init__(self, fields: dict) -> None:
+        for name in self.__slots__:
+            setattr(self, name, fields.get(name))
+
+
+class Client(_Fields):
+    """``context.client_context.client``: the calling app, as a mobile SDK describes it."""
+
+    __slots__ = ("installation_id", "app_title", "app_version_name", "app_version_code", "app_package_name")
+
+
+class ClientContext(_Fields):
+    """``context.client_context``: what the caller sent as X-Amz-Client-Context (sync calls only)."""
+
+    __slots__ = ("custom", "env", "client")
+
+    def __init__(self, fields: dict) -> None:
+        super().__init__(fields)
+        if isinstance(self.client, dict):
+            self.client = Client(self.client)
+
+
 class LambdaContext:
     """What the handler gets as ``context``, with the names, types and repr of Lambda's Python runtime."""
 
@@ -178,14 +205,14 @@ class LambdaContext:
     def __init__(self, spec: FunctionSpec, call: Call) -> None:
         self.function_name = spec.name
         self.function_version = spec.version
-        self.invoked_function_arn = spec.arn
+        self.invoked_function_arn = call.arn(spec)
         self.invocation_id = call.invocation_id
         self.aws_request_id = call.invocation_id
         self.memory_limit_in_mb = str(spec.memory_mb)  # a string on Lambda: it comes from the environment
         self.log_group_name = spec.log_group_name
         self.log_stream_name = spec.log_stream_name
         self.identity = CognitoIdentity()
-        self.client_context = None
+        self.client_context = None if call.client_context is None else ClientContext(call.client_context)
         self._call = call
 
     def get_remaining_time_in_millis(self) -> int:

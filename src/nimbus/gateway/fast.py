@@ -107,7 +107,8 @@ async def invoke_sync(node, name: str, tenant: str, scope, receive, idempotency_
         base, qualifier = names.merge_qualifier(name, qualifier)
         fn, version = await node.store.lookup_qualified(base, tenant, qualifier)
     event = await read_event(scope, receive)
-    inv = await node.scheduler.invoke(fn, event, idempotency_key=idempotency_key, executed_version=version)
+    inv = await node.scheduler.invoke(fn, event, idempotency_key=idempotency_key, executed_version=version,
+                                      call_context=protocol.call_fields(qualifier))
     return dumps(schemas.invoke_view(inv))
 
 

@@ -30,7 +30,8 @@ import time
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from nimbus import callbacks
+from nimbus import callbacks, protocol
+from nimbus.deployment import LATEST
 from nimbus.errors import NotFound, Unavailable
 from nimbus.store import InvocationRecord, Store
 from nimbus.store.records import utcnow as _now
@@ -251,8 +252,10 @@ class AsyncWorker:
             inv.attempts += 1
 
         try:
+            # The invoked qualifier is not kept with a queued call: its ARN names the version that runs.
+            qualified = protocol.call_fields(None if inv.executed_version == LATEST else inv.executed_version)
             await self.scheduler.execute(version.deployment(inv.executed_version), inv, inv.event or b"null",
-                                         on_start=start)
+                                         on_start=start, call_context=qualified)
         except Unavailable as exc:
             inv.status, inv.start, inv.output, inv.logs, inv.duration_ms = "failed", None, None, "", None
             inv.finished_at = _now()

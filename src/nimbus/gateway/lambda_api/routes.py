@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, unquote
 
 import orjson
 
+from nimbus import protocol
 from nimbus.errors import InvalidRequest
 from nimbus.gateway import fast, functions, schemas
 from nimbus.gateway.lambda_api import errors, names, shapes, sigv4
@@ -25,7 +26,6 @@ FUNCTIONS = "/2015-03-31/functions"
 INVOKE_MAX = fast.EVENT_MAX  # Lambda's synchronous payload limit; async calls take it too, as /api/v1 does
 CODE_MAX = 70 << 20  # a 50 MiB zip in base64 plus the JSON around it, as /api/v1's body cap
 JSON_MAX = 1 << 20  # every other operation's body
-CLIENT_CONTEXT_MAX = 3583  # Lambda's limit on X-Amz-Client-Context (base64)
 LOG_TAIL = 4096  # X-Amz-Log-Result: the last 4 KB of the log
 LIST_MAX = 1000  # items per page, whatever MaxItems asks: the rest comes with NextMarker
 DEFAULT_TIMEOUT_S = 3  # Lambda's defaults, which differ from /api/v1's
@@ -413,20 +413,21 @@ async def delete_alias(call: Call):
 # ---------------------------------------------------------------- invoke
 
 
-def _client_context(value: str | None) -> None:
-    """Lambda's check of X-Amz-Client-Context: base64 of a JSON object, at most 3,583 bytes. (The machine
-    protocol has no field for it yet: ``context.client_context`` stays None, see docs/api.md.)"""
+def _client_context(value: str | None) -> dict | None:
+    """X-Amz-Client-Context checked as Lambda checks it (base64 of a JSON object, at most 3,583 bytes) and
+    decoded: the function sees it as ``context.client_context`` / ``context.clientContext``."""
     if value is None:
-        return
+        return None
     message = "Client context must be a valid Base64-encoded JSON object."
-    if len(value) > CLIENT_CONTEXT_MAX:
-        raise errors.invalid(f"Client context must be at most {CLIENT_CONTEXT_MAX} bytes")
+    if len(value) > protocol.CLIENT_CONTEXT_MAX:
+        raise errors.invalid(f"Client context must be at most {protocol.CLIENT_CONTEXT_MAX} bytes")
     try:
         decoded = orjson.loads(base64.b64decode(value, validate=True))
     except (binascii.Error, ValueError, orjson.JSONDecodeError):
         raise errors.bad_content(message) from None
     if not isinstance(decoded, dict):
         raise errors.bad_content(message)
+    return decoded
 
 
 def function_error(inv, timeout_s: float) -> dict:
@@ -449,7 +450,7 @@ async def invoke(call: Call, send) -> None:
     log_type = call.header("x-amz-log-type") or "None"
     if log_type not in ("None", "Tail"):
         raise errors.invalid("X-Amz-Log-Type must be None or Tail")
-    _client_context(call.header("x-amz-client-context"))
+    client_context = _client_context(call.header("x-amz-client-context"))
     raw = await call.body(INVOKE_MAX, "Invoke")
     store = call.node.store
     if qualifier is None:  # the hot path: the cached look-up /api/v1's fast path uses
@@ -467,7 +468,8 @@ async def invoke(call: Call, send) -> None:
         inv = await call.node.scheduler.submit_async(fn, event, executed_version=executed)
         await _answer(send, 202, b"", [(b"x-amzn-requestid", inv.id.encode())])
         return
-    inv = await call.node.scheduler.invoke(fn, event, executed_version=executed)
+    inv = await call.node.scheduler.invoke(fn, event, executed_version=executed,
+                                           call_context=protocol.call_fields(qualifier, client_context))
     headers = [*JSON_HEADERS, (b"x-amzn-requestid", inv.id.encode()),
                (b"x-amz-executed-version", getattr(inv, "executed_version", executed).encode())]
     if inv.status == "succeeded":
