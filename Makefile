@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench setup toolchains sdk clean
+.PHONY: run test lint bench setup toolchains test-tools sdk clean
 
 # Debian packages the runtimes need: node (nodejs runtime), go and rustc (their builds). A rustup Rust in
 # ~/.cargo/bin counts as installed (the node finds it there too); Debian's rustc is the fallback.
@@ -27,6 +27,14 @@ toolchains:
 		else echo "note: not installed:$$missing (their runtimes will be unavailable; see nimbus doctor)"; fi; \
 	fi
 
+# Debian's chromium, for the test that opens a function's page in a browser (Playwright drives it; its own
+# browser download cannot work here). Without root the test says it is skipped.
+test-tools:
+	@command -v chromium >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing chromium (browser test)"; apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+		else echo "note: chromium not installed: the browser test will be skipped"; fi; }
+
 # The AWS SDK python3 and nodejs machines get, built once per host (NIMBUS_SDK_CACHE) from PyPI and npm.
 sdk: $(STAMP) toolchains
 	$(VENV)/bin/nimbus sdk
@@ -34,7 +42,7 @@ sdk: $(STAMP) toolchains
 run: $(STAMP) toolchains sdk
 	$(VENV)/bin/nimbus up
 
-test: $(STAMP) toolchains lint sdk
+test: $(STAMP) toolchains test-tools lint sdk
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # Lint and types as habits: ruff over everything, mypy where [tool.mypy] says (both configured in pyproject.toml).

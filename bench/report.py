@@ -4,6 +4,7 @@
 GOALS = {
     "warm_p50_ms": ("<= 2.5x floor", lambda r: r["ratio"] <= 2.5),
     "lambda_invoke_p50_ms": ("<= 1.10x /api/v1", lambda r: r["ratio"] <= 1.10),
+    "url_invoke_p50_ms": ("<= 1.15x /api/v1", lambda r: r["ratio"] <= 1.15),
     "warm_throughput_rps_c32": (">= 0.40x floor", lambda r: r["ratio"] >= 0.40),
     "warm_p99_ms_c32": ("<= 25 ms, 0 errors", lambda r: r["value"] <= 25 and r["errors"] == 0),
     "hot_acquire_p50_us": ("<= 50 us", lambda r: r["value"] <= 50),
@@ -17,6 +18,7 @@ GOALS = {
 LABELS = {
     "warm_p50_ms": "warm invoke p50, HTTP, c=1 (ms)",
     "lambda_invoke_p50_ms": "warm Lambda API Invoke p50, c=1 (ms)",
+    "url_invoke_p50_ms": "hot function URL p50, c=1 (ms)",
     "warm_throughput_rps_c32": "warm throughput, c=32 (req/s)",
     "warm_p99_ms_c32": "warm p99, c=32 (ms)",
     "hot_acquire_p50_us": "hot acquire from pool p50 (us)",

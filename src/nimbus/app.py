@@ -28,6 +28,7 @@ from nimbus.pool import CodeCache, Pool
 from nimbus.scheduler import Scheduler
 from nimbus.store import Store
 from nimbus.store.retention import Retention
+from nimbus.triggers.ticks import TickLoop
 
 log = logging.getLogger("nimbus")
 STORE_FLUSH_TIMEOUT_S = 10.0  # a failing database must not hold the shutdown up for long
@@ -46,6 +47,7 @@ class Node:
     compiler: compiler.Compiler
     layers: LayerDirs
     retention: Retention | None = None
+    ticks: TickLoop | None = None
 
     @classmethod
     async def start(cls, settings: Settings) -> "Node":
@@ -106,6 +108,11 @@ class Node:
             await pool.start()
             await scheduler.start()
             await retention.start()
+            ticks = None
+            if settings.schedules == "on":
+                ticks = TickLoop(store, region=settings.region, account_id=settings.account_id,
+                                 poll_s=settings.schedule_poll_s, on_fire=scheduler.async_worker.wake)
+                await ticks.start()
         except BaseException:
             if driver is not None:
                 await driver.close()
@@ -113,9 +120,11 @@ class Node:
                 await builds.close()
             await store.close()
             raise
-        return cls(settings, store, driver, pool, scheduler, metrics, builds, layer_dirs, retention)
+        return cls(settings, store, driver, pool, scheduler, metrics, builds, layer_dirs, retention, ticks)
 
     async def stop(self) -> None:
+        if self.ticks is not None:
+            await self.ticks.close()
         if self.retention is not None:
             await self.retention.close()
         await self.scheduler.close()

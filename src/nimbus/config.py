@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     code_cache_mb: int = Field(256, ge=0, le=1 << 20, description="memory for the code machines load, kept between "
                                "starts (least recently used goes first; code bigger than this is never kept)")
     async_poll_s: float = Field(1.0, gt=0, description="how often the store is polled for async work")
+    schedules: Literal["on", "off"] = Field("on", description="fire schedules' ticks from this node (every "
+                                            "node may: each tick fires once across the cluster)")
+    schedule_poll_s: float = Field(1.0, gt=0, le=60, description="how often the store is polled for due "
+                                   "schedule ticks")
     async_lease_s: float = Field(60.0, gt=0, description="lease on a claimed async invocation, renewed while it runs")
     async_retry_base_s: float = Field(1.0, gt=0, le=3600, description="backoff before the first retry of a failed "
                                       "async invocation; doubles")

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from nimbus import __version__
-from nimbus.cli import doctor, functions, images, keys, sdk, up, versions
+from nimbus.cli import doctor, functions, images, keys, schedules, sdk, up, urls, versions
 from nimbus.cli.client import CliError
 
 app = typer.Typer(
@@ -59,6 +59,8 @@ app.command("rm")(functions.rm)
 app.command("publish")(versions.publish)
 app.command("versions")(versions.versions)
 app.add_typer(versions.alias_app, name="alias")
+app.command("url")(urls.url_command)
+app.add_typer(schedules.schedule_app, name="schedule")
 app.command("invocations")(functions.invocations)
 app.command("logs")(functions.logs)
 app.add_typer(keys.keys_app, name="keys")

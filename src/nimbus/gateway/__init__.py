@@ -11,7 +11,20 @@ from contextlib import AbstractAsyncContextManager
 from fastapi import FastAPI
 
 from nimbus import __version__
-from nimbus.gateway import auth, fast, functions, invocations, keys, layers, limits, problems, system
+from nimbus.gateway import (
+    auth,
+    fast,
+    functions,
+    invocations,
+    keys,
+    layers,
+    limits,
+    problems,
+    schedules,
+    system,
+    url_config,
+    urls,
+)
 from nimbus.gateway.lambda_api.routes import LambdaApi
 
 
@@ -24,10 +37,13 @@ def build_api(lifespan: Callable[[FastAPI], AbstractAsyncContextManager] | None 
     app.include_router(invocations.router)
     app.include_router(layers.router)
     app.include_router(keys.router)
+    app.include_router(schedules.router)
     app.include_router(system.router)
+    app.include_router(url_config.router)
     app.add_middleware(fast.FastInvoke)  # innermost of ours: behind the key check and the body cap
     app.add_middleware(limits.BodyLimit)
     app.add_middleware(LambdaApi)  # /2015-03-31 (boto3): its own body limits and error shapes, behind auth
+    app.add_middleware(urls.FunctionUrls)  # /fn/: plain HTTP to functions, its own 6 MiB limit, behind auth
     # Outermost: a caller without a valid key, or over its rate, is refused before anything else runs.
     app.state.guard = auth.Guard()
     app.add_middleware(auth.AuthMiddleware, guard=app.state.guard)

@@ -15,6 +15,9 @@ The rate limit is a token bucket per key (per client address when auth is off, a
 key is not yet known to be valid, so guessing keys costs the guesser, not the database):
 ``NIMBUS_RATE_LIMIT`` tokens per second, ``NIMBUS_RATE_BURST`` at most (0: one second's worth).
 
+Function URLs (``/fn/``) need a key only when their config says ``auth: key`` (gateway/urls.py decides):
+this middleware admits them with or without one, notes a valid key, and still applies the rate limit.
+
 The Lambda API (``/2015-03-31/``, boto3) authenticates with SigV4 instead: with auth on, the access key
 id is an API key's id and the secret its SigV4 secret; this middleware checks the header and the clock
 and looks the key up (refusing with AWS's 403s), and leaves the signature, which covers the body, to the
@@ -52,6 +55,7 @@ OPEN_PATHS = frozenset({"/health"})  # no key, no rate limit: load balancers and
 PUBLIC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})  # no key; rate-limited
 ADMIN_PATHS = frozenset({"/metrics"})  # every tenant's function names: admin keys only
 LAMBDA_ROOT = "/2015-03-31/"  # the Lambda API: SigV4, and AWS's error shapes
+URL_ROOT = "/fn/"  # function URLs: a key only if the URL's config asks for one (gateway/urls.py)
 SECRET_BYTES = 30  # a SigV4 secret: 40 URL-safe characters, as long as AWS's
 
 REALM = 'Bearer realm="nimbus"'
@@ -254,6 +258,10 @@ class AuthMiddleware:
         buckets = guard.buckets
         address = "addr:" + (scope["client"][0] if scope.get("client") else "-")
 
+        if path.startswith(URL_ROOT):
+            await self._function_url(scope, receive, send, guard, node, address)
+            return
+
         if node.settings.auth != "on":
             if buckets is not None and (wait := buckets.take(address)):
                 await _refuse_rate(path, wait, buckets, "client address", scope, receive, send)
@@ -310,6 +318,38 @@ class AuthMiddleware:
         state["nimbus.principal"] = who
         await self.app(scope, receive, send)
 
+
+    async def _function_url(self, scope, receive, send, guard: Guard, node, address: str) -> None:
+        """Admit a function URL request with or without a key: the URL's own ``auth`` decides (gateway/urls.py).
+
+        A valid API key is noted in ``nimbus.url_key`` (and, with auth on, names the tenant); any other
+        Authorization header is the function's business, passed on untouched, so it costs no 401 here.
+        """
+        buckets = guard.buckets
+        token = _bearer(scope)
+        who = None
+        if token and token.startswith(KEY_PREFIX) and len(token) <= KEY_MAX:
+            key_hash = hash_key(token)
+            known, who = guard.cached(key_hash)
+            if who is None and buckets is not None and (wait := buckets.take(address)):
+                await _too_many(wait, buckets, "client address")(scope, receive, send)
+                return
+            if not known:
+                try:
+                    who = await guard.look_up(node.store, key_hash)
+                except NimbusError as exc:
+                    await problem(503, f"cannot check the API key: {exc}")(scope, receive, send)
+                    return
+        if buckets is not None:
+            caller, kind = ("key:" + who.key_id, "API key") if who is not None and who.key_id else \
+                (address, "client address")
+            if wait := buckets.take(caller):
+                await _too_many(wait, buckets, kind)(scope, receive, send)
+                return
+        state = scope["state"]
+        state["nimbus.url_key"] = who
+        state["nimbus.principal"] = who if who is not None and node.settings.auth == "on" else ANONYMOUS
+        await self.app(scope, receive, send)
 
     async def _sigv4(self, scope, receive, send, guard: Guard, node, address: str) -> None:
         """Admit a Lambda API request by its SigV4 key (the signature itself is checked with the body)."""

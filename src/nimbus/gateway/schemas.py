@@ -232,6 +232,7 @@ class InvocationOut(BaseModel):
     next_attempt_at: datetime | None = Field(None, description="a queued retry waits until then (backoff)")
     callback_status: str | None = Field(None, description="pending | delivered | failed; null without callback_url")
     callback_attempts: int = 0
+    trigger: str = Field("api", description="what started the call: api | url | schedule")
 
 
 class InvocationList(BaseModel):
@@ -280,6 +281,7 @@ def invocation_view(inv) -> dict:
         "attempts": inv.attempts, "executed_version": inv.executed_version,
         "next_attempt_at": inv.not_before if inv.status == "queued" else None,
         "callback_status": inv.callback_status, "callback_attempts": inv.callback_attempts,
+        "trigger": inv.trigger,
     }
 
 

@@ -170,7 +170,8 @@ class Scheduler:
     # ---------------------------------------------------------------- entry points
 
     async def invoke(self, fn, event: bytes, *, idempotency_key: str | None = None,
-                     executed_version: str = LATEST, call_context: dict | None = None) -> InvocationRecord:
+                     executed_version: str = LATEST, call_context: dict | None = None,
+                     trigger: str = "api", invocation_id: str | None = None) -> InvocationRecord:
         """Run a call now and return its finished record: one store write, at the end, written behind
         (the caller has its answer; see ``Store.record_invocation``).
 
@@ -188,7 +189,9 @@ class Scheduler:
         self._admit(fn.tenant)
         try:
             dep = fn.deployment(executed_version)
-            inv = self._sync_record(fn, dep)
+            inv = self._sync_record(fn, dep, trigger=trigger)
+            if invocation_id is not None:  # a function URL's event already names it (requestContext.requestId)
+                inv.id = invocation_id
             await self._execute_sync(dep, inv, event, call_context)
             try:
                 await self.store.record_invocation(self._as_kept(inv))

@@ -46,6 +46,8 @@ from nimbus.store.records import (
     InvocationRecord,
     VersionRecord,
 )
+from nimbus.store.schedules import SchedulesMixin
+from nimbus.store.urls import UrlsMixin
 from nimbus.store.versions import VersionsMixin
 from nimbus.store.writebehind import (
     DEFAULT_WRITE_BEHIND_MS,
@@ -60,7 +62,7 @@ log = logging.getLogger("nimbus.store")
 __all__ = ["AliasRecord", "ApiKeyRecord", "BuildRecord", "FunctionRecord", "InvocationRecord", "Store", "VersionRecord"]
 
 
-class Store(VersionsMixin, BuildsMixin, InvocationsMixin, QueueMixin, KeysMixin):
+class Store(VersionsMixin, BuildsMixin, InvocationsMixin, QueueMixin, KeysMixin, UrlsMixin, SchedulesMixin):
     """Functions, their versions and code, the build cache, invocations and API keys, in SQLite or PostgreSQL.
 
     Open one with ``await Store.open(url)``, which also brings the schema up to date; ``await store.close()``

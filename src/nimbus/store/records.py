@@ -210,6 +210,8 @@ class InvocationRecord:
     idempotency_key: str | None = None
     executed_version: str = LATEST
     """``$LATEST`` or the published number the call ran (``version_id`` names the revision)."""
+    trigger: str = "api"
+    """What started the call: ``api``, ``url`` (a function URL) or ``schedule``."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -244,3 +246,18 @@ class LayerRecord:
     created_at: datetime
     functions: list[str] = field(default_factory=list)
     """Names of the functions (of the asking tenant) with a version that mounts it."""
+
+
+@dataclass(slots=True)
+class FunctionUrlRecord:
+    """A function URL: how ``/fn/{name}[:{qualifier}]/…`` is served ('' qualifier: ``$LATEST``)."""
+
+    function_id: str
+    function_name: str
+    tenant: str
+    qualifier: str
+    auth: str
+    """``none`` (anyone) or ``key`` (a valid API key as a bearer token)."""
+    cors: dict
+    created_at: datetime
+    updated_at: datetime

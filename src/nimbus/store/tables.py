@@ -199,6 +199,8 @@ invocations = sa.Table(
     sa.Column("idempotency_key", sa.String(256)),
     # Migration 0008: which version ran: "$LATEST" or a published number ("1", "2"…).
     sa.Column("executed_version", sa.String(16), nullable=False, server_default="$LATEST"),
+    # Migration 0009: what started the call: "api", "url" (a function URL) or "schedule".
+    sa.Column("trigger", sa.String(16), nullable=False, server_default="api"),
     sa.Index("ix_invocations_tenant_idempotency_key", "tenant", "idempotency_key", unique=True),
     sa.Index("ix_invocations_callback_status", "callback_status"),
     # A function's recent invocations, newest first.
@@ -246,4 +248,52 @@ aliases = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),
     sa.UniqueConstraint("function_id", "name"),
+)
+
+# Function URLs (migration 0009): the HTTP config of a function ('' qualifier: $LATEST) or of one alias.
+function_urls = sa.Table(
+    "function_urls",
+    metadata,
+    sa.Column("function_id", sa.String(ID), sa.ForeignKey("functions.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("qualifier", sa.String(ALIAS), primary_key=True),
+    sa.Column("tenant", sa.String(TENANT), nullable=False),
+    sa.Column("auth", sa.String(8), nullable=False),  # "none" or "key"
+    sa.Column("cors", sa.Text, nullable=False, server_default="{}"),  # JSON: the CORS settings
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+SCHEDULE_NAME = 64
+EXPRESSION = 256  # EventBridge's limit on a schedule expression
+
+# Schedules (migration 0009): rate()/cron() expressions that queue an async invocation per tick.
+schedules = sa.Table(
+    "schedules",
+    metadata,
+    sa.Column("id", sa.String(ID), primary_key=True),
+    sa.Column("function_id", sa.String(ID), sa.ForeignKey("functions.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("tenant", sa.String(TENANT), nullable=False),
+    sa.Column("name", sa.String(SCHEDULE_NAME), nullable=False),
+    # "$LATEST", a published number or an alias: resolved at each tick, like a call of name:qualifier.
+    sa.Column("qualifier", sa.String(ALIAS), nullable=False, server_default="$LATEST"),
+    sa.Column("expression", sa.String(EXPRESSION), nullable=False),
+    sa.Column("input", sa.Text, nullable=True),  # fixed JSON event; NULL: the Scheduled Event
+    sa.Column("enabled", sa.Boolean, nullable=False, server_default=sa.true()),
+    # The next tick still to fire; NULL when the expression has no future time (a cron of past years).
+    sa.Column("next_fire_at", UTCDateTime, nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.UniqueConstraint("function_id", "name"),
+    # The tick loop's question: which enabled schedules are due.
+    sa.Index(None, "enabled", "next_fire_at"),
+)
+
+# One row per fired tick (migration 0009): its primary key makes a tick fire once across every node.
+schedule_ticks = sa.Table(
+    "schedule_ticks",
+    metadata,
+    sa.Column("schedule_id", sa.String(ID), sa.ForeignKey("schedules.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("fire_time", UTCDateTime, primary_key=True),
+    sa.Column("invocation_id", sa.String(ID), nullable=True),  # NULL: nothing to run (its qualifier is gone)
+    sa.Column("created_at", UTCDateTime, nullable=False),
 )
