@@ -48,20 +48,23 @@ async def read_event(scope, receive) -> bytes:
     for header, value in scope["headers"]:
         if header == b"content-length" and value.isdigit() and int(value) > EVENT_MAX:
             raise PayloadTooLarge(f"the event is {value.decode()} bytes; the limit is {EVENT_MAX}")
+    return check_event(await read_body(receive, "event"))
+
+
+async def read_body(receive, what: str = "request body") -> bytes:
+    """The whole body, at most ``EVENT_MAX`` bytes (``InvalidRequest`` when the client goes away first)."""
     chunks, size = [], 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":  # gone mid-body (or cut off by its deadline): no call
-            raise InvalidRequest("the client went away before the whole event arrived")
+            raise InvalidRequest(f"the client went away before the whole {what} arrived")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > EVENT_MAX:
-            raise PayloadTooLarge(f"the event is over {EVENT_MAX} bytes")
+            raise PayloadTooLarge(f"the {what} is over {EVENT_MAX} bytes")
         chunks.append(chunk)
         if not message.get("more_body", False):
-            break
-    event = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    return check_event(event)
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def check_event(event: bytes) -> bytes:

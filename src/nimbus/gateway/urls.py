@@ -20,7 +20,7 @@ import orjson
 from nimbus import protocol
 from nimbus.deployment import LATEST
 from nimbus.errors import InvalidRequest, NimbusError, NotFound, PayloadTooLarge
-from nimbus.gateway import problems
+from nimbus.gateway import fast, problems
 from nimbus.gateway.fast import EVENT_MAX
 from nimbus.store.statements import new_id
 
@@ -68,22 +68,6 @@ def _decode(text: str) -> str:
 def _is_text(content_type: str) -> bool:
     content_type = content_type.lower()
     return any(kind in content_type for kind in TEXT_TYPES)
-
-
-async def read_body(scope, receive) -> bytes:
-    """The request body, at most ``EVENT_MAX`` bytes."""
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise InvalidRequest("the client went away before the whole body arrived")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > EVENT_MAX:
-            raise PayloadTooLarge(f"the request body is over {EVENT_MAX} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 def build_event(scope, raw_path: str, body: bytes, request_id: str, account_id: str, *,
@@ -316,7 +300,7 @@ class FunctionUrls:
             fn, version = await node.store.lookup_qualified(name, tenant, qualifier)
         else:
             fn, version = await node.store.lookup_function(name, tenant), LATEST
-        body = await read_body(scope, receive)
+        body = await fast.read_body(receive)
         request_id = new_id()
         event = build_event(scope, raw_path, body, request_id, node.settings.account_id,
                             drop_authorization=key is not None)
