@@ -7,7 +7,7 @@ import contextlib
 import pytest
 
 from nimbus.compiler.egress import EgressProxy, allowed_targets, split_target
-from nimbus.compiler.layers import parse_pip_config, sandbox_pip_config
+from nimbus.compiler.sdists import parse_pip_config, sandbox_pip_config
 
 
 class Upstream:
