@@ -9,6 +9,7 @@ long interval (nothing flushes by the clock) and flush or close explicitly.
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import sqlite3
@@ -115,6 +116,40 @@ async def test_a_burst_is_one_insert_and_readable_before_it(database_url):
             assert await conn.scalar(sa.select(sa.func.count()).select_from(tables.invocations)
                                      .where(tables.invocations.c.function_id == fn.id)) == 100
     finally:
+        await store.close()
+
+
+async def test_a_list_that_reads_while_its_rows_are_flushed_still_has_them(database_url):
+    """The rows of a flush that commits after the list read the database, but before it looked in the
+    buffer, were once in neither: the list came back without them (test_api's listing flaked so)."""
+    store = await Store.open(database_url, write_behind_ms=NEVER_MS)
+    try:
+        fn = await create(store)
+        invs = [finished(fn, n) for n in range(2)]
+        for inv in invs:
+            await store.record_invocation(inv)
+        real_read = store._read
+
+        @contextlib.asynccontextmanager
+        async def read_then_flush():
+            async with real_read() as conn:
+                class Conn:
+                    async def execute(self, *args, **kwargs):
+                        result = await conn.execute(*args, **kwargs)
+                        await store.flush()  # the rows commit after this read, before the buffer is looked at
+                        return result
+
+                    def __getattr__(self, name):
+                        return getattr(conn, name)
+
+                yield Conn()
+
+        store._read = read_then_flush
+        listed = await store.list_invocations(fn.id)
+        assert store.unwritten == 0 and await stored_ids(database_url, fn.id) == {inv.id for inv in invs}
+        assert [i.id for i in listed] == [invs[1].id, invs[0].id]
+    finally:
+        store._read = real_read
         await store.close()
 
 

@@ -206,6 +206,8 @@ class InvocationsMixin(Database):
         The API lists up to 1,000 rows; at 6 MiB of output each, an unbounded page is gigabytes of node memory.
         """
         limit, truncated = max(limit, 0), False
+        # The unwritten rows first: one flushed while the database is read would otherwise be in neither.
+        unwritten = self._behind.of_function(function_id) if self._behind is not None else []
         with boundary("list invocations"):
             async with self._read() as conn:
                 if max_bytes is None:
@@ -224,16 +226,7 @@ class InvocationsMixin(Database):
                     rows.sort(key=lambda row: (row.created_at, row.id), reverse=True)
                     limit = len(ids) if truncated else limit
         listed = [as_invocation(row) for row in rows]
-        return self._with_unwritten(function_id, listed, limit), truncated
-
-    def _with_unwritten(self, function_id: str, listed: list[InvocationRecord], limit: int) -> list[InvocationRecord]:
-        """``listed`` with the function's rows still waiting in the write-behind buffer, newest ``limit`` first."""
-        unwritten = self._behind.of_function(function_id) if self._behind is not None else []
-        if not unwritten:
-            return listed
-        merged = {inv.id: inv for inv in listed}  # a row committed while we read is in both
-        merged.update((values["id"], InvocationRecord(**{**values, "event": None})) for values in unwritten)
-        return sorted(merged.values(), key=lambda inv: (inv.created_at, inv.id), reverse=True)[: max(limit, 0)]
+        return _with_unwritten(unwritten, listed, limit), truncated
 
     async def sweep_invocations(self, *, max_age_s: float = 0, keep: int = 0, batch: int = SWEEP_BATCH) -> int:
         """Delete finished invocations older than ``max_age_s``, and all but the newest ``keep`` finished
@@ -308,3 +301,12 @@ class InvocationsMixin(Database):
         known = self._usage.get(tenant)
         if known is not None:
             known[0] += size
+
+
+def _with_unwritten(unwritten: list[dict], listed: list[InvocationRecord], limit: int) -> list[InvocationRecord]:
+    """``listed`` with the rows that were in the write-behind buffer before the read, newest ``limit`` first."""
+    if not unwritten:
+        return listed
+    merged = {inv.id: inv for inv in listed}  # a row committed while we read is in both
+    merged.update((values["id"], InvocationRecord(**{**values, "event": None})) for values in unwritten)
+    return sorted(merged.values(), key=lambda inv: (inv.created_at, inv.id), reverse=True)[: max(limit, 0)]
