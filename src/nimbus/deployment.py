@@ -8,6 +8,13 @@ from dataclasses import dataclass
 
 LATEST = "$LATEST"  # Lambda's name for the unpublished version, which unqualified calls run
 
+# How calls share machines (a function setting, ``Deployment.isolation``). SHARED: a machine that served a
+# call stays idle for the next one, as on Lambda. PER_CALL: each call runs on a fresh machine, destroyed
+# after it, so two calls share no /tmp, globals or leftover threads.
+SHARED = "shared"
+PER_CALL = "per-call"
+ISOLATIONS = (SHARED, PER_CALL)
+
 
 @dataclass(frozen=True, slots=True)
 class Deployment:
@@ -29,3 +36,4 @@ class Deployment:
     # "$LATEST" or a published number: what the function sees as its version. Part of a machine's identity,
     # so one revision run as $LATEST and as "1" never shares machines (each sees its own version).
     executed_version: str = LATEST
+    isolation: str = SHARED  # SHARED or PER_CALL: whether a machine may serve a second call

@@ -329,13 +329,23 @@ def test_deploy_a_folder_with_requirements_then_list_and_collect_its_layer(nimbu
 
 def test_deploy_settings_and_env(nimbus, tmp_path):
     _deploy(nimbus, tmp_path, "cli-env", WITH_ENV, "--env", "GREETING=bonjour", "--memory", "256",
-            "--timeout", "5", "--concurrency", "2")
+            "--timeout", "5", "--concurrency", "2", "--isolation", "per-call")
     fn = nimbus("get", "cli-env").json()
     assert fn["env"] == {"GREETING": "bonjour"}
-    assert (fn["memory_mb"], fn["timeout_s"], fn["concurrency"]) == (256, 5, 2)
+    assert (fn["memory_mb"], fn["timeout_s"], fn["concurrency"], fn["isolation"]) == (256, 5, 2, "per-call")
     result = nimbus("invoke", "cli-env")
     assert result.code == 0, result
     assert result.json()["output"] == {"greeting": "bonjour"}
+    # A redeploy without the option keeps it; with it, changes it.
+    _deploy(nimbus, tmp_path, "cli-env", WITH_ENV, "--memory", "128")
+    assert (nimbus("get", "cli-env").json()["isolation"]) == "per-call"
+    _deploy(nimbus, tmp_path, "cli-env", WITH_ENV, "--isolation", "shared")
+    fn = nimbus("get", "cli-env").json()
+    assert (fn["version"], fn["isolation"]) == (3, "shared")
+    refused = nimbus("deploy", str(_source(tmp_path, WITH_ENV)), "--name", "cli-env", "--runtime", "python3",
+                     "--isolation", "fresh")
+    assert refused.code == 2 and "--isolation" in refused.stderr and "per-call" in refused.stderr, refused
+    assert nimbus("get", "cli-env").json()["version"] == 3
 
 
 def test_invocations_lists_the_calls(nimbus, tmp_path):

@@ -165,6 +165,37 @@ def wait_for_invocation(api, invocation_id: str, seconds: float = 60) -> dict:
     raise AssertionError(f"invocation {invocation_id} did not finish: {record}")
 
 
+def test_isolation_setting_is_stored_per_revision_shown_and_published(api):
+    plain = deploy(api, HELLO)
+    assert plain["isolation"] == "shared"  # the default: Lambda's model
+    fn = deploy(api, HELLO, isolation="per-call")
+    assert fn["isolation"] == "per-call"
+    assert api.get(f"/api/v1/functions/{fn['name']}").json()["isolation"] == "per-call"
+    listed = api.get("/api/v1/functions", params={"limit": 1000}).json()["functions"]
+    assert {f["name"]: f["isolation"] for f in listed}[fn["name"]] == "per-call"
+
+    kept = api.put(f"/api/v1/functions/{fn['name']}", json={"memory_mb": 256})  # absent: kept
+    assert kept.status_code == 200 and (kept.json()["version"], kept.json()["isolation"]) == (2, "per-call")
+    published = api.post(f"/api/v1/functions/{fn['name']}/versions")
+    assert published.status_code == 201 and published.json()["isolation"] == "per-call"
+    changed = api.put(f"/api/v1/functions/{fn['name']}", json={"isolation": "shared"})
+    assert changed.status_code == 200, changed.text
+    assert (changed.json()["version"], changed.json()["isolation"]) == (3, "shared")  # a new revision
+    assert changed.json()["code_sha256"] == fn["code_sha256"]
+    assert api.get(f"/api/v1/functions/{fn['name']}").json()["isolation"] == "shared"
+    assert api.get(f"/api/v1/functions/{fn['name']}/versions/1").json()["isolation"] == "per-call"
+
+    for bad in ("isolated", "per_call", "", 1, None):
+        assert_problem(api.post("/api/v1/functions", json={"name": unique("iso"), "runtime": "python3",
+                                                           "code": HELLO, "isolation": bad}), 422, "isolation")
+    for bad in ("isolated", "Shared", 0):
+        assert_problem(api.put(f"/api/v1/functions/{fn['name']}", json={"isolation": bad}), 422, "isolation")
+    assert api.get(f"/api/v1/functions/{fn['name']}").json()["version"] == 3  # nothing changed
+    spec = api.get("/openapi.json").json()["components"]["schemas"]
+    assert spec["FunctionCreate"]["properties"]["isolation"]["enum"] == ["shared", "per-call"]
+    assert "per-call" in spec["FunctionCreate"]["properties"]["isolation"]["description"]
+
+
 def test_concurrency_limit_serialises_calls_on_one_machine(api):
     code = "import os, time\nM = os.urandom(4).hex()\ndef handler(e, c):\n    time.sleep(0.3)\n    return M\n"
     fn = deploy(api, code, concurrency=1)

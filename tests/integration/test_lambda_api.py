@@ -115,6 +115,19 @@ def test_create_get_list_update_delete(node, lam):
         lam.get_function(FunctionName="lam-crud")
 
 
+def test_lambda_updates_keep_the_isolation_set_through_api_v1(node, lam):
+    """Lambda has no such field: its creates are shared, and its updates leave the setting as it was."""
+    create(lam, "lam-isolation")
+    with node.client() as api:
+        assert api.get("/api/v1/functions/lam-isolation").json()["isolation"] == "shared"
+        assert api.put("/api/v1/functions/lam-isolation", json={"isolation": "per-call"}).status_code == 200
+        lam.update_function_configuration(FunctionName="lam-isolation", Timeout=9)
+        lam.update_function_code(FunctionName="lam-isolation", ZipFile=zip_of({"main.py": ECHO + "\n# v2\n"}))
+        got = api.get("/api/v1/functions/lam-isolation").json()
+        assert (got["version"], got["timeout_s"], got["isolation"]) == (4, 9, "per-call")
+    lam.delete_function(FunctionName="lam-isolation")
+
+
 def test_list_functions_pages(lam):
     for i in range(3):
         create(lam, f"lam-page-{i}")

@@ -15,7 +15,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from nimbus.errors import Conflict, NotFound, StoreError
+from nimbus.deployment import ISOLATIONS, PER_CALL, SHARED
+from nimbus.errors import Conflict, InvalidRequest, NotFound, StoreError
 from nimbus.store import BuildRecord, FunctionRecord, InvocationRecord, Store, VersionRecord, tables
 from nimbus.store.database import MIGRATIONS_DIR, normalise_url
 
@@ -226,6 +227,59 @@ async def test_migration_0002_keeps_a_database_made_at_0001_working(empty_databa
     assert await query(empty_database_url, "SELECT version_num FROM alembic_version") == [(head,)]
 
 
+async def test_migration_0010_makes_every_existing_revision_shared(empty_database_url):
+    """Rows made with the 0009 schema (plain SQL, without the column) come out ``shared``, which is how they
+    ran; the setting then works on the migrated database."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+
+    def to_0009(connection):
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0009")
+
+    now = datetime.now(UTC)
+    function_id, version_ids = uuid.uuid4().hex, [uuid.uuid4().hex, uuid.uuid4().hex]
+    engine = create_async_engine(normalise_url(empty_database_url))
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(to_0009)
+        async with engine.begin() as conn:
+            await conn.execute(sa.text(
+                "INSERT INTO artifacts (sha256, runtime, size, content, created_at) VALUES (:s, 'python3', :n, :c, :t)"),
+                {"s": sha256(CODE), "n": len(CODE), "c": CODE, "t": now})
+            await conn.execute(sa.text(
+                "INSERT INTO functions (id, tenant, name, version, created_at, updated_at, last_published) "
+                "VALUES (:id, 'default', 'old', 2, :t, :t, 1)"), {"id": function_id, "t": now})
+            for number, version_id in enumerate(version_ids, 1):
+                await conn.execute(sa.text(
+                    "INSERT INTO function_versions (id, function_id, version, runtime, handler, env, memory_mb, "
+                    "timeout_s, concurrency, code_sha256, code_size, code_kind, created_at, published) VALUES "
+                    "(:id, :f, :n, 'python3', 'main.handler', '{}', 128, 3.0, 2, :s, :size, 'source', :t, :p)"),
+                    {"id": version_id, "f": function_id, "n": number, "s": sha256(CODE), "size": len(CODE), "t": now,
+                     "p": 1 if number == 1 else None})
+    finally:
+        await engine.dispose()
+
+    opened = await Store.open(empty_database_url)  # migrates to head
+    try:
+        fn = await opened.get_function("old")
+        assert (fn.version_id, fn.isolation) == (version_ids[1], SHARED)
+        assert (await opened.get_version(version_ids[0])).isolation == SHARED
+        assert (await opened.get_published("old", "default", 1)).isolation == SHARED
+        assert fn.deployment().isolation == SHARED
+        changed = await opened.update_function("old", isolation=PER_CALL)
+        assert (changed.version, changed.isolation) == (3, PER_CALL)
+        assert (await opened.get_function("old")).isolation == PER_CALL
+        assert (await opened.get_version(version_ids[1])).isolation == SHARED  # revisions stay as they were
+    finally:
+        await opened.close()
+    assert await query(empty_database_url, "SELECT DISTINCT isolation FROM function_versions ORDER BY isolation") == [
+        (PER_CALL,), (SHARED,)]
+
+
 async def test_open_accepts_every_url_spelling(database_url, tmp_path):
     if database_url.startswith("sqlite"):
         nested = tmp_path / "not" / "yet" / "there.db"
@@ -321,6 +375,36 @@ async def test_update_makes_a_new_version_and_keeps_what_was_not_given(store):
         fn.id, fn.name, 1, 256, {"A": "1"})
     assert await store.get_code(first.code_sha256) == CODE
     assert (await store.get_version(v3.version_id)).handler == "app.main"
+
+
+async def test_isolation_is_a_setting_of_each_revision_and_reaches_the_deployment(store):
+    assert ISOLATIONS == (SHARED, PER_CALL) == ("shared", "per-call")
+    plain = await create(store)
+    assert plain.isolation == SHARED and (await store.get_function(plain.name)).isolation == SHARED
+    assert plain.deployment().isolation == SHARED
+
+    fn = await create(store, isolation=PER_CALL, memory_mb=256)
+    assert fn.isolation == PER_CALL
+    for read in (await store.get_function(fn.name), await store.get_function(fn.id),
+                 await store.lookup_function(fn.name), await store.get_version(fn.version_id)):
+        assert read.isolation == PER_CALL, read
+        assert read.deployment().isolation == PER_CALL and read.deployment("1").isolation == PER_CALL
+    listed, _ = await store.list_functions(tenant=fn.tenant, limit=1000)
+    assert {f.name: f.isolation for f in listed}[fn.name] == PER_CALL
+
+    kept = await store.update_function(fn.name, memory_mb=512)  # not given: kept
+    assert (kept.version, kept.isolation, kept.memory_mb) == (2, PER_CALL, 512)
+    back = await store.update_function(fn.name, isolation=SHARED)  # a new revision like any setting
+    assert (back.version, back.isolation, back.memory_mb) == (3, SHARED, 512) and back.version_id != kept.version_id
+    assert (await store.lookup_function(fn.name)).deployment().isolation == SHARED
+    assert (await store.get_version(kept.version_id)).isolation == PER_CALL  # the old revision is unchanged
+
+    for bad in ("isolated", "PER-CALL", ""):
+        with pytest.raises(InvalidRequest, match="isolation"):
+            await store.update_function(fn.name, isolation=bad)
+        with pytest.raises(InvalidRequest, match="isolation"):
+            await create(store, isolation=bad)
+    assert (await store.get_function(fn.name)).version == 3  # nothing was written
 
 
 async def test_concurrent_updates_get_consecutive_versions(store):

@@ -93,6 +93,25 @@ async def test_publish_is_idempotent_numbers_ascend_and_are_never_reused(store):
         await store.list_published(fn.name, "someone-else")
 
 
+async def test_a_published_version_keeps_the_isolation_it_was_published_with(store):
+    fn = await create(store, isolation="per-call")
+    one = await store.publish_version(fn.name, fn.tenant)
+    assert (one.published, one.isolation) == (1, "per-call")
+    await store.update_function(fn.name, isolation="shared")
+    two = await store.publish_version(fn.name, fn.tenant)
+    assert (two.published, two.isolation) == (2, "shared")
+    assert [(v.published, v.isolation) for v in await store.list_published(fn.name, fn.tenant)] == [
+        (1, "per-call"), (2, "shared")]
+    assert (await store.get_published(fn.name, fn.tenant, 1)).isolation == "per-call"
+    await store.create_alias(fn.name, fn.tenant, "prod", version=1)
+    await store.update_function(fn.name, isolation="per-call", memory_mb=256)  # $LATEST moves on; 1 and 2 stay
+    for qualifier, isolation in (("1", "per-call"), ("prod", "per-call"), ("2", "shared"), (None, "per-call")):
+        record, executed = await store.lookup_qualified(fn.name, fn.tenant, qualifier)
+        assert record.isolation == isolation, qualifier
+        assert record.deployment(executed).isolation == isolation, qualifier
+    assert (await store.get_published(fn.name, fn.tenant, 2)).deployment("2").isolation == "shared"
+
+
 async def test_aliases_validate_and_block_deleting_their_versions(store):
     fn = await create(store)
     await store.publish_version(fn.name, fn.tenant)

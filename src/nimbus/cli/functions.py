@@ -3,6 +3,7 @@ and the node's dependency layers (layers, gc). Each is one or a few calls of the
 """
 
 import base64
+import enum
 import json
 import sys
 import time
@@ -24,6 +25,13 @@ LOGS_POLL_S = 0.5
 COMPILED_RUNTIME_PREFIXES = ("go", "rust", "wasm")
 DEPENDENCY_MANIFESTS = ("requirements.txt", "package.json")  # a folder with one deploys with a layer
 FINISHED = frozenset({"succeeded", "failed", "timed_out"})
+
+
+class Isolation(enum.StrEnum):
+    """The API's ``isolation`` values, so a typo is refused (and the choices shown) before anything is sent."""
+
+    SHARED = "shared"
+    PER_CALL = "per-call"
 
 
 def _env_pairs(pairs: list[str] | None) -> dict[str, str] | None:
@@ -101,6 +109,11 @@ def deploy(
     concurrency: Annotated[
         int | None, typer.Option(help="Machines the function may use at once (default 10).", show_default=False)
     ] = None,
+    isolation: Annotated[
+        Isolation | None,
+        typer.Option(help="shared: a machine serves call after call (default); per-call: a fresh machine for "
+                          "every call, destroyed after it.", show_default=False)
+    ] = None,
     url: UrlOption = DEFAULT_URL,
 ) -> None:
     """Create a function from FILE (or a folder), or add a new version when NAME exists."""
@@ -116,7 +129,7 @@ def deploy(
         except UnicodeDecodeError:
             fields["code_base64"] = base64.b64encode(raw).decode("ascii")  # a binary artifact, e.g. a WASI module
     optional = {"handler": handler, "env": _env_pairs(env), "memory_mb": memory, "timeout_s": timeout,
-                "concurrency": concurrency}
+                "concurrency": concurrency, "isolation": isolation.value if isolation is not None else None}
     fields.update({key: value for key, value in optional.items() if value is not None})
 
     compiled = runtime.strip().lower().startswith(COMPILED_RUNTIME_PREFIXES)

@@ -147,7 +147,7 @@ async def create(node, tenant: str, body: schemas.FunctionCreate, **extra):
     fn = await node.store.create_function(
         name=body.name, runtime=runtime, handler=handler, env=body.env or {}, memory_mb=body.memory_mb,
         timeout_s=body.timeout_s, concurrency=body.concurrency, code=code, code_kind=_code_kind(code),
-        max_retries=body.max_retries, tenant=tenant,
+        max_retries=body.max_retries, isolation=body.isolation, tenant=tenant,
         artifact_sha256=build.artifact_sha256 if build else None,
         layer_sha256=layer.artifact_sha256 if layer else None, **extra,
     )
@@ -197,7 +197,7 @@ async def update(node, tenant: str, name: str, body: schemas.FunctionUpdate, **e
         current.id, code=code, code_kind=_code_kind(code) if code is not None else None,
         runtime=runtime if runtime != current.runtime else None, handler=handler, env=body.env,
         memory_mb=body.memory_mb, timeout_s=body.timeout_s, concurrency=body.concurrency,
-        max_retries=body.max_retries, tenant=tenant,
+        max_retries=body.max_retries, isolation=body.isolation, tenant=tenant,
         artifact_sha256=build.artifact_sha256 if build else None,
         layer_sha256=layer.artifact_sha256 if layer else None, **extra,
     )

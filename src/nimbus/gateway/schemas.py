@@ -2,7 +2,7 @@
 
 import re
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
@@ -26,6 +26,10 @@ MEMORY_MB = Field(128, ge=64, le=10240, description="memory limit of each machin
 TIMEOUT_S = Field(30.0, gt=0, le=900, description="per-call time limit, seconds")
 CONCURRENCY = Field(10, ge=1, le=1000, description="machines this function may use at once")
 MAX_RETRIES = Field(2, ge=0, le=10, description="retries of a failed async invocation, with backoff")
+Isolation = Literal["shared", "per-call"]  # nimbus.deployment.ISOLATIONS
+ISOLATION_TEXT = ("shared: a machine that served a call stays idle for the next one (Lambda's model); per-call: "
+                  "every call runs on a fresh machine, destroyed after it, so two calls share nothing (no /tmp, "
+                  "no globals, no thread left behind); concurrency still bounds how many run at once")
 
 
 def _check_env(env: dict[str, str] | None) -> dict[str, str] | None:
@@ -97,6 +101,7 @@ class FunctionCreate(_Code):
     timeout_s: StrictFloat = TIMEOUT_S
     concurrency: StrictInt = CONCURRENCY
     max_retries: StrictInt = MAX_RETRIES
+    isolation: Isolation = Field("shared", description=ISOLATION_TEXT)
 
     @model_validator(mode="after")
     def _one_code(self) -> "FunctionCreate":
@@ -117,6 +122,7 @@ class FunctionUpdate(_Code):
     timeout_s: StrictFloat | None = Field(None, gt=0, le=900)
     concurrency: StrictInt | None = Field(None, ge=1, le=1000)
     max_retries: StrictInt | None = Field(None, ge=0, le=10)
+    isolation: Isolation | None = Field(None, description=ISOLATION_TEXT + "; absent keeps it")
 
     @model_validator(mode="after")
     def _something(self) -> "FunctionUpdate":
@@ -163,6 +169,7 @@ class FunctionOut(BaseModel):
     timeout_s: float
     concurrency: int
     max_retries: int = 2
+    isolation: Isolation = Field(description=ISOLATION_TEXT)
     version: int = Field(description="the revision number of $LATEST (every PUT makes one)")
     published: int | None = Field(None, description="the published version number of this revision, if any")
     description: str = ""
@@ -200,7 +207,8 @@ class InvokeOut(BaseModel):
     status: str = Field(description="succeeded | failed | timed_out")
     output: Any = None
     error: ErrorOut | None = None
-    start: str | None = Field(None, description="cold | warm | hot")
+    start: str | None = Field(None, description="cold | warm | forked | hot: how its machine came (forked: from the "
+                              "version's function template)")
     restored: bool = Field(False, description="the machine came from a snapshot instead of booting (firecracker)")
     duration_ms: float | None = None
     executed_version: str = Field("$LATEST", description="the version that ran: $LATEST or a published number")
@@ -245,7 +253,7 @@ def function_view(fn, build=None, layer=None) -> dict:
     view = {
         "id": fn.id, "name": fn.name, "runtime": fn.runtime, "handler": fn.handler, "env": fn.env,
         "memory_mb": fn.memory_mb, "timeout_s": fn.timeout_s, "concurrency": fn.concurrency,
-        "max_retries": fn.max_retries, "version": fn.version, "published": fn.published,
+        "max_retries": fn.max_retries, "isolation": fn.isolation, "version": fn.version, "published": fn.published,
         "description": fn.description, "role": fn.role,
         "code_sha256": fn.code_sha256, "code_size": fn.code_size, "code_kind": fn.code_kind,
         "artifact_sha256": fn.artifact_sha256,
@@ -310,6 +318,7 @@ class VersionOut(BaseModel):
     timeout_s: float
     concurrency: int
     max_retries: int
+    isolation: Isolation = Field(description=ISOLATION_TEXT)
     code_sha256: str
     code_size: int
     artifact_sha256: str | None = None
@@ -363,9 +372,9 @@ def version_view(v) -> dict:
     return {
         "version": str(v.published), "revision": v.version, "revision_id": v.id, "description": v.description,
         "runtime": v.runtime, "handler": v.handler, "env": v.env, "memory_mb": v.memory_mb, "timeout_s": v.timeout_s,
-        "concurrency": v.concurrency, "max_retries": v.max_retries, "code_sha256": v.code_sha256,
-        "code_size": v.code_size, "artifact_sha256": v.artifact_sha256, "layer_sha256": v.layer_sha256,
-        "created_at": v.created_at,
+        "concurrency": v.concurrency, "max_retries": v.max_retries, "isolation": v.isolation,
+        "code_sha256": v.code_sha256, "code_size": v.code_size, "artifact_sha256": v.artifact_sha256,
+        "layer_sha256": v.layer_sha256, "created_at": v.created_at,
     }
 
 

@@ -11,7 +11,8 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from nimbus.errors import Conflict, NotFound
+from nimbus.deployment import ISOLATIONS, SHARED
+from nimbus.errors import Conflict, InvalidRequest, NotFound
 from nimbus.store import tables
 from nimbus.store.builds import hold_artifact, put_artifact, sha256_of
 from nimbus.store.database import Database, boundary, integrity_kind
@@ -74,14 +75,16 @@ class FunctionsMixin(Database):
         layer_sha256: str | None = None,
         description: str = "",
         role: str | None = None,
+        isolation: str = SHARED,
     ) -> FunctionRecord:
         """Create a function at version 1. ``Conflict`` if the tenant already has one with this name.
 
         The code is stored once per sha256: functions with identical bytes share one artifact.
         ``artifact_sha256`` (compiled runtimes) names the built artifact the machines run, and
         ``layer_sha256`` the dependency layer they mount, both already stored by ``put_build``;
-        ``NotFound`` if there is no such artifact.
+        ``NotFound`` if there is no such artifact; ``InvalidRequest`` for an unknown ``isolation``.
         """
+        _check_isolation(isolation)
         now = utcnow()
         sha = await sha256_of(code)
         record = FunctionRecord(
@@ -89,7 +92,7 @@ class FunctionsMixin(Database):
             memory_mb=memory_mb, timeout_s=float(timeout_s), concurrency=concurrency, version=1,
             version_id=new_id(), code_sha256=sha, code_size=len(code), code_kind=code_kind, created_at=now,
             updated_at=now, artifact_sha256=artifact_sha256, max_retries=max_retries, layer_sha256=layer_sha256,
-            description=description, role=role,
+            description=description, role=role, isolation=isolation,
         )
         with boundary(f"create function {name!r}"):
             async with self._write() as conn:
@@ -132,6 +135,7 @@ class FunctionsMixin(Database):
         layer_sha256: str | None = None,
         description: str | None = None,
         role: str | None = None,
+        isolation: str | None = None,
     ) -> FunctionRecord:
         """Make version N+1 from the latest, with the given code and settings changed. ``NotFound``.
 
@@ -140,6 +144,8 @@ class FunctionsMixin(Database):
         same source rebuilt, say for another toolchain). The dependency layer goes with the code the same
         way. A named artifact or layer must exist (``put_build``), else ``NotFound``.
         """
+        if isolation is not None:
+            _check_isolation(isolation)
         now = utcnow()
         sha = await sha256_of(code) if code is not None else None
         with boundary(f"update function {name_or_id!r}"):
@@ -177,6 +183,7 @@ class FunctionsMixin(Database):
                     layer_sha256=layer,
                     description=description if description is not None else current.description,
                     role=role if role is not None else current.role,
+                    isolation=isolation if isolation is not None else current.isolation,
                 )
                 if code is not None:
                     await put_artifact(conn, record.code_sha256, record.runtime, code, now)
@@ -293,6 +300,12 @@ def _not_found(key: str) -> NotFound:
     return NotFound(f"function {key!r} not found")
 
 
+def _check_isolation(isolation: str) -> None:
+    """The gateway checks it too; this keeps any other caller from storing a value no pool understands."""
+    if isolation not in ISOLATIONS:
+        raise InvalidRequest(f"isolation {str(isolation)[:40]!r} must be one of {', '.join(ISOLATIONS)}")
+
+
 def _version_row(record: FunctionRecord) -> dict[str, Any]:
     """The function_versions row of a record's latest version."""
     return {
@@ -302,5 +315,5 @@ def _version_row(record: FunctionRecord) -> dict[str, Any]:
         "code_size": record.code_size, "code_kind": record.code_kind, "created_at": record.updated_at,
         "artifact_sha256": record.artifact_sha256, "max_retries": record.max_retries,
         "layer_sha256": record.layer_sha256, "published": None, "description": record.description,
-        "role": record.role,
+        "role": record.role, "isolation": record.isolation,
     }

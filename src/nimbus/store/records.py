@@ -8,7 +8,7 @@ nothing in the database.
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from nimbus.deployment import LATEST, Deployment
+from nimbus.deployment import LATEST, SHARED, Deployment
 
 DEFAULT_TENANT = "default"
 DEFAULT_MAX_RETRIES = 2  # Lambda's default for async invocations
@@ -16,7 +16,7 @@ DEFAULT_MAX_RETRIES = 2  # Lambda's default for async invocations
 MODES = ("sync", "async")
 STATUSES = ("queued", "running", "succeeded", "failed", "timed_out")
 FINISHED_STATUSES = frozenset({"succeeded", "failed", "timed_out"})
-STARTS = ("cold", "warm", "hot")
+STARTS = ("cold", "warm", "forked", "hot")
 
 
 def utcnow() -> datetime:
@@ -62,6 +62,8 @@ class FunctionRecord:
     description: str = ""
     role: str | None = None
     """The Lambda API's execution role: stored and echoed, it grants nothing."""
+    isolation: str = SHARED
+    """``shared`` (machines serve call after call) or ``per-call`` (a fresh machine for every call)."""
 
     def deployment(self, executed_version: str = LATEST) -> Deployment:
         """What a machine serving this revision as ``executed_version`` is initialised with."""
@@ -71,7 +73,7 @@ class FunctionRecord:
             timeout_s=float(self.timeout_s), concurrency=self.concurrency,
             # Compiled runtimes run their built artifact; interpreted ones their code.
             code_sha256=self.artifact_sha256 or self.code_sha256, package=self.code_kind == "zip",
-            layer_sha256=self.layer_sha256, executed_version=executed_version,
+            layer_sha256=self.layer_sha256, executed_version=executed_version, isolation=self.isolation,
         )
 
 
@@ -107,6 +109,8 @@ class VersionRecord:
     """The published version number of this revision; None when it is not published."""
     description: str = ""
     role: str | None = None
+    isolation: str = SHARED
+    """``shared`` or ``per-call``: kept by the published version, as every other setting."""
 
     def deployment(self, executed_version: str = LATEST) -> Deployment:
         """What a machine serving this version is initialised with: an async call runs the version it was
@@ -116,7 +120,7 @@ class VersionRecord:
             version=self.version, runtime=self.runtime, handler=self.handler, env=dict(self.env),
             memory_mb=self.memory_mb, timeout_s=float(self.timeout_s), concurrency=self.concurrency,
             code_sha256=self.artifact_sha256 or self.code_sha256, package=self.code_kind == "zip",
-            layer_sha256=self.layer_sha256, executed_version=executed_version,
+            layer_sha256=self.layer_sha256, executed_version=executed_version, isolation=self.isolation,
         )
 
 

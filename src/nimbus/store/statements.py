@@ -43,7 +43,7 @@ _FUNCTION_COLUMNS = (
     _f.c.id, _f.c.name, _f.c.tenant, _v.c.runtime, _v.c.handler, _v.c.env, _v.c.memory_mb, _v.c.timeout_s,
     _v.c.concurrency, _f.c.version, _v.c.id.label("version_id"), _v.c.code_sha256, _v.c.code_size,
     _v.c.code_kind, _f.c.created_at, _f.c.updated_at, _v.c.artifact_sha256, _built.c.size.label("artifact_size"),
-    _v.c.max_retries, _v.c.layer_sha256, _v.c.published, _v.c.description, _v.c.role,
+    _v.c.max_retries, _v.c.layer_sha256, _v.c.published, _v.c.description, _v.c.role, _v.c.isolation,
 )
 LATEST = _f.join(_v, sa.and_(_v.c.function_id == _f.c.id, _v.c.version == _f.c.version))
 SELECT_LATEST = sa.select(*_FUNCTION_COLUMNS).select_from(
@@ -64,6 +64,7 @@ SELECT_VERSIONS = sa.select(
     _v.c.layer_sha256, _v.c.published,
     # A published version's own description when it was given one, else its revision's.
     sa.func.coalesce(_v.c.published_description, _v.c.description).label("description"), _v.c.role,
+    _v.c.isolation,
 ).select_from(
     _v.join(_f, _f.c.id == _v.c.function_id).outerjoin(_built, _built.c.sha256 == _v.c.artifact_sha256)
 )

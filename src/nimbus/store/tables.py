@@ -9,7 +9,7 @@ Layout (docs/architecture.md#storage):
   published version number handed out (never reused).
 - ``function_versions``: immutable revisions: settings, a code reference and (compiled runtimes) the built
   artifact the machines run, one row per PUT. ``published`` marks the revisions published as numbered
-  versions.
+  versions, which keep every setting of their revision (``isolation`` too).
 - ``aliases``: named pointers at a published version, with an optional weighted second version.
 - ``artifacts``: code and built bytes by sha256, shared by every version and build with the same bytes.
 - ``builds``: the build cache, sha256(runtime, toolchain, source) → artifact, so identical code deployed
@@ -127,6 +127,8 @@ function_versions = sa.Table(
     sa.Column("role", sa.Text, nullable=True),
     # The description given when publishing: the version's own, while $LATEST keeps ``description``.
     sa.Column("published_description", sa.Text, nullable=True),
+    # Migration 0010: "shared" (a machine serves call after call) or "per-call" (a fresh machine per call).
+    sa.Column("isolation", sa.String(16), nullable=False, server_default="shared"),
     sa.UniqueConstraint("function_id", "version"),
     # A unique index, not a constraint: SQLite adds it without rebuilding the table. NULLs never collide.
     sa.Index(None, "function_id", "published", unique=True),
