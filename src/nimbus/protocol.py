@@ -26,12 +26,14 @@ RESULT = "result"
 ERROR = "error"
 PING = "ping"
 PONG = "pong"
+SNAPSHOT = "snapshot"  # after init: become the version's function template (nimbus.agent.forks)
+SNAPSHOT_OK = "snapshot_ok"
 
-HOST_TYPES = frozenset({INIT, EXEC, PING})
+HOST_TYPES = frozenset({INIT, EXEC, PING, SNAPSHOT})
 # An exec header's per-call fields beside invocation_id and deadline_ms, as the agent reads them.
 QUALIFIER_RE = re.compile(r"\$LATEST|[0-9]{1,10}|[A-Za-z0-9_-]{1,128}")
 CLIENT_CONTEXT_MAX = 3583  # bytes of base64, Lambda's limit on X-Amz-Client-Context
-GUEST_TYPES = frozenset({INIT_OK, RESULT, ERROR, PONG})
+GUEST_TYPES = frozenset({INIT_OK, RESULT, ERROR, PONG, SNAPSHOT_OK})
 
 
 class ProtocolError(Exception):

@@ -36,7 +36,7 @@ EXIT_PROTOCOL = 2  # the host sent something it never should
 EXIT_USAGE = 64  # bad command line (sysexits' EX_USAGE)
 EXIT_UNAVAILABLE = 69  # --vsock-port on a system without AF_VSOCK (EX_UNAVAILABLE)
 EXIT_CRASH = 70  # a bug in the agent itself (EX_SOFTWARE)
-USAGE = "usage: main [--fd N | --vsock-port PORT] [--task-dir PATH] [--seal-fd N]"
+USAGE = "usage: main [--fd N | --vsock-port PORT] [--task-dir PATH] [--seal-fd N] [--fork-fd N]"
 TREE_FILE_MODE, TREE_EXEC_MODE = 0o644, 0o755
 SEAL_REQUEST, SEAL_DONE = b"s", b"k"  # asked of, and answered by, a template machine's init (_seal)
 ENTROPY_MAX_BYTES = 512  # an init's "entropy" (hex): far more than the 32 bytes the host sends
@@ -49,18 +49,20 @@ RUNTIMES = {"python3": "python3", "nodejs": "nodejs", "go": "go", "rust": "rust"
 class Options:
     """The command line, parsed by hand: argparse costs ~20 ms to import in every machine."""
 
-    __slots__ = ("fd", "task_dir", "seal_fd", "vsock_port")
+    __slots__ = ("fd", "task_dir", "seal_fd", "vsock_port", "fork_fd")
 
     def __init__(self, fd: int = DEFAULT_FD, task_dir: str = DEFAULT_TASK_DIR, seal_fd: int | None = None,
-                 vsock_port: int | None = None) -> None:
+                 vsock_port: int | None = None, fork_fd: int | None = None) -> None:
         self.fd = fd
         self.task_dir = task_dir
         self.seal_fd = seal_fd  # where the machine's init makes the task dir read-only on request
         self.vsock_port = vsock_port  # listen here for the host instead of using ``fd`` (Firecracker guests)
+        self.fork_fd = fork_fd  # a function template's fork control socket (nimbus.agent.forks)
 
 
 def parse_args(argv: list[str]) -> Options:
-    """Read ``--fd N`` or ``--vsock-port PORT``, ``--task-dir PATH`` and ``--seal-fd N`` (also as ``--fd=N``).
+    """Read ``--fd N`` or ``--vsock-port PORT``, ``--task-dir PATH``, ``--seal-fd N`` and ``--fork-fd N``
+    (also as ``--fd=N``).
 
     ValueError on anything else, and on ``--fd`` and ``--vsock-port`` together: the channel is one or
     the other.
@@ -71,7 +73,7 @@ def parse_args(argv: list[str]) -> Options:
     while args:
         arg = args.pop(0)
         name, eq, value = arg.partition("=")
-        if name not in ("--fd", "--task-dir", "--seal-fd", "--vsock-port"):
+        if name not in ("--fd", "--task-dir", "--seal-fd", "--vsock-port", "--fork-fd"):
             raise ValueError(f"unknown argument {arg!r}")
         if not eq:
             if not args:
@@ -82,14 +84,11 @@ def parse_args(argv: list[str]) -> Options:
             if not (value.isascii() and value.isdigit()) or int(value) > VSOCK_PORT_MAX:
                 raise ValueError(f"--vsock-port must be a port number from 0 to {VSOCK_PORT_MAX}, not {value!r}")
             options.vsock_port = int(value)
-        elif name in ("--fd", "--seal-fd"):
+        elif name in ("--fd", "--seal-fd", "--fork-fd"):
             fd = int(value)
             if fd < 0:
                 raise ValueError(f"{name} must be a file descriptor number")
-            if name == "--fd":
-                options.fd = fd
-            else:
-                options.seal_fd = fd
+            setattr(options, {"--fd": "fd", "--seal-fd": "seal_fd", "--fork-fd": "fork_fd"}[name], fd)
         else:
             options.task_dir = os.path.abspath(value)
     if "--fd" in seen and "--vsock-port" in seen:
@@ -267,6 +266,29 @@ def _reseed(header: dict) -> None:
         sys.modules["random"].seed()
 
 
+def _run_hooks(getter: str, reverse: bool = False) -> None:
+    """Run the function's SnapStart runtime hooks, as Lambda does around a snapshot.
+
+    ``snapshot_restore_py`` (the library Lambda's python runtimes include, bundled with the SDK) keeps
+    what the function registered; ``get_before_snapshot`` hooks run in the template before it forks, in
+    reverse order of registration, ``get_after_restore`` ones in each fork before its first call, in order.
+    A function that never imported the library has none. A hook that raises fails the snapshot (no
+    template is kept) or the fork (its first call answers the error).
+    """
+    module = sys.modules.get("snapshot_restore_py")
+    registry = getattr(module, getter, None) if module is not None else None
+    if not callable(registry):
+        return
+    try:
+        hooks = list(registry())
+        for func, args, kwargs in reversed(hooks) if reverse else hooks:
+            func(*args, **kwargs)
+    except Exception as exc:
+        kind = "BeforeSnapshotHookError" if reverse else "AfterRestoreHookError"
+        raise InvocationError(kind, f"a SnapStart runtime hook failed: {type(exc).__name__}: {exc}",
+                              fatal=True) from None
+
+
 def _apply_environment(spec: FunctionSpec) -> None:
     """Give the process the function's environment and working directory before its code loads."""
     env = spec.environment()
@@ -292,15 +314,22 @@ def _elapsed_ms(started: float) -> float:
 class Agent:
     """Serves one channel: reads a frame, answers it, until the host hangs up."""
 
-    def __init__(self, channel: FdStream | None, task_dir: str, logs: LogCapture, seal_fd: int | None = None) -> None:
+    def __init__(self, channel: FdStream | None, task_dir: str, logs: LogCapture, seal_fd: int | None = None,
+                 fork_fd: int | None = None, fork_program: bytes = b"", fork_server=None) -> None:
         self.channel = channel
         self.task_dir = task_dir
         self.seal_fd = seal_fd
+        self.fork_fd = fork_fd  # set: this machine may become its version's function template
+        self.fork_program = fork_program  # the seccomp filter each fork of it installs
+        self.fork_server = fork_server  # nimbus.agent.forks.serve, given by the runtime template that made it
         self.logs = logs
         self.spec: FunctionSpec | None = None
         self.runtime = None
         self.init_seen = False
-        self.handlers = {protocol.PING: self.on_ping, protocol.INIT: self.on_init, protocol.EXEC: self.on_exec}
+        self.pristine = True  # no call ran here yet: its state is the version's as loaded
+        self.restore_error: InvocationError | None = None  # an after-restore hook of a fork failed
+        self.handlers = {protocol.PING: self.on_ping, protocol.INIT: self.on_init, protocol.EXEC: self.on_exec,
+                         protocol.SNAPSHOT: self.on_snapshot}
 
     def serve(self) -> int:
         """Answer frames until the channel ends; return the exit status."""
@@ -322,6 +351,8 @@ class Agent:
             except OSError as exc:
                 self.logs.diag(f"channel failed: {exc}")
                 return EXIT_CHANNEL
+            if reply["type"] == protocol.SNAPSHOT_OK:
+                self.fork_server(self, self.fork_fd, self.fork_program)  # never returns
 
     def send(self, header: dict, blob: bytes) -> None:
         """Send a reply; should it break the frame limits anyway, say so instead of going silent."""
@@ -372,11 +403,47 @@ class Agent:
         self.spec, self.runtime = spec, runtime
         return {"type": protocol.INIT_OK, "duration_ms": _elapsed_ms(started)}, b""
 
+    def on_snapshot(self, header: dict, blob: bytes) -> tuple[dict, bytes]:
+        """Become the version's function template, once loaded and before any call ran (``serve`` switches)."""
+        started = time.perf_counter()
+        try:
+            if self.runtime is None:
+                raise InvocationError("NotInitialized", "snapshot before a successful init")
+            if self.fork_fd is None or self.fork_server is None:
+                raise InvocationError("NotForkable", "this machine was not made to be a function template")
+            if not getattr(self.runtime, "forkable", False):
+                raise InvocationError("NotForkable", f"the {self.spec.runtime} runtime cannot be forked")
+            if not self.pristine:
+                raise InvocationError("NotForkable", "this machine served a call: its state is no longer the "
+                                      "version's as loaded")
+            _run_hooks("get_before_snapshot", reverse=True)
+        except InvocationError as exc:
+            return self.error_reply(exc, started), b""
+        return {"type": protocol.SNAPSHOT_OK}, b""
+
+    def resume(self, channel: int) -> None:
+        """In a fork of the function template: serve the new machine's own channel. Never returns."""
+        self.fork_fd = None
+        self.pristine = False  # a fork is a machine, never a template
+        self.logs = LogCapture()
+        self.logs.start()
+        self.channel = FdStream(channel)
+        try:
+            _run_hooks("get_after_restore")
+        except InvocationError as exc:  # the first call answers it, and the machine is not used again
+            self.runtime, self.restore_error = None, exc
+        status = self.serve()
+        self.close()
+        os._exit(status)
+
     def on_exec(self, header: dict, blob: bytes) -> tuple[dict, bytes]:
         """Run one call; the reply carries the output (or the error) and the call's logs."""
         started = time.perf_counter()
+        self.pristine = False
         self.logs.begin()  # what came after the last answer is no part of this call
         try:
+            if self.restore_error is not None:
+                raise self.restore_error
             if self.runtime is None:
                 raise InvocationError("NotInitialized", "exec before a successful init", fatal=True)
             if not getattr(self.runtime, "checks_nesting", False) and protocol.nesting_over(blob):
@@ -427,8 +494,13 @@ def serve_listener(agent: "Agent", listener) -> int:
             return status
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the agent until the host is done with it, then exit the process."""
+def main(argv: list[str] | None = None, fork_program: bytes = b"", fork_server=None) -> None:
+    """Run the agent until the host is done with it, then exit the process.
+
+    With ``--fork-fd``, the machine may become a function template: ``fork_server`` is then
+    :func:`nimbus.agent.forks.serve` (passed in, so the agent imports it only in such machines) and
+    ``fork_program`` the seccomp filter each fork installs.
+    """
     try:
         options = parse_args(sys.argv[1:] if argv is None else argv)
         channel = FdStream(options.fd) if options.vsock_port is None else None
@@ -438,7 +510,7 @@ def main(argv: list[str] | None = None) -> None:
     listener = _listen_host(options.vsock_port) if channel is None else None
     logs = LogCapture()
     logs.start()
-    agent = Agent(channel, options.task_dir, logs, options.seal_fd)
+    agent = Agent(channel, options.task_dir, logs, options.seal_fd, options.fork_fd, fork_program, fork_server)
     try:
         status = agent.serve() if listener is None else serve_listener(agent, listener)
     except BaseException:  # a bug of the agent's: report it to the host's diagnostics, not to the logs

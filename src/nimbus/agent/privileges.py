@@ -5,6 +5,9 @@ a template's child (``nimbus.agent.template``) both start as root with a few cap
 machine's own uid clears the permitted and effective sets, but not the inheritable set, nor the bounding
 set, so those are emptied first (that takes ``CAP_SETPCAP``), together with the ambient set. With
 ``no_new_privs`` already set, nothing the function executes can get any of them back.
+
+A fork of a function template (:mod:`nimbus.agent.forks`) holds every capability of the user namespace it
+made for itself, and keeps its uid: :func:`clear` empties all five sets instead.
 """
 
 import ctypes
@@ -31,11 +34,13 @@ def _fail(what: str) -> None:
     raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def drop(uid: int, gid: int, owned: tuple[str, ...] = ()) -> None:
-    """Become ``uid``/``gid`` with no groups and no capability in any set; ``owned`` dirs are chowned first."""
+def clear() -> None:
+    """Empty every capability set: bounding, ambient, inheritable, permitted and effective."""
+    _clear(all_sets=True)
+
+
+def _clear(all_sets: bool) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
-    for path in owned:
-        os.chown(path, uid, gid)
     for cap in range(CAP_COUNT):
         if libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
             _fail(f"dropping capability {cap} from the bounding set")
@@ -47,8 +52,17 @@ def drop(uid: int, gid: int, owned: tuple[str, ...] = ()) -> None:
         _fail("capget")
     for half in data:
         half.inheritable = 0
+        if all_sets:
+            half.effective = half.permitted = 0
     if libc.capset(ctypes.byref(header), data) != 0:
-        _fail("clearing the inheritable capabilities")
+        _fail("clearing the capabilities")
+
+
+def drop(uid: int, gid: int, owned: tuple[str, ...] = ()) -> None:
+    """Become ``uid``/``gid`` with no groups and no capability in any set; ``owned`` dirs are chowned first."""
+    for path in owned:
+        os.chown(path, uid, gid)
+    _clear(all_sets=False)  # the permitted and effective sets go with root, below
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)  # from uid 0 to another: the kernel clears the permitted and effective sets

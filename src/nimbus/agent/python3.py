@@ -296,6 +296,7 @@ class PythonRuntime:
     """Loads ``module.function`` from the task directory and calls it in this process."""
 
     checks_nesting = True  # invoke() checks the event's depth on the value it parses anyway
+    forkable = True  # all it loaded lives in this process: a fork has it (nimbus.agent.forks)
 
     def __init__(self, spec: FunctionSpec) -> None:
         self.spec = spec

@@ -52,6 +52,9 @@ PYTHON_PINS = (
     "python-dateutil==2.9.0.post0",
     "urllib3==2.8.0",
     "six==1.17.0",
+    # SnapStart's runtime hooks (register_before_snapshot / register_after_restore), which Lambda's python
+    # runtimes include: a function template runs them (nimbus.agent.main, on_snapshot and resume).
+    "snapshot-restore-py==1.0.0",
 )
 # The v3 clients handlers use most, plus the credential providers and DynamoDB's document client;
 # about 50 MiB with their @smithy dependencies, which npm resolves within the clients' own ranges.

@@ -71,6 +71,35 @@ class Machine(Protocol):
 
 
 @runtime_checkable
+class Snapshot(Protocol):
+    """A machine that ran ``Init`` and now only forks (a function template): each fork is a new machine of
+    its version, initialised. A driver that has them says ``snapshots_on`` (and why not in
+    ``snapshots_note``), creates a machine with ``create(spec, forkable=True)`` and, once the pool has
+    initialised it, turns it into one with ``snapshot(machine, timeout)`` (the timeout bounds the
+    function's before-snapshot hooks)."""
+
+    id: str
+    spec: MachineSpec
+
+    @property
+    def alive(self) -> bool:
+        """True while it can fork."""
+
+    @property
+    def children(self) -> int:
+        """Forks of it that have not ended (they end with it)."""
+
+    async def fork(self) -> Machine:
+        """A new started machine, already initialised (``MachineStartError`` if not)."""
+
+    async def retire(self) -> None:
+        """Fork no more, and end once the last fork has ended."""
+
+    async def close(self) -> None:
+        """End now, with every fork still running."""
+
+
+@runtime_checkable
 class Driver(Protocol):
     """Makes machines of one kind. ``create`` returns a started machine."""
 
@@ -83,4 +112,4 @@ class Driver(Protocol):
 
 
 __all__ = ["DEFAULT_MEMORY_MB", "DEFAULT_PIDS_MAX", "DEFAULT_PING_TIMEOUT_S", "DEFAULT_START_TIMEOUT_S",
-           "DEFAULT_VCPUS", "Driver", "Machine", "MachineSpec"]
+           "DEFAULT_VCPUS", "Driver", "Machine", "MachineSpec", "Snapshot"]

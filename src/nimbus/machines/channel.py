@@ -20,10 +20,11 @@ REPLIES = {
     protocol.PING: frozenset({protocol.PONG}),
     protocol.INIT: frozenset({protocol.INIT_OK, protocol.ERROR}),
     protocol.EXEC: frozenset({protocol.RESULT, protocol.ERROR}),
+    protocol.SNAPSHOT: frozenset({protocol.SNAPSHOT_OK, protocol.ERROR}),
 }
 # The largest blob a reply to each request may carry: an Exec's result; nothing for Ping and Init
 # (logs and errors travel in the header, itself capped at protocol.HEADER_MAX).
-BLOB_LIMITS = {protocol.PING: 0, protocol.INIT: 0, protocol.EXEC: RESULT_MAX}
+BLOB_LIMITS = {protocol.PING: 0, protocol.INIT: 0, protocol.EXEC: RESULT_MAX, protocol.SNAPSHOT: 0}
 REPLY_MAX = protocol.HEADER_MAX + RESULT_MAX  # the most one reply can make the node read
 DEFAULT_REPLY_BUFFER_BYTES = 256 << 20
 

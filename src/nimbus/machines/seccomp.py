@@ -111,8 +111,17 @@ def _arches(sc) -> list[int]:
     return [native, *extra]
 
 
-def build(sc=None):
-    """The filter as a ``pyseccomp.SyscallFilter`` (not loaded): default allow, the deny rules above."""
+# What a function template's machine may call besides (nimbus.agent.forks): each fork makes its own user
+# namespace and the others with ``unshare``, and mounts its /proc and /tmp in them. Every fork then installs
+# the full filter on top, so calls never see these allowed; the template's own module code does.
+SNAPSHOT_ALLOWED = ("unshare", "mount")
+
+
+def build(sc=None, *, snapshot: bool = False):
+    """The filter as a ``pyseccomp.SyscallFilter`` (not loaded): default allow, the deny rules above.
+
+    ``snapshot``: the function template's filter, which allows :data:`SNAPSHOT_ALLOWED`.
+    """
     sc = sc or _binding()
     native = sc.system_arch()
     filt = sc.SyscallFilter(sc.ALLOW)
@@ -123,6 +132,8 @@ def build(sc=None):
             log.debug("seccomp: cannot add arch %#x: %s", arch, exc)
     eperm = sc.ERRNO(errno.EPERM)
     for name in DENIED:
+        if snapshot and name in SNAPSHOT_ALLOWED:
+            continue
         if sc.resolve_syscall(sc.Arch.NATIVE, name) == -1:
             continue  # __NR_SCMP_ERROR: this libseccomp knows no such syscall
         try:
@@ -155,9 +166,9 @@ def build(sc=None):
 
 
 @cache
-def program() -> bytes:
+def program(snapshot: bool = False) -> bytes:
     """The compiled BPF program (``struct sock_filter`` array) as bwrap's ``--seccomp`` reads it."""
-    filt = build()
+    filt = build(snapshot=snapshot)
     with tempfile.TemporaryFile() as out:
         filt.export_bpf(out)
         out.seek(0)
@@ -167,9 +178,9 @@ def program() -> bytes:
     return data
 
 
-def program_file(directory: Path) -> Path:
+def program_file(directory: Path, snapshot: bool = False) -> Path:
     """Write the program under ``directory`` (once; the name carries its hash) and return the path."""
-    data = program()
+    data = program(snapshot)
     digest = hashlib.sha256(data).hexdigest()[:16]
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"seccomp-{platform.machine()}-{digest}.bpf"

@@ -37,6 +37,7 @@ from nimbus.errors import MachineStartError
 from nimbus.machines import cgroups, channel, mounts, seccomp
 from nimbus.machines.base import DEFAULT_START_TIMEOUT_S, MachineSpec
 from nimbus.machines.bwrap.machine import BwrapMachine, machine_memory_mb
+from nimbus.machines.bwrap.snapshot import SNAPSHOT_TIMEOUT_S, Snapshot, userns_unavailable
 from nimbus.machines.bwrap.template import TEMPLATE_BOOT, Template, TemplateMachine
 from nimbus.machines.layout import (
     ETC_FILES,
@@ -230,6 +231,14 @@ class BwrapDriver:
             self.layer_templates = why is None
             if why is not None:
                 self.templates_note += f"; machines with a layer boot (cannot clone mounts: {why})"
+        # Function templates (nimbus.machines.bwrap.snapshot): forks of an initialised machine, which make
+        # their namespaces in a user namespace of their own; the host must allow those.
+        why_not = None if self.templates_on else "no runtime templates"
+        if why_not is None:
+            why_not = userns_unavailable()
+        self.snapshots_on = why_not is None
+        self.snapshots_note = "on: python3 versions fork from a template of their own" if why_not is None \
+            else f"unavailable ({why_not})"
 
     # ------------------------------------------------------------------ public
 
@@ -245,31 +254,49 @@ class BwrapDriver:
         version = self.hierarchy.version if self.hierarchy is not None else 0
         return enforcement(have, version, privileged=self.privileged, seccomp_on=self.seccomp_path is not None)
 
-    def open_seccomp(self) -> int | None:
-        """A descriptor of the seccomp program for one bwrap (each reads its own to the end), or None."""
+    def open_seccomp(self, snapshot: bool = False) -> int | None:
+        """A descriptor of the seccomp program for one bwrap (each reads its own to the end), or None.
+
+        ``snapshot``: the function templates' program (:data:`nimbus.machines.seccomp.SNAPSHOT_ALLOWED`).
+        """
         if self.seccomp_path is None:
             return None
+        path = self.seccomp_path if not snapshot else seccomp.program_file(self.home / "bwrap", snapshot=True)
         try:
-            return seccomp.open_program(self.seccomp_path)
+            return seccomp.open_program(path)
         except OSError as exc:  # the node home lost the file: write it again
-            self.seccomp_path = seccomp.program_file(self.home / "bwrap")
+            path = seccomp.program_file(self.home / "bwrap", snapshot=snapshot)
+            if not snapshot:
+                self.seccomp_path = path
             log.info("rewrote the seccomp program after %s", exc)
-            return seccomp.open_program(self.seccomp_path)
+            return seccomp.open_program(path)
 
-    async def create(self, spec: MachineSpec) -> BwrapMachine:
-        """Start a machine for ``spec`` and return it once its agent answers (``MachineStartError`` if not)."""
+    async def create(self, spec: MachineSpec, *, forkable: bool = False) -> BwrapMachine:
+        """Start a machine for ``spec`` and return it once its agent answers (``MachineStartError`` if not).
+
+        ``forkable``: a machine that can become its version's function template once initialised
+        (:meth:`snapshot`); only where :attr:`snapshots_on`.
+        """
         if self._closed:
             raise MachineStartError("the bwrap driver is closed")
         if spec.network:
             raise MachineStartError("bwrap machines have no network (MachineSpec.network must be False)")
         if spec.layer is not None:
             check_layer(spec.layer)
-        forkable = self.templates_on and (spec.layer is None or self.layer_templates)
-        template = await self._template(spec.runtime) if forkable else None
+        forkable_spec = self.templates_on and (spec.layer is None or self.layer_templates)
+        if forkable and not (forkable_spec and self.snapshots_on):
+            raise MachineStartError(f"function templates are unavailable here: {self.snapshots_note}")
+        template = await self._template(spec.runtime) if forkable_spec else None
         if template is not None:
-            machine: BwrapMachine = TemplateMachine(self, spec, template)
+            machine: BwrapMachine = TemplateMachine(self, spec, template, forkable=forkable)
+        elif forkable:
+            raise MachineStartError(f"the {spec.runtime} template is not running: no function template")
         else:
             machine = BwrapMachine(self, spec)
+        return await self.adopt(machine)
+
+    async def adopt(self, machine: BwrapMachine) -> BwrapMachine:
+        """Own ``machine`` and start it; it is killed with the driver."""
         self._machines[machine.id] = machine
         try:
             await machine.start()
@@ -280,6 +307,18 @@ class BwrapDriver:
             await machine.kill()
             raise MachineStartError("the bwrap driver is closed")
         return machine
+
+    async def snapshot(self, machine: BwrapMachine, timeout: float = SNAPSHOT_TIMEOUT_S) -> Snapshot:
+        """Make the initialised ``machine`` (created ``forkable``) its version's function template.
+
+        It serves no call from now on; ``MachineStartError`` (and the machine killed) if it cannot be one.
+        ``timeout`` bounds the function's before-snapshot hooks too.
+        """
+        if not isinstance(machine, TemplateMachine) or not machine.forkable:
+            raise MachineStartError(f"machine {machine.id} was not created forkable")
+        snapshot = Snapshot(self, machine)
+        await snapshot.start(timeout)
+        return snapshot
 
     async def close(self) -> None:
         """Kill every machine still owned and remove the driver's cgroup directories."""
@@ -310,7 +349,7 @@ class BwrapDriver:
         return argv
 
     def template_command(self, runtime: str, control_fd: int, seccomp_fd: int | None,
-                         etc_fds: dict[str, int] | None = None) -> list[str]:
+                         etc_fds: dict[str, int] | None = None, snapshot_fd: int | None = None) -> list[str]:
         """The bwrap command line of ``runtime``'s template (see :mod:`nimbus.machines.bwrap.template`).
 
         A machine's sandbox, but the process keeps root and ``CAP_SYS_ADMIN`` to build its children's
@@ -320,7 +359,8 @@ class BwrapDriver:
             self._template_layout = self._sandbox_layout(TEMPLATE_CAPS)
         argv = self._filesystem(runtime, MIN_TMP_MB << 20, MIN_TMP_MB << 20, self._template_layout, etc_fds=etc_fds)
         argv += [PYTHON_LINK, "-I", "-S", "-c", TEMPLATE_BOOT, "--control", str(control_fd),
-                 "--seccomp", "-" if seccomp_fd is None else str(seccomp_fd), "--runtime", runtime]
+                 "--seccomp", "-" if seccomp_fd is None else str(seccomp_fd),
+                 "--seccomp-snapshot", "-" if snapshot_fd is None else str(snapshot_fd), "--runtime", runtime]
         return argv
 
     def etc_files(self, uid: int | None) -> dict[str, str]:

@@ -168,7 +168,7 @@ class BwrapMachine:
             raise MachineStartError(f"machine {self.id} was already started")
         async with contextlib.AsyncExitStack() as undo:
             try:
-                self.uid = self._driver.take_uid()
+                self.uid = self._take_uid()
                 undo.callback(self._give_uid)
                 self._make_cgroup()
                 undo.push_async_callback(self._remove_cgroup)
@@ -204,6 +204,9 @@ class BwrapMachine:
             self._cgroup = hierarchy.create(self.id, limits)
         except OSError as exc:
             raise MachineStartError(f"cannot create its cgroup: {exc}") from exc
+
+    def _take_uid(self) -> int | None:
+        return self._driver.take_uid()
 
     def _give_uid(self) -> None:
         if self.uid is not None:

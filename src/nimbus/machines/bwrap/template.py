@@ -76,19 +76,19 @@ class _TemplateWatch(asyncio.SubprocessProtocol):
         self.template._ended()
 
 
-class Template:
-    """One template sandbox for ``runtime``; :meth:`fork` asks it for a machine."""
+class ForkServer:
+    """The host's end of a fork server's control socket: fork requests out, forks and exits back.
+
+    Two kinds speak it (:mod:`nimbus.agent.template`): a runtime's :class:`Template` and a function
+    template (:class:`nimbus.machines.bwrap.snapshot.Snapshot`).
+    """
 
     def __init__(self, driver: BwrapDriver, runtime: str) -> None:
         self.driver = driver
         self.runtime = runtime
-        self.output = bytearray()
-        self.pid: int | None = None
-        self._transport: asyncio.SubprocessTransport | None = None
         self._control: socket.socket | None = None
         self._reader: asyncio.Task | None = None
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._process_exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._forks: dict[str, asyncio.Future[int]] = {}
         self._machines: dict[str, TemplateMachine] = {}
         self._send_lock = asyncio.Lock()
@@ -96,55 +96,25 @@ class Template:
 
     @property
     def alive(self) -> bool:
-        return not self.closed and self._transport is not None and self._transport.get_returncode() is None
+        raise NotImplementedError
 
-    async def start(self) -> None:
-        """Spawn the template's bwrap and wait for its ``ready``."""
-        loop = asyncio.get_running_loop()
-        host_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        fds: list[int] = []  # what bwrap reads once: the seccomp program and the /etc files
-        try:
-            filter_fd = self.driver.open_seccomp()
-            if filter_fd is not None:
-                fds.append(filter_fd)
-            # The template's own /etc files; each child binds a passwd and group naming its uid over them.
-            etc = {name: data_fd(text) for name, text in self.driver.etc_files(None).items()}
-            fds += etc.values()
-            try:
-                argv = self.driver.template_command(self.runtime, child_end.fileno(), filter_fd, etc)
-            except MachineStartError as exc:
-                raise MachineStartError(f"the {self.runtime} template did not start: {exc}") from None
-            self._transport, _ = await loop.subprocess_exec(
-                lambda: _TemplateWatch(self), *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, pass_fds=(child_end.fileno(), *fds), start_new_session=True, cwd="/",
-                env={"PATH": "/usr/bin:/bin"},
-            )
-        except BaseException:
-            host_end.close()
-            raise
-        finally:
-            child_end.close()
-            for fd in fds:
-                os.close(fd)
-        self.pid = self._transport.get_pid()
-        host_end.setblocking(False)
-        self._control = host_end
-        self._reader = asyncio.create_task(self._read_loop(), name=f"template-{self.runtime}")
-        try:
-            async with asyncio.timeout(self.driver.start_timeout_s):
-                await asyncio.shield(self._ready)
-        except BaseException as exc:
-            await self.close()
-            note = self.output.decode(errors="replace").strip()
-            raise MachineStartError(f"the {self.runtime} template did not start: {exc!r}"
-                                    + (f"; its output ends: {note}" if note else "")) from None
+    @property
+    def children(self) -> int:
+        """Machines forked from it that have not ended."""
+        return len(self._machines)
 
-    async def fork(self, machine: TemplateMachine, channel: int, output: int, joins: list[int],
-                   layer: int | None = None) -> int:
+    def _listen(self, control: socket.socket) -> None:
+        control.setblocking(False)
+        self._control = control
+        self._reader = asyncio.create_task(self._read_loop(), name=f"forks-{self.runtime}")
+
+    async def request_fork(self, machine: TemplateMachine, channel: int, output: int, joins: list[int],
+                   layer: int | None = None, forks: int | None = None) -> int:
         """Ask for a child for ``machine``; its pid in the template's pid namespace once forked.
 
         ``layer``: a detached mount (:func:`nimbus.machines.mounts.read_only_clone`) the child attaches
-        at ``/opt/layer``; sent last, and flagged in the request.
+        at ``/opt/layer``; ``forks``: the control socket of a machine that will become a function template.
+        Each is sent after the others, and flagged in the request.
         """
         if not self.alive:
             raise MachineStartError(f"the {self.runtime} template is not running")
@@ -156,6 +126,9 @@ class Template:
         if layer is not None:
             request["layer"] = True
             fds.append(layer)
+        if forks is not None:
+            request["snapshot"] = True
+            fds.append(forks)
         waiter = asyncio.get_running_loop().create_future()
         self._forks[machine.id] = waiter
         self._machines[machine.id] = machine
@@ -195,6 +168,8 @@ class Template:
                 log.warning("%s template: control channel failed: %s", self.runtime, exc)
         finally:
             self._ended()
+            if self._control is not None:
+                self._control.close()
 
     def _dispatch(self, message: dict) -> None:
         op, machine_id = message.get("op"), message.get("id")
@@ -214,6 +189,16 @@ class Template:
             if machine is not None:
                 machine._ended(message.get("status"))
 
+    async def _stop_listening(self) -> None:
+        """Stop reading the control socket, close it, and end every fork still on record."""
+        if self._reader is not None and self._reader is not asyncio.current_task():
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        if self._control is not None:
+            self._control.close()
+        self._ended()
+
     def _ended(self) -> None:
         """The template is gone (or its channel is): its children died with it (PDEATHSIG)."""
         self.closed = True
@@ -227,6 +212,62 @@ class Template:
             machine._ended(None)
         self._machines.clear()
 
+class Template(ForkServer):
+    """One template sandbox for ``runtime``; :meth:`request_fork` asks it for a machine."""
+
+    def __init__(self, driver: BwrapDriver, runtime: str) -> None:
+        super().__init__(driver, runtime)
+        self.output = bytearray()
+        self.pid: int | None = None
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._process_exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def alive(self) -> bool:
+        return not self.closed and self._transport is not None and self._transport.get_returncode() is None
+
+    async def start(self) -> None:
+        """Spawn the template's bwrap and wait for its ``ready``."""
+        loop = asyncio.get_running_loop()
+        host_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        fds: list[int] = []  # what bwrap reads once: the seccomp programs and the /etc files
+        try:
+            filter_fd = self.driver.open_seccomp()
+            if filter_fd is not None:
+                fds.append(filter_fd)
+            snapshot_fd = self.driver.open_seccomp(snapshot=True) if filter_fd is not None else None
+            if snapshot_fd is not None:
+                fds.append(snapshot_fd)
+            # The template's own /etc files; each child binds a passwd and group naming its uid over them.
+            etc = {name: data_fd(text) for name, text in self.driver.etc_files(None).items()}
+            fds += etc.values()
+            try:
+                argv = self.driver.template_command(self.runtime, child_end.fileno(), filter_fd, etc, snapshot_fd)
+            except MachineStartError as exc:
+                raise MachineStartError(f"the {self.runtime} template did not start: {exc}") from None
+            self._transport, _ = await loop.subprocess_exec(
+                lambda: _TemplateWatch(self), *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, pass_fds=(child_end.fileno(), *fds), start_new_session=True, cwd="/",
+                env={"PATH": "/usr/bin:/bin"},
+            )
+        except BaseException:
+            host_end.close()
+            raise
+        finally:
+            child_end.close()
+            for fd in fds:
+                os.close(fd)
+        self.pid = self._transport.get_pid()
+        self._listen(host_end)
+        try:
+            async with asyncio.timeout(self.driver.start_timeout_s):
+                await asyncio.shield(self._ready)
+        except BaseException as exc:
+            await self.close()
+            note = self.output.decode(errors="replace").strip()
+            raise MachineStartError(f"the {self.runtime} template did not start: {exc!r}"
+                                    + (f"; its output ends: {note}" if note else "")) from None
+
     async def close(self) -> None:
         """End the template (its children die with it) and release its channel."""
         self.closed = True
@@ -238,21 +279,24 @@ class Template:
             except TimeoutError:
                 log.error("the %s template (pid %s) did not exit after SIGKILL", self.runtime, self.pid)
             self._transport.close()
-        if self._reader is not None and self._reader is not asyncio.current_task():
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
-        if self._control is not None:
-            self._control.close()
-        self._ended()
+        await self._stop_listening()
 
 
 class TemplateMachine(BwrapMachine):
-    """A :class:`BwrapMachine` forked by a :class:`Template` instead of booted by bwrap."""
+    """A :class:`BwrapMachine` forked by a :class:`Template` instead of booted by bwrap.
 
-    def __init__(self, driver: BwrapDriver, spec, template: Template) -> None:
+    ``forkable``: made to become a function template (:mod:`nimbus.machines.bwrap.snapshot`); it gets a
+    fork control socket, whose host end is :attr:`fork_control`.
+    """
+
+    DEPTH = 2  # pid namespaces between the host and its agent: the template's, then its own
+    ATTACH_LAYER = True  # its layer is sent to the template as a mount (a fork of a function has its own)
+
+    def __init__(self, driver: BwrapDriver, spec, template: ForkServer, forkable: bool = False) -> None:
         super().__init__(driver, spec)
         self.template = template
+        self.forkable = forkable
+        self.fork_control: socket.socket | None = None
         self.tmp_bytes, self.task_bytes = driver.tmpfs_bytes(spec)
         self.rlimits: list[tuple[str, int]] = []
         self._status: int | None = None
@@ -282,7 +326,7 @@ class TemplateMachine(BwrapMachine):
         joins: list[int] = []
         layer: int | None = None
         try:
-            if self.spec.layer is not None:
+            if self.spec.layer is not None and self.ATTACH_LAYER:
                 try:
                     layer = mounts.read_only_clone(self.spec.layer)
                 except OSError as exc:
@@ -291,7 +335,15 @@ class TemplateMachine(BwrapMachine):
             self._output_transport, _ = await loop.connect_read_pipe(lambda: _Output(self),
                                                                      os.fdopen(read_end, "rb", buffering=0))
             read_end = -1
-            inner_pid = await self.template.fork(self, fd, write_end, joins, layer)
+            forks = None
+            if self.forkable:
+                self.fork_control, forks = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                inner_pid = await self.template.request_fork(self, fd, write_end, joins, layer,
+                                                     forks.fileno() if forks is not None else None)
+            finally:
+                if forks is not None:
+                    forks.close()
         finally:
             for extra in (write_end, *joins):
                 os.close(extra)
@@ -318,7 +370,7 @@ class TemplateMachine(BwrapMachine):
                     for line in f:
                         if line.startswith("NSpid:"):
                             ids = line.split()[1:]
-                            if len(ids) == 2 and int(ids[1]) == self._inner_pid:
+                            if len(ids) == self.DEPTH and int(ids[-1]) == self._inner_pid:
                                 return pid
                             break
         return None
@@ -334,9 +386,12 @@ class TemplateMachine(BwrapMachine):
                 log.error("machine %s: its template child did not exit after SIGKILL", self.id)
         self._output_transport.close()
         self.template.forget(self)
+        if self.fork_control is not None:
+            self.fork_control.close()
+            self.fork_control = None
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
 
 
-__all__ = ["Template", "TemplateMachine", "TEMPLATE_BOOT"]
+__all__ = ["ForkServer", "Template", "TemplateMachine", "TEMPLATE_BOOT"]
