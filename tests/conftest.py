@@ -110,7 +110,10 @@ class RunningNode:
 def node_settings(home, database_url: str, **overrides):
     from nimbus.config import Settings
 
-    values = dict(home=home, database_url=database_url, port=0, min_warm=1, health_interval_s=5.0)
+    # Function templates off unless a test asks: many tests tell a new machine from a reused one by a value
+    # its module draws at import, which every fork of a template shares (tests/integration/test_snapshots.py).
+    values = dict(home=home, database_url=database_url, port=0, min_warm=1, health_interval_s=5.0,
+                  function_templates="off")
     values.update(overrides)
     return Settings(**values)
 

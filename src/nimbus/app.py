@@ -87,6 +87,10 @@ class Node:
                 account_id=settings.account_id,
                 region=settings.region,
                 sdk={runtime: SDK_DIRS[runtime] for runtime in sdk_dirs},
+                use_snapshots=settings.function_templates == "auto" and settings.max_function_templates > 0,
+                snapshot_min_init_ms=settings.function_template_min_init_ms,
+                max_snapshots=settings.max_function_templates,
+                snapshot_spares=settings.per_call_spares,
             )
             scheduler = Scheduler(
                 store, pool, metrics,
@@ -164,6 +168,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             note = getattr(node.driver, "templates_note", None)
             if note:
                 log.info("template machines: %s", note)
+            log.info("function templates: %s", node.pool.snapshots.note)
             # What start-up made (modules, the app, the store's metadata) lives as long as the node: out
             # of the collector's sight it is not walked again by every full collection, which took 60-100
             # ms here and stalled every call in flight (the warm p99 at concurrency 32).

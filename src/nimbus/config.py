@@ -53,6 +53,18 @@ class Settings(BaseSettings):
                                       "the blank-machine target follows")
     templates: Literal["auto", "on", "off"] = Field("auto", description="fork machines from a per-runtime template "
                                                    "sandbox (bwrap on a root node with cgroups; auto: when possible)")
+    function_templates: Literal["auto", "off"] = Field(
+        "auto", description="a python3 version whose Init took function_template_min_init_ms or more, and every "
+        "per-call function, forks new machines from a template that ran its Init (auto: where the driver can; "
+        "bwrap needs runtime templates and user namespaces)")
+    function_template_min_init_ms: float = Field(
+        20.0, ge=0, le=600_000, description="how long a version's Init must take before it gets a function template "
+        "(a fork costs ~7 ms)")
+    max_function_templates: int = Field(
+        16, ge=0, le=4096, description="function templates on this node at most (the least recently used goes "
+        "first); each also counts against max_machines")
+    per_call_spares: int = Field(
+        2, ge=0, le=64, description="machines forked ahead per per-call function, so a call does not wait for its fork")
     max_machines: int = Field(64, ge=1, description="all machines on this node")
     reply_buffer_mb: int = Field(256, ge=1, description="MiB of machine replies the node reads at once; a reply "
                                  "that does not fit waits for others (at least one largest reply always fits)")

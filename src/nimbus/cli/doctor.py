@@ -244,6 +244,19 @@ def _templates(host: Host) -> Finding:
     return found(True, "machines fork from a per-runtime template (NIMBUS_TEMPLATES=auto)")
 
 
+def _snapshots(host: Host) -> Finding:
+    """Whether versions can fork from function templates: runtime templates, and user namespaces for the forks."""
+    from nimbus.machines.bwrap.snapshot import userns_unavailable
+
+    if not host.reports["templates"].get("ok"):
+        return found(False, "unavailable: no runtime templates, so every start loads its function")
+    why = userns_unavailable()
+    if why is not None:
+        return found(False, f"unavailable: {why}; every start loads its function")
+    return found(True, "python3 versions with a slow Init, and per-call functions, fork from a template of "
+                 "their own (NIMBUS_FUNCTION_TEMPLATES=auto)")
+
+
 def _kvm(host: Host) -> Finding:
     """KVM usable for the firecracker driver: a test guest runs, and /dev/kvm is not PVM's (stock guest
     kernels hang there). ``ok`` is what the firecracker driver needs."""
@@ -307,6 +320,7 @@ CHECKS: list[Check] = [
     Check("seccomp", "the syscall filter of machines and builds", _seccomp),
     Check("limits", "how each machine limit is enforced here", _limits),
     Check("templates", "machines forked from a warm template", _templates),
+    Check("function-templates", "machines forked from a loaded function", _snapshots),
     Check("kvm", "the firecracker driver's virtual machines", _kvm),
     binary_check("firecracker", "needed by the firecracker driver", "firecracker_bin"),
     binary_check("jailer", "needed by the firecracker driver", "jailer_bin"),

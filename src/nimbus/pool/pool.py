@@ -1,7 +1,9 @@
 """The warm pool: blank machines per runtime, idle initialised machines per function version.
 
-``acquire`` prefers, in order: an idle machine already initialised with this version (*hot*), a
-pre-booted blank machine of the runtime that is then initialised (*warm*), a new machine (*cold*).
+``acquire`` prefers, in order: an idle machine already initialised with this version (*hot*), a fork of
+the version's function template (*forked*: ``snapshots.py``), a pre-booted blank machine of the runtime
+that is then initialised (*warm*), a new machine (*cold*). A ``per-call`` version's machines serve one
+call each and are destroyed after it.
 A machine that has loaded one version's code serves only that version until it is destroyed: the
 rule that keeps one function from ever seeing another's memory, files or environment. A version here is
 a revision *as* a version (``$LATEST`` or a published number, ``Deployment.executed_version``): the same
@@ -21,16 +23,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nimbus import packages, protocol, runtimes
-from nimbus.agent.contract import LAYER_DIR
-from nimbus.deployment import LATEST, Deployment
-from nimbus.errors import InitFailed, MachineDied, MachineError, MachineTimeout, Unavailable
+from nimbus.deployment import LATEST, PER_CALL, Deployment
+from nimbus.errors import MachineError, Unavailable
 from nimbus.machines.base import DEFAULT_MEMORY_MB, Driver, Machine, MachineSpec
+from nimbus.pool import loading, snapshots
 from nimbus.pool.demand import Demand
 
 log = logging.getLogger("nimbus.pool")
 
-DEFAULT_INIT_TIMEOUT_S = 10.0
 PREWARM_INTERVAL_S = 1.0
 PREWARM_BACKOFF_MAX_S = 30.0
 DEFAULT_MAX_WARM = 8
@@ -51,19 +51,12 @@ class Lease:
 
     machine: Machine
     deployment: Deployment
-    start: str  # "cold" | "warm" | "hot"
+    start: str  # "cold" | "warm" | "forked" | "hot"
     idle_since: float = 0.0
 
 
 CodeLoader = Callable[[Deployment], Awaitable[bytes]]  # a package as ``packages.to_machine`` makes it
 LayerPath = Callable[[str], Awaitable[str]]  # a layer's sha256 → its unpacked directory on this host
-
-
-def _filename(dep: Deployment, code: bytes) -> str:
-    """The file name Init gives the code: a package's tells the agent whether it came as a tree or a zip."""
-    if dep.package:
-        return protocol.ZIP_FILENAME if packages.is_zip(code) else protocol.TREE_FILENAME
-    return runtimes.get(dep.runtime).machine_filename(dep.handler)
 
 
 async def _no_layers(sha256: str) -> str:
@@ -94,10 +87,15 @@ class Pool:
         account_id: str = "000000000000",
         region: str = "us-east-1",
         sdk: dict[str, str] | None = None,
+        use_snapshots: bool = True,
+        snapshot_min_init_ms: float = snapshots.DEFAULT_MIN_INIT_MS,
+        max_snapshots: int = snapshots.DEFAULT_MAX_COUNT,
+        snapshot_spares: int = snapshots.DEFAULT_SPARES,
     ) -> None:
         """``max_warm`` defaults to ``max(min_warm, DEFAULT_MAX_WARM)``; ``clock`` drives the demand estimate;
         ``layer_path`` finds (unpacking if need be) the directory of a function's dependency layer; ``sdk``:
-        runtime → where its machines see the bundled AWS SDK (the driver mounts it), named in their Init."""
+        runtime → where its machines see the bundled AWS SDK (the driver mounts it), named in their Init;
+        ``use_snapshots`` and the three after it: function templates, as ``snapshots.py`` says."""
         if max_warm is None:
             max_warm = max(min_warm, DEFAULT_MAX_WARM)
         if not 0 <= min_warm <= max_warm:
@@ -141,7 +139,10 @@ class Pool:
         self._boot_failures = 0  # consecutive failed pre-warm boots: the loop backs off
         self._reaping: set[asyncio.Task] = set()
         self._closing = False
-        self.starts = {"cold": 0, "warm": 0, "hot": 0}
+        self.starts = {"cold": 0, "warm": 0, "forked": 0, "hot": 0}
+        self.snapshots = snapshots.Snapshots(self, self._load, enabled=use_snapshots,
+                                             min_init_ms=snapshot_min_init_ms, max_count=max_snapshots,
+                                             spares=snapshot_spares)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -159,6 +160,7 @@ class Pool:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.snapshots.close()
         for blanks in self._blank.values():
             while blanks:
                 self._discard(blanks.popleft())
@@ -178,12 +180,13 @@ class Pool:
     # ---------------------------------------------------------------- calls
 
     async def acquire(self, dep: Deployment) -> Lease:
-        """A machine initialised with ``dep``: hot if one is idle, else warm, else cold.
+        """A machine initialised with ``dep``: hot if one is idle, else forked, else warm, else cold.
 
         Raises ``InitFailed`` when the function's code does not load (the call fails, the machine is
         destroyed), ``Unavailable`` when no machine can be started.
         """
         waited_for_ping = False
+        key = key_of(dep)
         while True:
             if self._closing:
                 raise Unavailable("the node is shutting down")
@@ -191,16 +194,22 @@ class Pool:
             if lease is not None:
                 self.starts["hot"] += 1
                 return lease
-            if self._idle_pinging.get(key_of(dep)) and self._pings_done is not None and not waited_for_ping:
+            if self._idle_pinging.get(key) and self._pings_done is not None and not waited_for_ping:
                 # Its idle machine is out for a health ping (well under a millisecond when healthy):
                 # waiting for it is cheaper than any start. Once, and bounded, for a ping that hangs.
                 waited_for_ping = True
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(self._pings_done), PING_WAIT_S)
                 continue
-            machine = self._take_blank(dep)
-            if machine is not None:
-                return await self._initialise(machine, dep, "warm")
+            template = self.snapshots.ready(key)
+            if template is not None:
+                spare = self.snapshots.take_spare(key)
+                if spare is not None:
+                    return self._forked(spare, dep)
+            else:
+                machine = self._take_blank(dep)
+                if machine is not None:
+                    return await self._initialise(machine, dep, "warm")
             if self._reserve_slot():
                 break
             waiter = asyncio.get_running_loop().create_future()
@@ -210,6 +219,15 @@ class Pool:
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
+        if template is not None:
+            try:
+                return self._forked(await template.fork(), dep)
+            except MachineError as exc:  # the template is broken: boot this one, and make another later
+                log.warning("forking %s from its template failed: %s", dep.function_name, exc)
+                self.snapshots.retire(lambda k, _: k == key)
+            except BaseException:
+                self._slot_freed()
+                raise
         began = self._clock()
         try:
             layer = await self._layer_path(dep.layer_sha256) if dep.layer_sha256 else None
@@ -225,6 +243,11 @@ class Pool:
             demand.booted(self._clock() - began)
         return await self._initialise(machine, dep, "cold")
 
+    def _forked(self, machine: Machine, dep: Deployment) -> Lease:
+        self._busy[dep.runtime] = self._busy.get(dep.runtime, 0) + 1
+        self.starts["forked"] += 1
+        return Lease(machine, dep, "forked")
+
     def release(self, lease: Lease, *, healthy: bool = True) -> None:
         """Give a machine back: kept idle for its version, or destroyed when it should not serve again.
 
@@ -235,6 +258,7 @@ class Pool:
         now = time.monotonic()
         if (
             not healthy
+            or dep.isolation == PER_CALL
             or self._closing
             or not machine.alive
             or machine.uses >= self.max_uses
@@ -255,6 +279,8 @@ class Pool:
         versions keep theirs, since their code did not change.
         """
         self._retired[function_id] = (keep_version_id, latest_only)
+        self.snapshots.retire(lambda key, dep: dep.function_id == function_id and key[0] != keep_version_id and (
+            not latest_only or key[1] == LATEST))
         destroyed = 0
         for key, leases in list(self._idle.items()):
             if leases and leases[0].deployment.function_id == function_id and key[0] != keep_version_id and (
@@ -268,6 +294,7 @@ class Pool:
     def retire_version(self, version_id: str, executed_version: str) -> int:
         """Destroy the idle machines of one revision run as ``executed_version`` (a deleted published
         version); a busy one goes idle after its call and is reaped after ``idle_ttl_s``."""
+        self.snapshots.retire(lambda key, _: key == (version_id, executed_version))
         leases = self._idle.pop((version_id, executed_version), None) or deque()
         for lease in leases:
             self._discard(lease.machine)
@@ -289,6 +316,8 @@ class Pool:
             if leases:
                 rt = leases[0].deployment.runtime
                 out.setdefault(rt, {"blank": 0, "booting": 0, "idle": 0, "busy": 0})["idle"] += len(leases)
+        for rt, counts in self.snapshots.stats().items():
+            out.setdefault(rt, {"blank": 0, "booting": 0, "idle": 0, "busy": 0}).update(counts)
         return out
 
     @property
@@ -347,9 +376,10 @@ class Pool:
         """Count a new machine against max_machines, evicting a spare one if the node is full."""
         if self._count >= self.max_machines:
             victim = self._pick_victim()
-            if victim is None:
+            if victim is not None:
+                self._discard(victim)
+            elif not self.snapshots.evict():  # a spare fork or an unused function template, last
                 return False
-            self._discard(victim)
         self._count += 1
         return True
 
@@ -373,42 +403,20 @@ class Pool:
                 demand.arrivals += 1
         self._busy[dep.runtime] = self._busy.get(dep.runtime, 0) + 1
         try:
-            code = await self._code_loader(dep)
-            header = {
-                "type": protocol.INIT,
-                "runtime": dep.runtime,
-                "handler": dep.handler,
-                "filename": _filename(dep, code),
-                "env": dep.env,
-                "memory_mb": dep.memory_mb,
-                "timeout_s": dep.timeout_s,
-                "function_name": dep.function_name,
-                "function_version": dep.executed_version,  # "$LATEST" or the published number
-                "account_id": self.account_id,
-                "region": self.region,
-            }
-            if dep.layer_sha256:
-                header["layer"] = LAYER_DIR
-            sdk = self._sdk.get(dep.runtime)
-            if sdk is not None:
-                header["sdk"] = sdk
-            reply, _ = await machine.request(header, code, timeout=max(DEFAULT_INIT_TIMEOUT_S, dep.timeout_s))
-        except MachineTimeout:
-            self._failed_init(machine, dep)
-            raise InitFailed({"type": "InitTimeout", "message": "the code did not load in time", "stack": ""},
-                             start) from None
-        except MachineDied as exc:
-            self._failed_init(machine, dep)
-            raise InitFailed({"type": "RuntimeExit", "message": f"the runtime exited while loading: {exc}",
-                              "stack": ""}, start) from None
+            reply = await self._load(machine, dep, start)
         except BaseException:
             self._failed_init(machine, dep)
             raise
-        if reply.get("type") != protocol.INIT_OK:
-            self._failed_init(machine, dep)
-            raise InitFailed(error_of(reply), start)
         self.starts[start] += 1
+        duration = reply.get("duration_ms")
+        self.snapshots.consider(dep, float(duration) if isinstance(duration, int | float) else 0.0)
         return Lease(machine, dep, start)
+
+    async def _load(self, machine: Machine, dep: Deployment, start: str = "cold") -> dict:
+        """Send ``dep``'s Init to ``machine``; its ``init_ok`` reply, or ``InitFailed`` (the caller ends it)."""
+        code = await self._code_loader(dep)
+        return await loading.initialise(machine, dep, code, start, account_id=self.account_id, region=self.region,
+                                        sdk=self._sdk.get(dep.runtime))
 
     def _failed_init(self, machine: Machine, dep: Deployment) -> None:
         self._busy[dep.runtime] -= 1
@@ -544,24 +552,13 @@ class Pool:
                 self._blank[key].append(item)
             else:
                 self._idle.setdefault(key, deque()).appendleft(item)
+        destroyed += self.snapshots.expire(self.idle_ttl_s)
         if self._pings_done is done:
             self._pings_done = None
         done.set_result(None)  # callers that found their idle machine out for a ping look again
         if destroyed:
             self._refill.set()
         return destroyed
-
-
-def error_of(reply: dict) -> dict:
-    """The {type, message, stack} of an agent's error frame, trusting nothing about its shape."""
-    err = reply.get("error")
-    if not isinstance(err, dict):
-        err = {}
-    return {
-        "type": str(err.get("type") or "InitError")[:200],
-        "message": str(err.get("message") or "the function failed to load")[:4096],
-        "stack": str(err.get("stack") or "")[:16384],
-    }
 
 
 async def _destroy(machine: Machine) -> None:
