@@ -53,10 +53,11 @@ class Settings(BaseSettings):
                                       "the blank-machine target follows")
     templates: Literal["auto", "on", "off"] = Field("auto", description="fork machines from a per-runtime template "
                                                    "sandbox (bwrap on a root node with cgroups; auto: when possible)")
-    function_templates: Literal["auto", "off"] = Field(
+    function_templates: Literal["auto", "eager", "off"] = Field(
         "auto", description="a python3 version whose Init took function_template_min_init_ms or more, and every "
-        "per-call function, forks new machines from a template that ran its Init (auto: where the driver can; "
-        "bwrap needs runtime templates and user namespaces)")
+        "per-call function, forks new machines from a template that ran its Init, made after its first start "
+        "(auto: where the driver can; bwrap needs runtime templates and user namespaces); eager: every python3 "
+        "version gets one when deployed")
     function_template_min_init_ms: float = Field(
         20.0, ge=0, le=600_000, description="how long a version's Init must take before it gets a function template "
         "(a fork costs ~7 ms)")

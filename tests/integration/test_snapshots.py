@@ -399,3 +399,19 @@ def test_the_least_recently_used_template_is_evicted(snap_node):
     driver = snap_node.node.driver
     _wait_for(lambda: not any(e.dep.function_name in names for e in pool.snapshots._entries.values())
               and pool.total == len(driver.machines), "the node to settle")
+
+
+def test_eager_templates_are_made_at_deploy_so_the_first_call_is_forked(make_node, tmp_path):
+    with make_node(tmp_path / "home", f"sqlite:///{tmp_path / 'nimbus.db'}", function_templates="eager") as running:
+        if not running.node.pool.snapshots.enabled:
+            pytest.skip(f"no function templates here: {running.node.pool.snapshots.note}")
+        with running.client() as api:
+            name = _deploy(api, PER_CALL_PY)  # shared, and its Init is quick: auto would make no template
+            _wait_for(lambda: any(e.dep.function_name == name for e in _templates(running).values()), "a template")
+            first = _invoke(api, name)
+            assert first["start"] == "forked" and first["output"]["calls"] == 1, first
+            assert _invoke(api, name)["start"] == "hot"  # shared: the fork stays for the next call
+            api.put(f"/api/v1/functions/{name}", json={"code": PER_CALL_PY.replace('"v1"', '"v2"')})
+            _wait_for(lambda: any(e.dep.function_name == name and e.dep.version == 2
+                                  for e in _templates(running).values()), "the new version's template")
+            assert _invoke(api, name)["output"]["code"] == "v2"

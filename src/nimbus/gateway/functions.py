@@ -151,6 +151,7 @@ async def create(node, tenant: str, body: schemas.FunctionCreate, **extra):
         artifact_sha256=build.artifact_sha256 if build else None,
         layer_sha256=layer.artifact_sha256 if layer else None, **extra,
     )
+    node.pool.prepare(fn.deployment())
     return fn, build, layer
 
 
@@ -203,6 +204,7 @@ async def update(node, tenant: str, name: str, body: schemas.FunctionUpdate, **e
     )
     # Only $LATEST moved: published versions keep their machines.
     node.pool.retire_function(fn.id, keep_version_id=fn.version_id, latest_only=True)
+    node.pool.prepare(fn.deployment())
     return fn, build, layer
 
 

@@ -88,6 +88,7 @@ class Pool:
         region: str = "us-east-1",
         sdk: dict[str, str] | None = None,
         use_snapshots: bool = True,
+        eager_snapshots: bool = False,
         snapshot_min_init_ms: float = snapshots.DEFAULT_MIN_INIT_MS,
         max_snapshots: int = snapshots.DEFAULT_MAX_COUNT,
         snapshot_spares: int = snapshots.DEFAULT_SPARES,
@@ -140,7 +141,7 @@ class Pool:
         self._reaping: set[asyncio.Task] = set()
         self._closing = False
         self.starts = {"cold": 0, "warm": 0, "forked": 0, "hot": 0}
-        self.snapshots = snapshots.Snapshots(self, self._load, enabled=use_snapshots,
+        self.snapshots = snapshots.Snapshots(self, self._load, enabled=use_snapshots, eager=eager_snapshots,
                                              min_init_ms=snapshot_min_init_ms, max_count=max_snapshots,
                                              spares=snapshot_spares)
 
@@ -270,6 +271,12 @@ class Pool:
         lease.idle_since = now
         self._idle.setdefault(key_of(dep), deque()).append(lease)
         self._wake_one()  # a caller waiting for capacity may now evict or reuse this machine
+
+    def prepare(self, dep: Deployment) -> None:
+        """A version was just deployed: with eager function templates, make its template now (in the
+        background), not after its first start."""
+        if self.snapshots.eager:
+            self.snapshots.consider(dep, float("inf"))
 
     def retire_function(self, function_id: str, keep_version_id: str | None = None, *,
                         latest_only: bool = False) -> int:

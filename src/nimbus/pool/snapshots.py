@@ -13,7 +13,8 @@ machine forked on demand.
 Bounds: every template and spare counts against the pool's ``max_machines``; at most ``max_count``
 templates exist, the least recently used going first; a template is retired with its version (and
 when unused for ``idle_ttl_s``), and ends when its last fork has ended, since forks live in its pid
-namespace. A version whose template could not be made is not tried again for ``RETRY_S``.
+namespace. A version whose template could not be made is not tried again for ``RETRY_S``. With ``eager``
+(``NIMBUS_FUNCTION_TEMPLATES=eager``) every python3 version gets one as soon as it is deployed.
 """
 
 from __future__ import annotations
@@ -61,12 +62,13 @@ class Snapshots:
     """The pool's function templates (see the module docstring); the pool calls in, never the driver."""
 
     def __init__(self, pool: Pool, init: Callable[[Machine, Deployment], Awaitable[dict]], *, enabled: bool,
-                 min_init_ms: float = DEFAULT_MIN_INIT_MS, max_count: int = DEFAULT_MAX_COUNT,
+                 eager: bool = False, min_init_ms: float = DEFAULT_MIN_INIT_MS, max_count: int = DEFAULT_MAX_COUNT,
                  spares: int = DEFAULT_SPARES) -> None:
         self.pool = pool
         self._init = init
         driver = pool.driver
         self.enabled = enabled and bool(getattr(driver, "snapshots_on", False))
+        self.eager = self.enabled and eager  # every python3 version gets one when deployed (Pool.prepare)
         self.note = getattr(driver, "snapshots_note", "this driver has no function templates")
         if not enabled:
             self.note = "off (NIMBUS_FUNCTION_TEMPLATES)"
