@@ -13,6 +13,10 @@ Figures (python3 no-op function unless said otherwise):
 - an idle initialised python3 machine's PSS (every process of the machine, /proc/<pid>/smaps_rollup);
 - N idle initialised machines on the node (``--machines``; the goal is 500): all still answering after
   a health round, and the node's warm p50 with them vs just before they were made;
+- function templates (``bench/snapshots.py``, issue 20): a FastAPI + Mangum app's cold start booted +
+  Init vs forked from its template, vs the bare bwrap floor; a per-call no-op function's p50 and c=8
+  throughput beside a shared one's hot calls and a plain template cold start on the same node; PSS of
+  the app's template and of its idle forks;
 - for each compiled runtime (go, rust, wasm): first build, cached deploy and warm p50;
 - on a host that can run Firecracker microVMs: boot and snapshot restore to agent ready vs the VMM alone
   (``bench/firecracker.py``); elsewhere those rows say why they were not measured.
@@ -35,7 +39,7 @@ from pathlib import Path
 
 import httpx
 
-from bench import compiled, firecracker, floors, inprocess, lambda_api, plot, report, urls
+from bench import compiled, firecracker, floors, inprocess, lambda_api, plot, report, snapshots, urls
 from bench.common import (
     HERE,
     NOOP_CODE,
@@ -280,6 +284,9 @@ def main(argv=None) -> None:
             "requirements": LAYER_REQUIREMENTS.strip(), "first_deploy_ms": ms(deploys[0]),
             "cached_deploy_p50_ms": p50_ms(deploys[1:]) if len(deploys) > 1 else None}
 
+        snapshot_rows, samples["per_call"] = snapshots.measure(Path(home) / "snapshots", floor_ms,
+                                                               requests=args.requests, cold=args.cold)
+
         print(f"{args.machines} idle machines ...", flush=True)
         healthy_row, p50_row = idle_machines(base, node.pid, invoke_url, args)
 
@@ -310,6 +317,7 @@ def main(argv=None) -> None:
         ordered["template_cold_start_p50_ms"] = {"value": value, "floor": floor_ms, "ratio": value / floor_ms,
                                                  "init_p50_ms": forked["init_p50_ms"], "samples": forked["samples"]}
     ordered["layered_cold_start_p50_ms"] = results["layered_cold_start_p50_ms"]
+    ordered.update(snapshot_rows)
     ordered["idle_machine_pss_mib"] = pool_rows["idle_machine_pss_mib"]
     ordered["idle_machines_healthy"] = healthy_row
     ordered["node_p50_with_idle_machines_ms"] = p50_row
@@ -324,7 +332,8 @@ def main(argv=None) -> None:
         "warm (hot), c=1": [ms(s) for s in samples["warm"]],
         f"warm (hot), c={CONCURRENCY}": [ms(s) for s in samples["warm_c32"]],
         "cold start": [ms(s) for s in samples["cold"]],
-    }, "Nimbus python3 no-op invoke latency: warm vs cold")
+        "per-call (a fork each), c=1": [ms(s) for s in samples["per_call"]],
+    }, "Nimbus python3 no-op invoke latency: warm vs cold vs per-call")
     (HERE / "results.json").write_text(json.dumps(ordered, indent=2) + "\n")
 
     table = {k: v for k, v in ordered.items() if not k.startswith("_")}

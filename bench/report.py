@@ -10,6 +10,10 @@ GOALS = {
     "hot_acquire_p50_us": ("<= 50 us", lambda r: r["value"] <= 50),
     "cold_start_p50_ms": ("<= 1.5x floor", lambda r: r["ratio"] <= 1.5),
     "template_cold_start_p50_ms": ("<= 0.3x floor", lambda r: r["ratio"] <= 0.3),
+    "fastapi_forked_start_p50_ms": ("<= 10 ms, >= 10x booted", lambda r: r["value"] <= 10 and (r["speedup"] or 0) >= 10),
+    "fastapi_forked_primed_start_p50_ms": ("<= 10 ms, >= 10x booted",
+                                           lambda r: r["value"] <= 10 and (r["speedup"] or 0) >= 10),
+    "per_call_p50_ms": ("<= 5 ms", lambda r: r["value"] <= 5),
     "idle_machine_pss_mib": ("<= 12 MiB", lambda r: r["value"] <= 12),
     "idle_machines_healthy": ("500 all healthy", lambda r: r["healthy"] == r["machines"] >= 500),
     "node_p50_with_idle_machines_ms": ("<= 1.2x floor", lambda r: r["ratio"] <= 1.2),
@@ -25,6 +29,15 @@ LABELS = {
     "cold_start_p50_ms": "cold start, no blank machine (ms)",
     "template_cold_start_p50_ms": "cold start from template (ms)",
     "layered_cold_start_p50_ms": "cold start with a dependency layer (ms)",
+    "fastapi_booted_cold_start_p50_ms": "FastAPI cold start, booted + Init (ms)",
+    "fastapi_forked_start_p50_ms": "FastAPI forked from its template (ms)",
+    "fastapi_forked_primed_start_p50_ms": "the same, primed before the snapshot (ms)",
+    "fastapi_per_call_spare_p50_ms": "primed, per-call on a fork made ahead (ms)",
+    "per_call_p50_ms": "per-call no-op p50, HTTP, c=1 (ms)",
+    "per_call_template_cold_start_p50_ms": "same node, runtime-template cold (ms)",
+    "per_call_throughput_rps_c8": "per-call throughput, c=8 (req/s)",
+    "function_template_pss_mib": "FastAPI function template PSS (MiB)",
+    "function_template_fork_pss_mib": "idle fork of it, PSS (MiB)",
     "idle_machine_pss_mib": "idle warm python3 machine PSS (MiB)",
     "idle_machines_healthy": "N idle warm machines healthy",
     "node_p50_with_idle_machines_ms": "node p50 with N idle (ms)",
@@ -109,6 +122,7 @@ def details(results: dict[str, dict]) -> str:
                    f"{lay['samples']} first calls; floor = the plain cold start above; deploy resolving the layer "
                    f"{lay['first_deploy_ms']:.0f} ms, deploys with the cached layer p50 "
                    f"{lay['cached_deploy_p50_ms']:.1f} ms")
+    out += _snapshot_details(results)
     m = results.get("idle_machine_pss_mib")
     if m:
         out.append(f"PSS: {m['machines_side_by_side']} initialised idle machines side by side, "
@@ -130,3 +144,42 @@ def details(results: dict[str, dict]) -> str:
             out.append(f"{LABELS[key]}: {f['samples']} machines; floor = the VMM alone (vmm.start + api.ready); "
                        f"steps p50 (ms): {steps}")
     return "\n".join(out)
+
+
+def _snapshot_details(results: dict[str, dict]) -> list[str]:
+    """The function-template rows' context (bench/snapshots.py)."""
+    out = []
+    b, f = results.get("fastapi_booted_cold_start_p50_ms"), results.get("fastapi_forked_start_p50_ms")
+    if b:
+        out.append(f"FastAPI + Mangum (requirements {' '.join(b['requirements'])}), API Gateway REST event, 200 checked: "
+                   f"booted + Init on a node with {b['node']}, {b['samples']} first calls of fresh copies "
+                   f"(memory_mb 256), not counted {b['not_counted']}; deploy resolving the layer "
+                   f"{b['first_deploy_ms']:.0f} ms, cached {b['cached_deploy_p50_ms']:.1f} ms")
+    for row in (f, results.get("fastapi_forked_primed_start_p50_ms")):
+        if row and row.get("value") is not None:
+            speedup = "-" if row["speedup"] is None else f"{row['speedup']:.1f}x"
+            out.append(f"FastAPI forked, {row['app']} ({row['node']}): {row['samples']} calls, p90 {row['p90_ms']:.1f} ms, "
+                       f"{speedup} faster than booted + Init, first call (boot + Init) {row['first_call_ms']:.0f} ms, "
+                       f"not counted {row['not_counted']}; floor = bare bwrap")
+    sp = results.get("fastapi_per_call_spare_p50_ms")
+    if sp:
+        out.append(f"FastAPI per-call: {sp['what']}: {sp['samples']} calls, p90 {sp['p90_ms']:.1f} ms, "
+                   f"not counted {sp['not_counted']}; floor = bare bwrap")
+    p = results.get("per_call_p50_ms")
+    if p:
+        out.append(f"per-call no-op: {p['samples']} calls (all forked; {p['spares']} spares kept), p90 "
+                   f"{p['p90_ms']:.1f} ms, not counted {p['not_counted']}; floor = hot p50 of a shared no-op on the same "
+                   f"node over {p['hot_samples']} calls; cold start from the runtime template there "
+                   f"{p['template_cold_p50_ms']:.1f} ms over {p['template_cold_samples']} (alternating rounds)")
+    t = results.get("per_call_throughput_rps_c8")
+    if t:
+        out.append(f"per-call c={t['concurrency']}: {t['requests']} calls, p50 {t['p50_ms']:.1f} ms, p99 "
+                   f"{t['p99_ms']:.1f} ms, {t['errors']} errors, starts {t['starts']}; shared no-op at c={t['concurrency']}: "
+                   f"p50 {t['hot_p50_ms']:.2f} ms, p99 {t['hot_p99_ms']:.2f} ms, starts {t['hot_starts']}")
+    m, k = results.get("function_template_pss_mib"), results.get("function_template_fork_pss_mib")
+    if m and k:
+        out.append(f"FastAPI template: PSS {m['value']:.1f} MiB, RSS {m['rss_mib']:.1f} MiB, private "
+                   f"{m['private_mib']:.1f} MiB ({m['processes']} processes); {k['forks']} idle forks ({k['forks_are']}), "
+                   f"{k['processes_per_fork']} processes each: PSS {k['pss_mib_each']} MiB, RSS {k['rss_mib_each']} MiB, "
+                   f"private {k['private_mib_each']} MiB")
+    return out
