@@ -40,6 +40,7 @@ log = logging.getLogger("nimbus.pool.snapshots")
 
 FORKABLE_RUNTIMES = frozenset({"python3"})  # whose agent keeps all it loaded in one process
 RETRY_S = 60.0
+FAILED_KEPT = 4096  # versions remembered as failed at once
 DEFAULT_MIN_INIT_MS = 20.0
 DEFAULT_MAX_COUNT = 16
 DEFAULT_SPARES = 2
@@ -78,7 +79,6 @@ class Snapshots:
         self._entries: dict[Key, Entry] = {}
         self._failed: dict[Key, float] = {}
         self._tasks: set[asyncio.Task] = set()
-        self.made = 0  # templates made, for tests and /health
 
     # ---------------------------------------------------------------- what the pool asks
 
@@ -194,12 +194,11 @@ class Snapshots:
             log.info("no function template for %s (%s): %s", dep.function_name, dep.executed_version, exc)
             if machine is not None:
                 await _quietly(machine.kill())
-            self._failed[entry.key] = time.monotonic()
+            self._note_failure(entry.key)
             self._forget(entry)
             return
         finally:
             entry.making = None
-        self.made += 1
         if self._entries.get(entry.key) is not entry:  # retired while it was made
             await _quietly(entry.snapshot.close())
             return
@@ -245,6 +244,15 @@ class Snapshots:
             return False
         self._drop(min(idle, key=lambda e: e.last_used))
         return True
+
+    def _note_failure(self, key: Key) -> None:
+        """Remember a version whose template failed, for RETRY_S; the memory kept is bounded."""
+        now = time.monotonic()
+        if len(self._failed) >= FAILED_KEPT:
+            self._failed = {k: at for k, at in self._failed.items() if now - at < RETRY_S}
+            while len(self._failed) >= FAILED_KEPT:  # that many failures within RETRY_S: the oldest goes
+                del self._failed[next(iter(self._failed))]
+        self._failed[key] = now
 
     def _forget(self, entry: Entry) -> None:
         """An entry whose template never came: its slot is free."""
