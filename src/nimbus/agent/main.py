@@ -12,10 +12,11 @@ any, stays loaded). There the machine ends when the host stops the VM, or on a p
 
 It reads ``nimbus.protocol`` frames from the connected fd and answers each in turn
 (docs/architecture.md#frame-protocol):
-``ping`` → ``pong``; ``init`` (once) → ``init_ok`` | ``error``; ``exec`` → ``result`` | ``error``. The
-end of the stream exits 0; an unknown frame type or a malformed frame exits non-zero, since the host
-never sends one. Stdlib only, importing nothing of nimbus but the protocol, and only cheap modules at
-start: every cold start pays for them.
+``ping`` → ``pong``; ``init`` (once) → ``init_ok`` | ``error``; ``exec`` → ``result`` | ``error``;
+``snapshot`` (a machine made forkable, before any ``exec``) → ``snapshot_ok``, after which it only forks
+(:mod:`nimbus.agent.forks`). The end of the stream exits 0; an unknown frame type or a malformed frame
+exits non-zero, since the host never sends one. Stdlib only, importing nothing of nimbus but the
+protocol, and only cheap modules at start: every cold start pays for them.
 """
 
 import os
