@@ -24,7 +24,7 @@ privilege), then gives up everything it gained:
    loopback up in its empty network namespace. ``/var/task`` is the template's: read-only since before
    any function code ran, so no fork can leave anything there for another.
 3. (K3, the agent) every capability set emptied (bounding, ambient, inheritable, permitted, effective),
-   not dumpable, the node's own seccomp filter installed on top of the template's (which allowed the
+   not dumpable (from step 1 on), the node's own seccomp filter installed on top of the template's (which allowed the
    ``unshare`` and ``mount`` of steps 1-2, and nothing may allow them again), ``random`` (and numpy's
    global generator) reseeded, a new asyncio event loop if the module set one, new log capture, then the
    agent serves the fork's own channel with the function already loaded.
@@ -101,6 +101,9 @@ def _fork(agent, template: iso.Template, request: dict, fds: list[int]) -> None:
         iso.prctl(PR_SET_DUMPABLE, 1)
         iso.check(iso.libc.unshare(CLONE_NEWUSER | iso.NAMESPACES), "unshare")
         _map_ids(uid, gid)
+        # Not dumpable again, for K1 and all it forks: K1 and K2 hold this namespace's capabilities, and a
+        # process of the template's uid must not reach their memory through /proc/<pid>/mem.
+        iso.prctl(PR_SET_DUMPABLE, 0)
     except BaseException as exc:
         iso.report_setup_failure(output, exc)
     init = os.fork()
@@ -123,7 +126,6 @@ def _fork(agent, template: iso.Template, request: dict, fds: list[int]) -> None:
         try:
             iso.prctl(iso.PR_SET_PDEATHSIG, signal.SIGKILL)
             privileges.clear()
-            iso.prctl(PR_SET_DUMPABLE, 0)
             iso.install_seccomp(template.program)
             _reseed()
             _fresh_event_loop()
