@@ -187,7 +187,6 @@ class Pool:
         destroyed), ``Unavailable`` when no machine can be started.
         """
         waited_for_ping = False
-        key = key_of(dep)
         while True:
             if self._closing:
                 raise Unavailable("the node is shutting down")
@@ -195,6 +194,7 @@ class Pool:
             if lease is not None:
                 self.starts["hot"] += 1
                 return lease
+            key = key_of(dep)  # past the hot path: a hot start allocates nothing
             if self._idle_pinging.get(key) and self._pings_done is not None and not waited_for_ping:
                 # Its idle machine is out for a health ping (well under a millisecond when healthy):
                 # waiting for it is cheaper than any start. Once, and bounded, for a ping that hangs.

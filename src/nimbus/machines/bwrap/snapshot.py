@@ -43,7 +43,7 @@ class Snapshot(ForkServer):
 
     @property
     def alive(self) -> bool:
-        return not self.closed and not self.retiring and self.machine.alive
+        return super().alive and not self.retiring and self.machine.alive
 
     async def start(self, timeout: float = SNAPSHOT_TIMEOUT_S) -> None:
         """Turn the initialised machine into the template (``MachineStartError`` if it will not).

@@ -96,7 +96,8 @@ class ForkServer:
 
     @property
     def alive(self) -> bool:
-        raise NotImplementedError
+        """True while it may be asked for forks; each kind adds whether its own process still runs."""
+        return not self.closed and self._control is not None
 
     @property
     def children(self) -> int:
@@ -224,7 +225,7 @@ class Template(ForkServer):
 
     @property
     def alive(self) -> bool:
-        return not self.closed and self._transport is not None and self._transport.get_returncode() is None
+        return super().alive and self._transport is not None and self._transport.get_returncode() is None
 
     async def start(self) -> None:
         """Spawn the template's bwrap and wait for its ``ready``."""
