@@ -1005,6 +1005,34 @@ async def test_function_lookup_cache_sees_this_stores_changes_at_once_and_others
         await node_a.close()
 
 
+async def test_concurrent_lookups_after_expiry_cost_one_select(database_url):
+    """32 calls of one function arriving as its cached look-up expires send one SELECT, not 32 (the
+    herd was the warm p99 at concurrency 32)."""
+    store = await Store.open(database_url, function_cache_s=0.05)
+    selects = []
+
+    def count(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith("SELECT") and "functions" in statement:
+            selects.append(statement)
+
+    sa.event.listen(store._engine.sync_engine, "before_cursor_execute", count)
+    try:
+        fn = await create(store)
+        for _ in range(2):  # a cold miss, then an expired entry
+            await asyncio.sleep(0.06)
+            selects.clear()
+            found = await asyncio.gather(*(store.lookup_function(fn.name) for _ in range(32)))
+            assert {f.version_id for f in found} == {fn.version_id}
+            assert len(selects) == 1, selects
+            selects.clear()
+            routes = await asyncio.gather(*(store.lookup_qualified(fn.name, fn.tenant, "$LATEST")
+                                            for _ in range(8)))
+            assert {r[1] for r in routes} == {"$LATEST"} and not selects  # the entry just read
+    finally:
+        sa.event.remove(store._engine.sync_engine, "before_cursor_execute", count)
+        await store.close()
+
+
 # ---------------------------------------------------------------- layers and gc
 
 

@@ -39,6 +39,7 @@ from nimbus.errors import NimbusError, NotFound
 from nimbus.gateway.lambda_api import errors as lambda_errors
 from nimbus.gateway.lambda_api import sigv4
 from nimbus.gateway.problems import problem
+from nimbus.store.lookups import LookupCache
 from nimbus.store.records import DEFAULT_TENANT
 
 log = logging.getLogger("nimbus.auth")
@@ -148,66 +149,61 @@ class Guard:
     """
 
     def __init__(self) -> None:
-        self._cache: dict[str, tuple[Principal | None, float]] = {}
-        # SigV4 access key id -> (principal and secret, or None when unknown; key hash; expiry)
-        self._sigv4: dict[str, tuple[tuple[Principal, str] | None, str | None, float]] = {}
-        self._settings = None
         self.cache_s = DEFAULT_CACHE_S
+        self._keys = LookupCache(self.cache_s, CACHE_MAX)  # key hash -> Principal, or None when unknown
+        # SigV4 access key id -> (principal and secret, or None when unknown; key hash)
+        self._sigv4 = LookupCache(self.cache_s, CACHE_MAX)
+        self._settings = None
         self.buckets: Buckets | None = None
 
     def configure(self, settings) -> None:
         self._settings = settings
-        self.cache_s = settings.auth_cache_s
+        if settings.auth_cache_s != self.cache_s:
+            self.cache_s = settings.auth_cache_s
+            self._keys = LookupCache(self.cache_s, CACHE_MAX)
+            self._sigv4 = LookupCache(self.cache_s, CACHE_MAX)
         self.buckets = Buckets(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None
 
     def forget(self, key_hash: str) -> None:
         """Drop a cached look-up: a key revoked on this node stops working with the next request."""
-        self._cache.pop(key_hash, None)
-        for access_key, (_, hashed, _) in list(self._sigv4.items()):
-            if hashed == key_hash:
-                del self._sigv4[access_key]
+        self._keys.forget(lambda hashed, _: hashed == key_hash)
+        self._sigv4.forget(lambda _, entry: entry[1] == key_hash)
 
     def cached_sigv4(self, access_key: str) -> tuple[bool, tuple[Principal, str] | None]:
-        entry = self._sigv4.get(access_key)
-        if entry is None or entry[2] < time.monotonic():
-            return False, None
-        return True, entry[0]
+        known, entry = self._sigv4.peek(access_key)
+        return known, entry[0] if known else None
 
     async def look_up_sigv4(self, store, access_key: str) -> tuple[Principal, str] | None:
         """The principal and secret of a live access key id, None for an unknown or revoked one; cached as
         ``look_up``."""
-        try:
-            record, secret = await store.get_sigv4_key(access_key)
-        except NotFound:
-            found, hashed = None, None
-        else:
-            found = (Principal(key_id=record.id, tenant=record.tenant, admin=record.admin), secret)
-            hashed = record.key_hash
-        if self.cache_s > 0:
-            if len(self._sigv4) >= CACHE_MAX:
-                self._sigv4.clear()
-            self._sigv4[access_key] = (found, hashed, time.monotonic() + self.cache_s)
+
+        async def read() -> tuple[tuple[Principal, str] | None, str | None]:
+            try:
+                record, secret = await store.get_sigv4_key(access_key)
+            except NotFound:
+                return None, None
+            return (Principal(key_id=record.id, tenant=record.tenant, admin=record.admin), secret), record.key_hash
+
+        found, _ = await self._sigv4.get(access_key, read)
         return found
 
     def cached(self, key_hash: str) -> tuple[bool, Principal | None]:
-        entry = self._cache.get(key_hash)
-        if entry is None or entry[1] < time.monotonic():
-            return False, None
-        return True, entry[0]
+        known, who = self._keys.peek(key_hash)
+        return known, who
 
     async def look_up(self, store, key_hash: str) -> Principal | None:
-        """The principal of a live key, None for an unknown or revoked one; remembered for ``cache_s``."""
-        try:
-            record = await store.get_api_key_by_hash(key_hash)
-        except NotFound:
-            found = None
-        else:
-            found = Principal(key_id=record.id, tenant=record.tenant, admin=record.admin)
-        if self.cache_s > 0:
-            if len(self._cache) >= CACHE_MAX:
-                self._cache.clear()
-            self._cache[key_hash] = (found, time.monotonic() + self.cache_s)
-        return found
+        """The principal of a live key, None for an unknown or revoked one; remembered for ``cache_s``, and
+        read once for all the requests that miss together (``LookupCache``)."""
+
+        async def read() -> Principal | None:
+            try:
+                record = await store.get_api_key_by_hash(key_hash)
+            except NotFound:
+                return None
+            return Principal(key_id=record.id, tenant=record.tenant, admin=record.admin)
+
+        who: Principal | None = await self._keys.get(key_hash, read)
+        return who
 
 
 def _bearer(scope) -> str | None:

@@ -34,9 +34,10 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.store.builds import BuildsMixin
-from nimbus.store.functions import FUNCTION_CACHE_S
+from nimbus.store.functions import FUNCTION_CACHE_MAX, FUNCTION_CACHE_S
 from nimbus.store.invocations import InvocationsMixin
 from nimbus.store.keys import KeysMixin
+from nimbus.store.lookups import LookupCache
 from nimbus.store.queue import QueueMixin
 from nimbus.store.records import (
     AliasRecord,
@@ -73,8 +74,7 @@ class Store(VersionsMixin, BuildsMixin, InvocationsMixin, QueueMixin, KeysMixin,
                  write_behind_rows: int = INSERT_BATCH_MAX, function_cache_s: float = FUNCTION_CACHE_S) -> None:
         """Wrap an engine made by ``Store.open``; use that instead, it migrates and configures SQLite."""
         super().__init__(engine)
-        self._function_cache_s = function_cache_s
-        self._functions = {}
+        self._functions = LookupCache(function_cache_s, FUNCTION_CACHE_MAX)
         self._usage = {}
         self._inserts = InsertBatcher(self._insert_rows)
         # None: write-through (NIMBUS_WRITE_BEHIND_MS=0), and after close.

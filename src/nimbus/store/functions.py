@@ -4,7 +4,6 @@ A function's row holds its name and latest version number; each version holds wh
 handler, settings, code and artifact references). ``lookup_function`` caches reads for the invoke path.
 """
 
-import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -16,6 +15,7 @@ from nimbus.errors import Conflict, InvalidRequest, NotFound
 from nimbus.store import tables
 from nimbus.store.builds import hold_artifact, put_artifact, sha256_of
 from nimbus.store.database import Database, boundary, integrity_kind
+from nimbus.store.lookups import LookupCache
 from nimbus.store.records import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_TENANT,
@@ -52,9 +52,8 @@ _i = tables.invocations
 class FunctionsMixin(Database):
     """Functions and versions; a function's code is an artifact (``nimbus.store.builds``)."""
 
-    _function_cache_s: float
     # lookup_function's cache, (tenant, key) → record; lookup_qualified's shares it, (tenant, key, qualifier).
-    _functions: dict[tuple[str, ...], tuple[float, Any]]
+    _functions: LookupCache
     _behind: WriteBehind | None
 
     async def create_function(
@@ -207,16 +206,8 @@ class FunctionsMixin(Database):
         """``get_function`` through a short-lived cache, for the invoke path: the look-up was the biggest
         share of a warm call's CPU. Writes through this store clear it at once; a change made by another
         node is seen within ``function_cache_s``. The record is shared: callers must not change it."""
-        key = (tenant, name_or_id)
-        hit = self._functions.get(key)
-        now = time.monotonic()
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        fn = await self.get_function(name_or_id, tenant)
-        if self._function_cache_s > 0:
-            if len(self._functions) >= FUNCTION_CACHE_MAX:
-                self._functions.clear()
-            self._functions[key] = (now + self._function_cache_s, fn)
+        fn: FunctionRecord = await self._functions.get((tenant, name_or_id),
+                                                       lambda: self.get_function(name_or_id, tenant))
         return fn
 
     async def list_functions(

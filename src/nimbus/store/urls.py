@@ -4,7 +4,6 @@ Served requests look their config up through a short-lived cache, like ``lookup_
 then costs no more database round trips than an ``/api/v1`` invoke. Writes through this store clear it.
 """
 
-import time
 
 import orjson
 import sqlalchemy as sa
@@ -12,6 +11,7 @@ import sqlalchemy as sa
 from nimbus.errors import NotFound
 from nimbus.store import tables
 from nimbus.store.database import Database, boundary
+from nimbus.store.lookups import LookupCache
 from nimbus.store.records import FunctionUrlRecord, utcnow
 
 _u = tables.function_urls
@@ -22,7 +22,8 @@ URL_CACHE_MAX = 10_000
 class UrlsMixin(Database):
     """Put, get, delete and look up function URL configs."""
 
-    _url_cache: dict
+    _url_cache: LookupCache
+    _functions: LookupCache  # the store's function look-ups: the URL cache keeps the same time
 
     def _record(self, row) -> FunctionUrlRecord:
         return FunctionUrlRecord(function_id=row.function_id, function_name=row.name, tenant=row.tenant,
@@ -73,30 +74,23 @@ class UrlsMixin(Database):
     async def lookup_function_url(self, name: str, tenant: str, qualifier: str) -> FunctionUrlRecord:
         """``get_function_url`` through a cache of ``function_cache_s``; misses (``NotFound``) are cached too,
         so requests for a name without a URL cannot each cost a query."""
-        cache = self._url_cache_get()
-        key = (tenant, name, qualifier)
-        hit = cache.get(key)
-        now = time.monotonic()
-        if hit is None or hit[0] <= now:
-            try:
-                found: FunctionUrlRecord | NotFound = await self.get_function_url(name, tenant, qualifier)
-            except NotFound as exc:
-                found = exc
-            ttl = self._function_cache_s  # type: ignore[attr-defined]
-            if ttl > 0:
-                if len(cache) >= URL_CACHE_MAX:
-                    cache.clear()
-                cache[key] = (now + ttl, found)
-            hit = (now, found)
-        if isinstance(hit[1], NotFound):
-            raise NotFound(str(hit[1]))
-        return hit[1]
 
-    def _url_cache_get(self) -> dict:
+        async def read() -> FunctionUrlRecord | NotFound:
+            try:
+                return await self.get_function_url(name, tenant, qualifier)
+            except NotFound as exc:
+                return exc
+
+        found = await self._url_cache_get().get((tenant, name, qualifier), read)
+        if isinstance(found, NotFound):
+            raise NotFound(str(found))
+        return found
+
+    def _url_cache_get(self) -> LookupCache:
         try:
             return self._url_cache
         except AttributeError:
-            self._url_cache = {}
+            self._url_cache = LookupCache(self._functions.ttl_s, URL_CACHE_MAX)
             return self._url_cache
 
     def _url_cache_clear(self) -> None:

@@ -9,7 +9,6 @@ every node within ``function_cache_s``).
 
 import random
 import re
-import time
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -19,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from nimbus.errors import Conflict, InvalidRequest, NotFound
 from nimbus.store import tables
 from nimbus.store.database import boundary, integrity_kind
-from nimbus.store.functions import FUNCTION_CACHE_MAX, FunctionsMixin
+from nimbus.store.functions import FunctionsMixin
 from nimbus.store.records import LATEST, AliasRecord, FunctionRecord, VersionRecord, utcnow
 from nimbus.store.statements import (
     ALIASES_USING,
@@ -266,16 +265,8 @@ class VersionsMixin(FunctionsMixin):
         """
         if qualifier is None or qualifier == LATEST:
             return await self.lookup_function(name_or_id, tenant), LATEST
-        key = (tenant, name_or_id, qualifier)
-        hit = self._functions.get(key)
-        now = time.monotonic()
-        if hit is not None and hit[0] > now:
-            return hit[1].pick()
-        route = await self._resolve(name_or_id, tenant, qualifier)
-        if self._function_cache_s > 0:
-            if len(self._functions) >= FUNCTION_CACHE_MAX:
-                self._functions.clear()
-            self._functions[key] = (now + self._function_cache_s, route)
+        route: _Route = await self._functions.get((tenant, name_or_id, qualifier),
+                                                  lambda: self._resolve(name_or_id, tenant, qualifier))
         return route.pick()
 
     async def _resolve(self, name_or_id: str, tenant: str, qualifier: str) -> _Route:
