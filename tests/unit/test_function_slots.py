@@ -58,3 +58,21 @@ async def test_a_cancelled_waiter_leaves_no_count_behind():
     await holder
     await asyncio.gather(waiter, return_exceptions=True)
     assert not slots._entries
+
+
+async def test_under_the_limit_a_call_takes_no_lock_and_waiters_still_each_check_their_own_limit():
+    """The fast path (no waiters, under the limit) makes no Condition; once someone waits, a new call
+    goes through the Condition, where it checks its own version's limit as before."""
+    slots, running, peak, release = FunctionSlots(), [0], [0], asyncio.Event()
+    first = asyncio.create_task(_run(slots, "k", 2, running, peak, release))
+    await asyncio.sleep(0.01)
+    assert slots._entries["k"][2] is None and running[0] == 1
+    narrow = asyncio.create_task(_run(slots, "k", 1, running, peak, release))  # limit 1: must wait
+    await asyncio.sleep(0.01)
+    assert slots._entries["k"][1] == 1 and running[0] == 1
+    late = asyncio.create_task(_run(slots, "k", 2, running, peak, release))  # under its own limit: runs
+    await asyncio.sleep(0.01)
+    assert running[0] == 2 and slots._entries["k"][1] == 1
+    release.set()
+    await asyncio.gather(first, narrow, late)
+    assert not slots._entries

@@ -12,11 +12,10 @@ Async invocations are written to the store before their 202; the worker claims t
 """
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
+import os
 import time
-import uuid
 
 import orjson
 
@@ -71,28 +70,9 @@ class FunctionSlots:
     def __init__(self) -> None:
         self._entries: dict[str, list] = {}  # function id → [calls running, calls wanting in, Condition]
 
-    @contextlib.asynccontextmanager
-    async def slot(self, function_id: str, limit: int):
-        entry = self._entries.get(function_id)
-        if entry is None:
-            entry = self._entries[function_id] = [0, 0, asyncio.Condition()]
-        cond = entry[2]
-        entry[1] += 1  # counted before the first await, so the entry cannot be dropped under this call
-        try:
-            async with cond:
-                await cond.wait_for(lambda: entry[0] < limit)  # no wait when under the limit
-                entry[0] += 1
-        finally:
-            entry[1] -= 1
-        try:
-            yield
-        finally:
-            async with cond:
-                entry[0] -= 1
-                if entry[1]:
-                    cond.notify_all()  # waiters of different limits: each checks its own
-                elif not entry[0]:
-                    del self._entries[function_id]  # idle: functions that ran once hold nothing
+    def slot(self, function_id: str, limit: int) -> "_Slot":
+        """``async with`` it to run one call of the function under ``limit``."""
+        return _Slot(self._entries, function_id, limit)
 
     def running(self, function_id: str) -> int:
         entry = self._entries.get(function_id)
@@ -468,6 +448,47 @@ class Scheduler:
         self._done_with(function_id)
 
 
+class _Slot:
+    """One call's hold on its function's slots. A plain class, not a generator context manager: it is
+    entered on every call. When the function is under the limit and nobody waits, no lock is taken
+    (the loop runs one task at a time, so the count cannot change under us); a caller only ever
+    passes ahead of nobody."""
+
+    __slots__ = ("_entries", "_function_id", "_limit", "_entry")
+
+    def __init__(self, entries: dict[str, list], function_id: str, limit: int) -> None:
+        self._entries, self._function_id, self._limit = entries, function_id, limit
+
+    async def __aenter__(self) -> None:
+        entry = self._entries.get(self._function_id)
+        if entry is None:
+            entry = self._entries[self._function_id] = [0, 0, None]
+        self._entry = entry
+        if not entry[1] and entry[0] < self._limit:
+            entry[0] += 1
+            return
+        if entry[2] is None:
+            entry[2] = asyncio.Condition()
+        cond, limit = entry[2], self._limit
+        entry[1] += 1  # counted before the first await, so the entry cannot be dropped under this call
+        try:
+            async with cond:
+                await cond.wait_for(lambda: entry[0] < limit)
+                entry[0] += 1
+        finally:
+            entry[1] -= 1
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        entry = self._entry
+        entry[0] -= 1
+        if entry[1]:
+            cond = entry[2]
+            async with cond:
+                cond.notify_all()  # waiters of different limits: each checks its own
+        elif not entry[0]:
+            del self._entries[self._function_id]  # idle: functions that ran once hold nothing
+
+
 def check_idempotency_key(key: str) -> str:
     """An ``Idempotency-Key`` as given, if it is 1..256 printable ASCII characters; else ``InvalidRequest``."""
     if not key.strip() or len(key) > IDEMPOTENCY_KEY_MAX or not all(" " <= ch <= "~" for ch in key):
@@ -476,5 +497,6 @@ def check_idempotency_key(key: str) -> str:
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """32 random hex digits, as ``uuid4().hex`` but without building a UUID on every call."""
+    return os.urandom(16).hex()
 
