@@ -201,12 +201,18 @@ def _no_constants(name: str):
     raise ValueError(f"{name} is not JSON")  # Python's json reads NaN and Infinity; the protocol does not
 
 
+# Made once: json.dumps and json.loads with options build a new coder on every call, which costs as much
+# as coding a small header (both run once per frame on each side).
+_HEADER_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_HEADER_DECODER = json.JSONDecoder(parse_constant=_no_constants)
+
+
 def encode(header: dict, blob: bytes = b"") -> bytes:
     """Return one frame as bytes; a header that is not a JSON object, or anything oversized, is a ProtocolError."""
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a dict, not {type(header).__name__}")
     try:
-        head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+        head = _HEADER_ENCODER.encode(header).encode()
     except (TypeError, ValueError, RecursionError) as exc:
         raise ProtocolError(f"header is not JSON-serialisable: {exc}") from None
     if len(head) > HEADER_MAX:
@@ -235,7 +241,7 @@ def parse_header(raw: bytes, allowed: frozenset | None = None) -> dict:
     header nested deeper than the parser's stack is refused like any other garbage.
     """
     try:
-        header = json.loads(str(raw, "utf-8"), parse_constant=_no_constants)
+        header = _HEADER_DECODER.decode(str(raw, "utf-8"))
         if _SURROGATE_ESCAPE.search(raw):  # a function's error message, say, may carry one to the host
             header = valid_unicode(header)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

@@ -19,6 +19,7 @@ function's module writes while it loads, before the first call, still goes to th
 
 import _thread
 import os
+import select
 import sys
 
 from nimbus.agent.contract import LOG_TAIL_MAX
@@ -29,18 +30,30 @@ F_SETPIPE_SZ = 1031
 COLLECT_READS_MAX = 256  # a writer that never stops (a background child) cannot hold a collection forever
 LOST_NOTE = "[nimbus: the function closed the agent's log pipe; output written since was lost]\n"
 DROPPED_NOTE = "[nimbus: {} bytes written between calls were dropped]\n"
-_STREAMS = ("stdout", "stderr", "__stdout__", "__stderr__")
 
 
 def _flush_streams() -> None:
-    """Push Python's buffered text to fds 1 and 2 (user code may have swapped or closed the streams)."""
-    for name in _STREAMS:
-        stream = getattr(sys, name, None)
-        if stream is not None:
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
+    """Push Python's buffered text to fds 1 and 2 (user code may have swapped or closed the streams).
+
+    Each stream object once: twice a call, and ``sys.stdout`` is usually ``sys.__stdout__``.
+    """
+    out, err = getattr(sys, "stdout", None), getattr(sys, "stderr", None)
+    first_out, first_err = getattr(sys, "__stdout__", None), getattr(sys, "__stderr__", None)
+    _flush(out)
+    if err is not out:
+        _flush(err)
+    if first_out is not out and first_out is not err:
+        _flush(first_out)
+    if first_err is not out and first_err is not err and first_err is not first_out:
+        _flush(first_err)
+
+
+def _flush(stream) -> None:
+    if stream is not None:
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def _line_buffered(name: str, fd: int) -> None:
@@ -66,6 +79,7 @@ class LogCapture:
         self._read = 0  # bytes read from the pipe since the last collection (the tail may hold fewer)
         self._answered = False  # a call was collected: from now on, output between calls is nobody's
         self._dropped = 0  # bytes dropped by begin(), reported by the next collection
+        self._waiting = None  # a poll object on the read end
 
     def start(self) -> None:
         """Redirect fds 1 and 2 into the pipe; keep the original stderr for diagnostics."""
@@ -84,11 +98,13 @@ class LogCapture:
         except OSError:
             pass
         os.set_blocking(read_fd, False)
+        waiting = select.poll()  # begin() asks it whether anything came since the last collection
+        waiting.register(read_fd, select.POLLIN)
         os.dup2(write_fd, 1)
         os.dup2(write_fd, 2)
         os.close(write_fd)
         info = os.fstat(read_fd)
-        self.fd, self._ino = read_fd, (info.st_dev, info.st_ino)
+        self.fd, self._ino, self._waiting = read_fd, (info.st_dev, info.st_ino), waiting
         _thread.start_new_thread(self._drain, (read_fd,))
 
     def _drain(self, fd: int) -> None:
@@ -99,8 +115,6 @@ class LogCapture:
             pass
 
     def _drain_until_gone(self, fd: int) -> None:
-        import select
-
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         while True:
@@ -137,7 +151,9 @@ class LogCapture:
             return
         _flush_streams()
         with self._lock:
-            if self._pipe_intact():
+            # Nearly always nothing came (one poll, no read); if something did, read it only from our own
+            # pipe (user code may close the fd and reuse its number; poll reports that too).
+            if self._waiting.poll(0) and self._read_end_ours():
                 self._read_available(self.fd)
             self._dropped, self._read = self._read, 0
             self._tail.clear()
@@ -147,7 +163,8 @@ class LogCapture:
         """Return ``(text, truncated)``: the tail of everything written since the call began, then empty it."""
         _flush_streams()
         with self._lock:
-            ok = self._read_available(self.fd) if self._pipe_intact() else False
+            # Polled first: a read that finds the pipe empty costs an exception as well as the call.
+            ok = self._pipe_intact() and (not self._waiting.poll(0) or self._read_available(self.fd))
             data, cut, lost = bytes(self._tail), self._cut, self._lost or not ok
             self._tail.clear()
             self._cut = self._lost = False
@@ -161,6 +178,14 @@ class LogCapture:
         if dropped:
             data = DROPPED_NOTE.format(dropped).encode() + data
         return data.decode("utf-8", "replace"), cut
+
+    def _read_end_ours(self) -> bool:
+        """``self.fd`` is still our pipe's read end (user code may close the fd and reuse its number)."""
+        try:
+            info = os.fstat(self.fd)
+        except OSError:
+            return False
+        return (info.st_dev, info.st_ino) == self._ino
 
     def _pipe_intact(self) -> bool:
         """The read end is still ours and fd 1 still writes into it (user code may close or reuse either)."""

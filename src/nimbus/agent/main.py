@@ -25,7 +25,7 @@ import time
 
 from nimbus import protocol
 from nimbus.agent.base import Call, FunctionSpec, InvocationError, too_deep
-from nimbus.agent.channel import VSOCK_PORT_MAX, FdStream, VsockUnavailable, accept, listen_vsock
+from nimbus.agent.channel import HOST_READ_AHEAD, VSOCK_PORT_MAX, FdStream, VsockUnavailable, accept, listen_vsock
 from nimbus.agent.contract import TASK_DIR
 from nimbus.agent.logs import LogCapture
 
@@ -336,7 +336,7 @@ class Agent:
         """Answer frames until the channel ends; return the exit status."""
         while True:
             try:
-                header, blob = protocol.recv_frame(self.channel, protocol.HOST_TYPES)
+                header, blob = self.channel.recv_frame(protocol.HOST_TYPES)
             except EOFError:
                 return EXIT_OK
             except protocol.ProtocolError as exc:
@@ -428,7 +428,7 @@ class Agent:
         self.pristine = False  # a fork is a machine, never a template
         self.logs = LogCapture()
         self.logs.start()
-        self.channel = FdStream(channel)
+        self.channel = FdStream(channel, read_ahead=HOST_READ_AHEAD)
         try:
             _run_hooks("get_after_restore")
         except InvocationError as exc:  # the first call answers it, and the machine is not used again
@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None, fork_program: bytes = b"", fork_server=N
     """
     try:
         options = parse_args(sys.argv[1:] if argv is None else argv)
-        channel = FdStream(options.fd) if options.vsock_port is None else None
+        channel = FdStream(options.fd, read_ahead=HOST_READ_AHEAD) if options.vsock_port is None else None
     except (ValueError, OSError) as exc:
         print(f"nimbus-agent: {exc}\n{USAGE}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None

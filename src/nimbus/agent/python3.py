@@ -282,10 +282,14 @@ def _json_default(value):
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
+# Made once: json.dumps with options builds a new encoder for every result.
+_RESULT_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default)
+
+
 def encode_result(value) -> bytes:
     """The handler's return value as compact JSON bytes, or ``ResultNotSerializable``/``ResultTooLarge``."""
     try:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default)
+        text = _RESULT_ENCODER.encode(value)
         output = text.encode("utf-8")
     except (TypeError, ValueError, ArithmeticError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
         raise InvocationError("ResultNotSerializable", f"the result is not JSON-serialisable: {exc}") from None
