@@ -7,6 +7,7 @@ in reverse: stop taking work, drain, destroy machines, close the store.
 
 import gc
 import logging
+import os
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -95,7 +96,7 @@ class Node:
             )
             scheduler = Scheduler(
                 store, pool, metrics,
-                node_id=node_id(home),
+                node_id=node_id(home, settings.process_index),
                 queue_size=settings.queue_size,
                 workers=settings.workers,
                 async_poll_s=settings.async_poll_s,
@@ -142,15 +143,29 @@ class Node:
         await self.store.close()
 
 
-def node_id(home: Path) -> str:
-    """A stable id for this node's home: leases it held before a crash are recognised as its own."""
+def node_id(home: Path, process: int = 0) -> str:
+    """A stable id for this node's home: leases it held before a crash are recognised as its own.
+
+    ``process``: the worker process's index (``nimbus.processes``); worker 0 has the home's id, worker
+    ``i`` that id with ``-i`` after it, so workers' leases are told apart and a restarted worker reclaims
+    its own.
+    """
     path = home / "node-id"
     try:
-        return path.read_text().strip()
+        value = path.read_text().strip()
     except FileNotFoundError:
         value = uuid.uuid4().hex
-        path.write_text(value + "\n")
-        return value
+        # Written whole under another name, then linked into place: of workers starting together the first
+        # link wins, and none reads a half-written file.
+        tmp = path.with_name(f".node-id.{os.getpid()}")
+        tmp.write_text(value + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            value = path.read_text().strip()
+        finally:
+            tmp.unlink()
+    return value if process == 0 else f"{value}-{process}"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -182,8 +197,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return build_api(lifespan)
 
 
-def serve(settings: Settings) -> None:
-    """Run a node in the foreground until SIGINT/SIGTERM (uvicorn drains requests, then the lifespan stops)."""
+def serve(settings: Settings, sockets: list | None = None) -> bool:
+    """Run a node in the foreground until SIGINT/SIGTERM (uvicorn drains requests, then the lifespan stops).
+
+    ``sockets``: listening sockets to serve instead of binding ``host:port`` (a worker of
+    ``nimbus.processes``). Whether the node started (False: its start-up failed).
+    """
     import uvicorn
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -197,7 +216,9 @@ def serve(settings: Settings) -> None:
                 node.scheduler.stop_claiming()
             super().handle_exit(sig, frame)
 
-    Server(server_config(app, settings)).run()
+    server = Server(server_config(app, settings))
+    server.run(sockets=sockets)
+    return server.started
 
 
 def server_config(app, settings: Settings, **overrides):

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     """The node's configuration; see the README's Configuration table."""
 
     model_config = SettingsConfigDict(env_prefix="NIMBUS_", extra="ignore", validate_default=True)
+    _process_index: int = PrivateAttr(0)  # set by nimbus.processes.worker_settings, never by the environment
 
     home: Path = Field(DEFAULT_HOME, description="database, artifacts, images, sockets")
     host: str = "127.0.0.1"
@@ -83,6 +84,9 @@ class Settings(BaseSettings):
     health_interval_s: float = Field(10.0, gt=0, description="how often idle machines are pinged")
     queue_size: int = Field(DEFAULT_QUEUE_SIZE, ge=1, description="invocations waiting for a worker")
     workers: int = Field(DEFAULT_WORKERS, ge=1, description="invocations run at once on this node")
+    processes: int = Field(1, ge=1, le=256, description="worker processes of this node, each a whole node (own "
+                           "pool, machines, scheduler) on the same port and store; the node-wide budgets "
+                           "(max_machines, workers, machine uids…) are split between them (nimbus.processes)")
     tenant_queue_share: float = Field(0.5, gt=0, le=1, description="the part of this node's sync calls (waiting "
                                       "and running) one tenant may hold; past it that tenant gets 429")
     write_behind_ms: float = Field(5.0, ge=0, le=60_000, description="how long a finished sync invocation may wait "
@@ -174,6 +178,20 @@ class Settings(BaseSettings):
         if self.max_warm < self.min_warm:
             raise ValueError(f"NIMBUS_MAX_WARM ({self.max_warm}) must be at least NIMBUS_MIN_WARM ({self.min_warm})")
         return self
+
+    @model_validator(mode="after")
+    def _process_budgets(self) -> "Settings":
+        # Each worker process needs a machine and a uid of its own: the split budgets must not round to 0.
+        for name in ("max_machines", "machine_uid_count"):
+            if getattr(self, name) < self.processes:
+                raise ValueError(f"NIMBUS_{name.upper()} ({getattr(self, name)}) must be at least NIMBUS_PROCESSES "
+                                 f"({self.processes}): it is split between the worker processes")
+        return self
+
+    @property
+    def process_index(self) -> int:
+        """Which worker process of the node these settings are for (0 unless ``nimbus.processes`` set it)."""
+        return self._process_index
 
     @model_validator(mode="after")
     def _refuse_open_without_auth(self) -> "Settings":

@@ -53,6 +53,12 @@ def up(
         typer.Option(min=0, show_default=False,
                      help="Requests at once above the rate; 0: one second's worth (NIMBUS_RATE_BURST)."),
     ] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(min=1, show_default=False,
+                     help="Worker processes, each a whole node on the same port and store, to use several "
+                          "cores (NIMBUS_PROCESSES; default 1)."),
+    ] = None,
 ) -> None:
     """Start a node (gateway, scheduler, machine pool) in the foreground; Ctrl-C stops it.
 
@@ -71,7 +77,7 @@ def up(
         key: value
         for key, value in {"host": host, "port": port, "home": home, "database_url": database_url,
                            "auth": auth.value if auth else None,
-                           "rate_limit": rate_limit, "rate_burst": rate_burst}.items()
+                           "rate_limit": rate_limit, "rate_burst": rate_burst, "processes": processes}.items()
         if value is not None
     }
     try:
@@ -88,6 +94,10 @@ def up(
     if settings.driver == "firecracker":
         _preflight_firecracker(settings)
 
+    if settings.processes > 1:
+        from nimbus.processes import supervise
+
+        raise typer.Exit(supervise(settings))
     from nimbus.app import serve
 
     serve(settings)

@@ -5,6 +5,7 @@ name every tenant's functions); ``gateway.auth`` enforces both before these hand
 """
 
 import asyncio
+import os
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
@@ -27,8 +28,10 @@ async def health(request: Request) -> Response:
         store_ok = False
     if not store_ok:
         return problem(503, "the metadata store does not answer", title="Unhealthy")
+    # Which worker process answered (NIMBUS_PROCESSES): its machines, pool and queue are that worker's alone.
     return JSON({"status": "ok", "machines": node.pool.total, "pool": node.pool.stats(),
-                 "queue_depth": node.scheduler.queue_depth})
+                 "queue_depth": node.scheduler.queue_depth,
+                 "process": {"index": node.settings.process_index, "pid": os.getpid()}})
 
 
 @router.get("/metrics", response_class=Response)
