@@ -372,3 +372,30 @@ def test_node_default_interval_writes_every_call_without_a_stop(tmp_path, databa
                 return await stored_ids(database_url, fn["id"]) >= ids
 
             asyncio.run(wait_for(all_stored, "every sync call in the database while the node runs"))
+
+
+async def test_a_caller_over_the_bound_waits_for_room_not_for_the_whole_backlog(tmp_path):
+    """At the bound a caller waits until a flush makes room below it, not until every row, including
+    the ones others keep adding, is written (that wait was ~1 s at c=32 on SQLite)."""
+    from nimbus.store.writebehind import WriteBehind
+
+    written: list[int] = []
+    gate = asyncio.Event()
+
+    async def insert_rows(rows):
+        await gate.wait()
+        written.append(len(rows))
+
+    behind = WriteBehind(insert_rows, interval_s=60, max_rows=4)
+    for i in range(10):
+        behind.put({"id": str(i), "function_id": "f"})
+    waiter = asyncio.create_task(behind.wait_below(8))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()  # 10 unwritten, the first flush still blocked
+    for i in range(10, 20):  # others keep adding while it waits
+        behind.put({"id": str(i), "function_id": "f"})
+    gate.set()
+    await asyncio.wait_for(waiter, 10)
+    assert behind.backlog < 20 and written  # returned once there was room, with rows still pending
+    await behind.close(10)
+    assert sum(written) == 20

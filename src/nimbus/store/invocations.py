@@ -83,7 +83,7 @@ class InvocationsMixin(Database):
 
         Only for rows nothing updates later (a plain sync call): async and idempotent calls must be
         in the store before they run, through ``insert_invocation``/``insert_idempotent``. Write-through
-        when write-behind is off or the store is closed. A backlog past ``WRITE_BEHIND_MAX_PENDING``
+        when write-behind is off or the store is closed. A backlog at ``WRITE_BEHIND_MAX_PENDING``
         (a failing database) makes the caller wait for it, instead of growing without bound.
         """
         if inv.status not in FINISHED_STATUSES:
@@ -95,7 +95,7 @@ class InvocationsMixin(Database):
             await self._inserts.insert(values)
             return
         if behind.backlog >= WRITE_BEHIND_MAX_PENDING:
-            await behind.flush()
+            await behind.wait_below(WRITE_BEHIND_MAX_PENDING)
         behind.put(values)
 
     async def insert_idempotent(self, inv: InvocationRecord) -> tuple[InvocationRecord, bool]:

@@ -28,7 +28,7 @@ log = logging.getLogger("nimbus.store")
 
 INSERT_BATCH_MAX = 256  # invocation rows per group-committed transaction
 DEFAULT_WRITE_BEHIND_MS = 5.0  # how long a finished sync invocation may wait in memory for its INSERT
-WRITE_BEHIND_MAX_PENDING = 10_000  # beyond this backlog (a failing database), callers wait for the flush
+WRITE_BEHIND_MAX_PENDING = 10_000  # at this backlog (a failing or slow database), callers wait until it is below
 WRITE_BEHIND_RETRY_MAX_S = 1.0  # a failing flush is retried with backoff, doubling up to this
 WRITE_BEHIND_CLOSE_TIMEOUT_S = 30.0  # how long close keeps retrying before it gives up on the rows (logged)
 
@@ -128,6 +128,8 @@ class WriteBehind:
         self._inflight: dict[str, dict[str, Any]] = {}  # in a flush not yet committed
         self._wake = asyncio.Event()  # flush before the interval is up: enough rows, or flush() asked
         self._hurry = 0  # flush() calls waiting: skip the interval until they are done
+        self._flushed = asyncio.Event()  # set after each write attempt, for wait_below()
+        self._oldest = 0.0  # loop time the first row put into an empty buffer came (rows put since are newer)
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -136,6 +138,8 @@ class WriteBehind:
         return len(self._pending) + len(self._inflight)
 
     def put(self, values: dict[str, Any]) -> None:
+        if not self._pending:
+            self._oldest = asyncio.get_running_loop().time()
         self._pending[values["id"]] = values
         if len(self._pending) >= self.max_rows:
             self._wake.set()
@@ -153,6 +157,16 @@ class WriteBehind:
         """Drop the pending rows of a function being deleted (its invocations go with it)."""
         for id_ in [id_ for id_, values in self._pending.items() if values["function_id"] == function_id]:
             del self._pending[id_]
+
+    async def wait_below(self, limit: int) -> None:
+        """Return once fewer than ``limit`` rows are unwritten: a caller over the bound waits for the
+        flushes that make room, not for the whole backlog to drain while others keep adding to it."""
+        while self.backlog >= limit:
+            if self._task is None:
+                self._task = asyncio.create_task(self._run(), name="nimbus-store-write-behind")
+            self._wake.set()
+            self._flushed.clear()
+            await self._flushed.wait()
 
     async def flush(self) -> None:
         """Commit every row put so far, retrying while the database fails."""
@@ -185,8 +199,12 @@ class WriteBehind:
                 if backoff:
                     await asyncio.sleep(backoff)  # a full buffer does not cut it short: no hammering
                 elif len(self._pending) < self.max_rows and not self._hurry:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self.interval_s)
+                    # Until the oldest row has waited the interval: rows that came during a slow flush
+                    # are written at once, not after another interval of doing nothing.
+                    due = self._oldest + self.interval_s - asyncio.get_running_loop().time()
+                    if due > 0:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wake.wait(), due)
                 self._wake.clear()
                 if await self._flush_once():
                     backoff = 0.0
@@ -224,3 +242,4 @@ class WriteBehind:
             self._pending = {**left, **self._pending}
             for id_ in batch:
                 self._inflight.pop(id_, None)
+            self._flushed.set()
