@@ -4,7 +4,10 @@ Figures (python3 no-op function unless said otherwise):
 
 - warm invoke p50 over HTTP at concurrency 1 vs a bare ASGI JSON echo p50 + a bare framed socketpair
   round trip (``floors.socketpair_round_trip``);
-- warm throughput at concurrency 32 vs the echo's, and the p99 (and errors) of those calls;
+- with wrk (``bench/wrk.py``, ``bench/load.py``; issue 24): p50 at 1 connection, req/s at 32 vs the
+  echo's, p99 and p99.9 (and errors) of those calls; the same beside serverless-offline, the peer
+  (``bench/peer.py``); 50 functions round-robin on nodes of 1 and 2 processes (req/s, p99, CPU,
+  hot-hit rate). ``--only load`` runs just these and the c=1 p50;
 - hot acquire from the pool, p50: the real ``Pool`` and bwrap driver, in process (``inprocess``);
 - cold start (no blank machine fits) vs a bare ``bwrap --unshare-all … python3 -I -S -c pass``;
 - cold start from a per-runtime template: ``driver.create`` of a forked machine, in process (ready for
@@ -39,7 +42,7 @@ from pathlib import Path
 
 import httpx
 
-from bench import compiled, firecracker, floors, inprocess, lambda_api, plot, report, snapshots, urls
+from bench import compiled, firecracker, floors, inprocess, lambda_api, load, plot, report, snapshots, urls
 from bench.common import (
     HERE,
     NOOP_CODE,
@@ -49,7 +52,6 @@ from bench.common import (
     free_port,
     ms,
     p50_ms,
-    p99_ms,
     parent,
     process_tree,
     start_echo,
@@ -58,7 +60,7 @@ from bench.common import (
     tree_memory_kib,
     wait_http,
 )
-from bench.loadgen import concurrent, sequential
+from bench.loadgen import sequential
 
 BODY = b'{"hello": "world"}'
 CONCURRENCY = 32
@@ -72,7 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--machines", type=int, default=500,
                     help="N idle warm machines on the node (the goal's 500; ~25 s and ~2.5 GiB of RAM here)")
     ap.add_argument("--requests", type=int, default=400, help="sequential calls per p50 figure")
-    ap.add_argument("--concurrent-requests", type=int, default=2000, help="calls in the c=32 run")
+    ap.add_argument("--wrk-seconds", type=float, default=5.0,
+                    help="length of each measured wrk run (c=1, c=32, the peer, N processes), after a 1 s warm-up")
+    ap.add_argument("--only", choices=["load"],
+                    help="load: only the c=1 figures and the wrk rows (echo, Nimbus, the peer, N processes), no files written")
     ap.add_argument("--cold", type=int, default=30, help="cold starts measured (and bare bwrap runs)")
     ap.add_argument("--acquires", type=int, default=20_000, help="acquire/release pairs in the pool microbenchmark")
     ap.add_argument("--microvms", type=int, default=10, help="firecracker boots and restores measured (KVM hosts)")
@@ -212,6 +217,22 @@ def http_cold_starts(home: Path, n: int, templates: str, *, layered: bool = Fals
     return times, not_cold
 
 
+LOAD_ROWS = ("wrk_p50_ms_c1", "warm_throughput_rps_c32", "warm_p99_ms_c32", "peer_throughput_rps_c32",
+             "peer_p50_ms_c1", "processes_one_fn_rps_c32_n1", "processes_one_fn_rps_c32_n2",
+             "processes_rps_c32_n1", "processes_rps_c32_n2")
+
+
+def finish_load(results: dict[str, dict]) -> None:
+    """``--only load``: the table and details of the rows measured, nothing written."""
+    table = {k: results[k] for k in ("warm_p50_ms", "lambda_invoke_p50_ms", "url_invoke_p50_ms", *LOAD_ROWS)
+             if k in results}
+    report.annotate(table)
+    print()
+    print(report.render(table))
+    print()
+    print(report.details(table))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     started = time.monotonic()
@@ -241,26 +262,17 @@ def main(argv=None) -> None:
         results["warm_p50_ms"] = {"value": warm, "floor": floor, "ratio": warm / floor,
                                   "floor_parts": {"asgi_echo_p50_ms": echo_seq, "socketpair_rtt_p50_ms": pair}}
 
-        print("warm, Lambda API (/2015-03-31) beside /api/v1 ...", flush=True)
-        results["lambda_invoke_p50_ms"] = lambda_api.measure(
-            invoke_url, f"{base}/2015-03-31/functions/{name}/invocations", BODY, args.requests)
+        if args.only is None:
+            print("warm, Lambda API (/2015-03-31) beside /api/v1 ...", flush=True)
+            results["lambda_invoke_p50_ms"] = lambda_api.measure(
+                invoke_url, f"{base}/2015-03-31/functions/{name}/invocations", BODY, args.requests)
 
-        print("warm, function URL (/fn/) beside /api/v1 ...", flush=True)
-        results["url_invoke_p50_ms"] = urls.measure(base, name, invoke_url, BODY, args.requests)
+            print("warm, function URL (/fn/) beside /api/v1 ...", flush=True)
+            results["url_invoke_p50_ms"] = urls.measure(base, name, invoke_url, BODY, args.requests)
 
-        print(f"warm, concurrency {CONCURRENCY} ...", flush=True)
-        # The echo answers ~50x faster: more calls, so its run lasts long enough to be a rate.
-        echo_rps, echo_lat, echo_err = concurrent(echo_url, BODY, args.concurrent_requests * 10, CONCURRENCY)
-        # First a burst that initialises a machine per connection, so what is measured is warm calls.
-        concurrent(invoke_url, BODY, CONCURRENCY * 8, CONCURRENCY)
-        starts: dict[str, int] = {}
-        rps, lat, errors = concurrent(invoke_url, BODY, args.concurrent_requests, CONCURRENCY, starts)
-        samples["warm_c32"] = lat
-        results["warm_throughput_rps_c32"] = {"value": rps, "floor": echo_rps, "ratio": rps / echo_rps}
-        results["warm_p99_ms_c32"] = {"value": p99_ms(lat), "errors": errors, "p50_ms": p50_ms(lat),
-                                      "requests": args.concurrent_requests, "echo_p99_ms": p99_ms(echo_lat),
-                                      "echo_p50_ms": p50_ms(echo_lat), "starts": starts,
-                                      "echo_errors": echo_err}
+        results.update(load.measure(echo_url, invoke_url, BODY, Path(home) / "load", args.wrk_seconds, node.pid))
+        if args.only == "load":
+            return finish_load(results)
 
         print(f"cold starts ({args.cold}, on fresh nodes with and without templates) ...", flush=True)
         colds, not_cold = http_cold_starts(Path(home) / "templates", args.cold, "auto")
@@ -302,9 +314,8 @@ def main(argv=None) -> None:
     pool_rows = inprocess.measure(args.acquires)
     results["hot_acquire_p50_us"] = pool_rows["hot_acquire_p50_us"]
     # Order the table as the issue does.
-    ordered = {k: results[k] for k in ("warm_p50_ms", "lambda_invoke_p50_ms", "url_invoke_p50_ms",
-                                       "warm_throughput_rps_c32",
-                                       "warm_p99_ms_c32")}
+    ordered = {k: results[k] for k in ("warm_p50_ms", "lambda_invoke_p50_ms", "url_invoke_p50_ms", *LOAD_ROWS)
+               if k in results}
     ordered["hot_acquire_p50_us"] = pool_rows["hot_acquire_p50_us"]
     ordered["cold_start_p50_ms"] = results["cold_start_p50_ms"]
     ordered["cold_start_p50_ms"]["in_process"] = pool_rows["cold_parts"]
@@ -330,7 +341,6 @@ def main(argv=None) -> None:
 
     plot.latency_histogram(HERE / "latency.png", {
         "warm (hot), c=1": [ms(s) for s in samples["warm"]],
-        f"warm (hot), c={CONCURRENCY}": [ms(s) for s in samples["warm_c32"]],
         "cold start": [ms(s) for s in samples["cold"]],
         "per-call (a fork each), c=1": [ms(s) for s in samples["per_call"]],
     }, "Nimbus python3 no-op invoke latency: warm vs cold vs per-call")

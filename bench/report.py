@@ -7,6 +7,8 @@ GOALS = {
     "url_invoke_p50_ms": ("<= 1.15x /api/v1", lambda r: r["ratio"] <= 1.15),
     "warm_throughput_rps_c32": (">= 0.40x floor", lambda r: r["ratio"] >= 0.40),
     "warm_p99_ms_c32": ("<= 25 ms, 0 errors", lambda r: r["value"] <= 25 and r["errors"] == 0),
+    "peer_throughput_rps_c32": (">= 2x peer", lambda r: r["ratio"] >= 2),
+    "peer_p50_ms_c1": ("<= 1.0x peer", lambda r: r["ratio"] <= 1.0),
     "hot_acquire_p50_us": ("<= 50 us", lambda r: r["value"] <= 50),
     "cold_start_p50_ms": ("<= 1.5x floor", lambda r: r["ratio"] <= 1.5),
     "template_cold_start_p50_ms": ("<= 0.3x floor", lambda r: r["ratio"] <= 0.3),
@@ -23,8 +25,15 @@ LABELS = {
     "warm_p50_ms": "warm invoke p50, HTTP, c=1 (ms)",
     "lambda_invoke_p50_ms": "warm Lambda API Invoke p50, c=1 (ms)",
     "url_invoke_p50_ms": "hot function URL p50, c=1 (ms)",
-    "warm_throughput_rps_c32": "warm throughput, c=32 (req/s)",
-    "warm_p99_ms_c32": "warm p99, c=32 (ms)",
+    "wrk_p50_ms_c1": "wrk p50, c=1 (ms)",
+    "warm_throughput_rps_c32": "wrk warm throughput, c=32 (req/s)",
+    "warm_p99_ms_c32": "wrk warm p99, c=32 (ms)",
+    "peer_throughput_rps_c32": "req/s c=32 vs serverless-offline",
+    "peer_p50_ms_c1": "p50 c=1 vs serverless-offline (ms)",
+    "processes_one_fn_rps_c32_n1": "1 fn, c=32, 1 proc, fresh node (req/s)",
+    "processes_one_fn_rps_c32_n2": "1 fn, c=32, 2 procs, fresh node (req/s)",
+    "processes_rps_c32_n1": "50 fns round-robin, 1 proc (req/s)",
+    "processes_rps_c32_n2": "50 fns round-robin, 2 procs (req/s)",
     "hot_acquire_p50_us": "hot acquire from pool p50 (us)",
     "cold_start_p50_ms": "cold start, no blank machine (ms)",
     "template_cold_start_p50_ms": "cold start from template (ms)",
@@ -92,10 +101,7 @@ def details(results: dict[str, dict]) -> str:
         parts = w["floor_parts"]
         out.append(f"warm p50 floor = ASGI echo p50 {parts['asgi_echo_p50_ms']:.3f} ms + framed socketpair round trip "
                    f"{parts['socketpair_rtt_p50_ms']:.3f} ms")
-    p = results.get("warm_p99_ms_c32")
-    if p:
-        out.append(f"warm c=32: p50 {p['p50_ms']:.2f} ms, p99 {p['value']:.2f} ms, {p['errors']} errors of "
-                   f"{p['requests']} calls, starts {p['starts']} (ASGI echo at c=32: p50 {p['echo_p50_ms']:.2f} ms, p99 {p['echo_p99_ms']:.2f} ms)")
+    out += _load_details(results)
     h = results.get("hot_acquire_p50_us")
     if h:
         out.append(f"hot acquire: p50 {h['value']:.2f} us, p99 {h['p99_us']:.2f} us, release p50 "
@@ -182,4 +188,47 @@ def _snapshot_details(results: dict[str, dict]) -> list[str]:
                    f"{m['private_mib']:.1f} MiB ({m['processes']} processes); {k['forks']} idle forks ({k['forks_are']}), "
                    f"{k['processes_per_fork']} processes each: PSS {k['pss_mib_each']} MiB, RSS {k['rss_mib_each']} MiB, "
                    f"private {k['private_mib_each']} MiB")
+    return out
+
+
+def _load_details(results: dict[str, dict]) -> list[str]:
+    """The wrk rows' context (bench/load.py): tails, errors, start kinds, the peer, processes."""
+    out = []
+    one = results.get("wrk_p50_ms_c1")
+    if one and one.get("value") is not None:
+        out.append(f"wrk c=1 ({one['tool']}): p50 {one['value']:.3f} ms, p99 {one['p99_ms']:.2f} ms, {one['requests']} "
+                   f"calls, {one['errors']} errors; floor = the ASGI echo's wrk p50")
+    p = results.get("warm_p99_ms_c32")
+    if p and p.get("value") is not None:
+        cpu = p.get("node_cpu_ms_per_call")
+        out.append(f"wrk warm c=32 ({p['tool']}): p50 {p['p50_ms']:.2f} ms, p99 {p['value']:.2f} ms, p99.9 "
+                   f"{p['p999_ms']:.2f} ms, max {p['max_ms']:.1f} ms; {p['errors']} errors {p['error_kinds']} "
+                   f"(status = replies >= 400) of {p['requests']} calls"
+                   + (f"; node CPU {cpu:.2f} ms per call (process tree, machines included)" if cpu is not None else "")
+                   + f"; starts in a separate counting run {p['starts']}; ASGI echo at c=32: p50 "
+                   f"{p['echo_p50_ms']:.2f} ms, p99 {p['echo_p99_ms']:.2f} ms, p99.9 {p['echo_p999_ms']:.2f} ms, "
+                   f"{p['echo_errors']} errors")
+    peer = results.get("peer_throughput_rps_c32")
+    if peer and peer.get("value") is not None:
+        f = peer["peer"]
+        versions = ", ".join(f"{k} {v}" for k, v in f["packages"].items())
+        out.append(f"peer: serverless-offline ({versions}; python handler, serverless offline, same wrk): "
+                   f"c=1 p50 {f['p50_ms_c1']:.3f} ms; c=32 (after warming until {f.get('handler_processes', '?')} handler "
+                   f"processes stood) {f['rps']:.0f} req/s, p50 {f['p50_ms']:.2f} ms, p99 "
+                   f"{f['p99_ms']:.1f} ms, p99.9 {f['p999_ms']:.1f} ms, {f['errors']} errors; Nimbus c=32 p99 "
+                   f"{peer['nimbus_p99_ms_c32']:.2f} ms")
+    elif peer:
+        out.append(f"peer: {peer.get('note')}")
+    for key in ("processes_one_fn_rps_c32_n1", "processes_one_fn_rps_c32_n2", "processes_rps_c32_n1",
+                "processes_rps_c32_n2"):
+        r = results.get(key)
+        if not r or r.get("value") is None:
+            continue
+        hot = "-" if r["hot_share"] is None else f"{r['hot_share'] * 100:.1f}%"
+        scaling = f"; {r['ratio']:.2f}x the 1-process node" if r.get("ratio") is not None else ""
+        what = "1 function (concurrency 32)" if r["functions"] == 1 else f"{r['functions']} functions round-robin"
+        out.append(f"{what}, c=32, NIMBUS_PROCESSES={r['processes']}: "
+                   f"{r['rps']:.0f} req/s{scaling}, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.1f} ms, p99.9 "
+                   f"{r['p999_ms']:.1f} ms, {r['errors']} errors; node CPU {r['node_cpu_cores']:.2f} cores, "
+                   f"{r['node_cpu_ms_per_call']:.2f} ms per call; hot-hit rate {hot} (starts {r['starts']})")
     return out
