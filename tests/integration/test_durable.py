@@ -10,11 +10,9 @@ import concurrent.futures
 import http.server
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +23,7 @@ import pytest
 from nimbus.callbacks import AllowList
 from nimbus.errors import InvalidRequest
 from nimbus.store import InvocationRecord, Store, tables
+from waiting import free_port, wait_until
 
 pytestmark = pytest.mark.sandbox
 
@@ -38,20 +37,6 @@ SLEEP_AND_ECHO = "import time\ndef handler(e, c):\n    time.sleep(e.get('s', 0))
 
 def unique(prefix: str = "d") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(check, seconds: float = 90.0, what: str = "condition"):
-    deadline = time.monotonic() + seconds
-    while not (result := check()):
-        assert time.monotonic() < deadline, f"{what} not reached within {seconds} s"
-        time.sleep(0.05)
-    return result
 
 
 def deploy(client: httpx.Client, code: str = SLEEP_AND_ECHO, **settings) -> dict:

@@ -4,33 +4,19 @@ import concurrent.futures
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from waiting import free_port, wait_until
+
 NIMBUS = Path(sys.executable).with_name("nimbus")
 UID_BASE, UID_COUNT = 0x70000000, 65536
 ECHO = "def handler(event, context):\n    return event\n"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(check, seconds: float = 90.0, what: str = "condition"):
-    deadline = time.monotonic() + seconds
-    while not (result := check()):
-        assert time.monotonic() < deadline, f"{what} not reached within {seconds} s"
-        time.sleep(0.05)
-    return result
 
 
 def alive(pid: int) -> bool:

@@ -1,0 +1,19 @@
+"""Helpers for tests that run real nodes in other processes: a free port, and waiting for a condition."""
+
+import socket
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check, seconds: float = 90.0, what: str = "condition"):
+    """``check()``'s first truthy result; the bound is for a broken test, not a timing threshold."""
+    deadline = time.monotonic() + seconds
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"{what} not reached within {seconds} s"
+        time.sleep(0.05)
+    return result
