@@ -80,8 +80,8 @@ def _create_engine(url: URL) -> AsyncEngine:
         engine = create_async_engine(url)
         # A batch of rows (the write-behind flush) goes out as multi-row INSERT statements, not as
         # executemany: sqlite3's executemany takes the GIL back after every row, and with the event loop
-        # busy each take waited up to the switch interval (5 ms), so a 256-row flush could hold the
-        # driver's thread for a second and more while the backlog grew (the c=32 p99.9).
+        # busy each take may wait the switch interval (5 ms). Under load at c=32 the flushes fell behind
+        # the calls until the backlog reached its bound (the p99.9; see writebehind.py).
         engine.dialect.use_insertmanyvalues_wo_returning = True
         _configure_sqlite(engine.sync_engine)
         return engine
