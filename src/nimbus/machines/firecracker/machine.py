@@ -352,8 +352,16 @@ class FirecrackerMachine:
         """SIGKILL the VMM's whole process group (it leads one): nothing it started may outlive it."""
         if self._proc is None:
             return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(self._proc.pid, signal.SIGKILL)  # the VMM leads the group (start_new_session)
+            return
+        except ProcessLookupError:
+            return  # the group is gone
+        except PermissionError:
+            pass
+        # Only when the group could not be signalled: Process.kill() polls the child first (Popen), which
+        # reaps it if it has just died, and asyncio's own wait then reports status 255 instead of the
+        # signal that killed it.
         if self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.kill()
