@@ -206,8 +206,10 @@ class FunctionsMixin(Database):
         """``get_function`` through a short-lived cache, for the invoke path: the look-up was the biggest
         share of a warm call's CPU. Writes through this store clear it at once; a change made by another
         node is seen within ``function_cache_s``. The record is shared: callers must not change it."""
-        fn: FunctionRecord = await self._functions.get((tenant, name_or_id),
-                                                       lambda: self.get_function(name_or_id, tenant))
+        key = (tenant, name_or_id)
+        known, fn = self._functions.peek(key)  # a hit builds no closure and no coroutine
+        if not known:
+            fn = await self._functions.get(key, lambda: self.get_function(name_or_id, tenant))
         return fn
 
     async def list_functions(

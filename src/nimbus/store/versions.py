@@ -265,8 +265,10 @@ class VersionsMixin(FunctionsMixin):
         """
         if qualifier is None or qualifier == LATEST:
             return await self.lookup_function(name_or_id, tenant), LATEST
-        route: _Route = await self._functions.get((tenant, name_or_id, qualifier),
-                                                  lambda: self._resolve(name_or_id, tenant, qualifier))
+        key = (tenant, name_or_id, qualifier)
+        known, route = self._functions.peek(key)
+        if not known:
+            route = await self._functions.get(key, lambda: self._resolve(name_or_id, tenant, qualifier))
         return route.pick()
 
     async def _resolve(self, name_or_id: str, tenant: str, qualifier: str) -> _Route:
