@@ -472,3 +472,11 @@ def test_web_app_cookies_redirects_and_its_own_404(api, webapp):
     resp = api.get(f"/fn/{webapp}/no/such/page")
     assert resp.status_code == 404
     assert resp.headers["x-amzn-requestid"]  # the app's 404, served through a call, not the node's
+
+
+def test_a_url_qualifier_that_is_no_alias_name_is_refused_before_the_store(api):
+    """Fuzzing found a NUL in ``?qualifier=`` reaching PostgreSQL (a 503); now every route refuses it."""
+    for method in ("GET", "DELETE"):
+        resp = api.request(method, "/api/v1/functions/no-such-fn/url", params={"qualifier": "a\x00b"})
+        assert resp.status_code in (400, 422), resp.text
+        assert "alias name" in resp.json()["detail"]

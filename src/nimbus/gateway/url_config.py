@@ -13,6 +13,7 @@ from nimbus.deployment import LATEST
 from nimbus.errors import InvalidRequest
 from nimbus.gateway import auth
 from nimbus.gateway.responses import JSON
+from nimbus.store.versions import check_alias_name
 
 router = APIRouter(prefix="/api/v1", tags=["function URLs"])
 
@@ -56,7 +57,7 @@ def _qualifier(value: str | None) -> str:
     if value.isdigit():
         raise InvalidRequest("a function URL serves $LATEST or an alias, not a version number: "
                              "point an alias at the version")
-    return value
+    return check_alias_name(value)  # anything else never reaches the store (a NUL was a 503 on PostgreSQL)
 
 
 def _view(record, request: Request) -> dict:
