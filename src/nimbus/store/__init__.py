@@ -34,10 +34,12 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from nimbus.store.builds import BuildsMixin
+from nimbus.store.changes import ChangesMixin
 from nimbus.store.functions import FUNCTION_CACHE_MAX, FUNCTION_CACHE_S
 from nimbus.store.invocations import InvocationsMixin
 from nimbus.store.keys import KeysMixin
 from nimbus.store.lookups import LookupCache
+from nimbus.store.nodes import NodesMixin
 from nimbus.store.queue import QueueMixin
 from nimbus.store.records import (
     AliasRecord,
@@ -45,6 +47,7 @@ from nimbus.store.records import (
     BuildRecord,
     FunctionRecord,
     InvocationRecord,
+    NodeRecord,
     VersionRecord,
 )
 from nimbus.store.schedules import SchedulesMixin
@@ -60,10 +63,12 @@ from nimbus.store.writebehind import (
 
 log = logging.getLogger("nimbus.store")
 
-__all__ = ["AliasRecord", "ApiKeyRecord", "BuildRecord", "FunctionRecord", "InvocationRecord", "Store", "VersionRecord"]
+__all__ = ["AliasRecord", "ApiKeyRecord", "BuildRecord", "FunctionRecord", "InvocationRecord", "NodeRecord", "Store",
+           "VersionRecord"]
 
 
-class Store(VersionsMixin, BuildsMixin, InvocationsMixin, QueueMixin, KeysMixin, UrlsMixin, SchedulesMixin):
+class Store(VersionsMixin, BuildsMixin, InvocationsMixin, QueueMixin, KeysMixin, UrlsMixin, SchedulesMixin,
+            NodesMixin, ChangesMixin):
     """Functions, their versions and code, the build cache, invocations and API keys, in SQLite or PostgreSQL.
 
     Open one with ``await Store.open(url)``, which also brings the schema up to date; ``await store.close()``
@@ -71,10 +76,12 @@ class Store(VersionsMixin, BuildsMixin, InvocationsMixin, QueueMixin, KeysMixin,
     """
 
     def __init__(self, engine: AsyncEngine, *, write_behind_ms: float = DEFAULT_WRITE_BEHIND_MS,
-                 write_behind_rows: int = INSERT_BATCH_MAX, function_cache_s: float = FUNCTION_CACHE_S) -> None:
+                 write_behind_rows: int = INSERT_BATCH_MAX, function_cache_s: float = FUNCTION_CACHE_S,
+                 notify: bool = True) -> None:
         """Wrap an engine made by ``Store.open``; use that instead, it migrates and configures SQLite."""
         super().__init__(engine)
         self._functions = LookupCache(function_cache_s, FUNCTION_CACHE_MAX)
+        self._init_changes(notify)
         self._usage = {}
         self._inserts = InsertBatcher(self._insert_rows)
         # None: write-through (NIMBUS_WRITE_BEHIND_MS=0), and after close.
@@ -84,15 +91,16 @@ class Store(VersionsMixin, BuildsMixin, InvocationsMixin, QueueMixin, KeysMixin,
     @classmethod
     async def open(cls, url: str | URL, *, function_cache_s: float = FUNCTION_CACHE_S,
                    write_behind_ms: float = DEFAULT_WRITE_BEHIND_MS,
-                   write_behind_rows: int = INSERT_BATCH_MAX) -> Self:
+                   write_behind_rows: int = INSERT_BATCH_MAX, notify: bool = True) -> Self:
         """Connect to ``url`` and apply any migrations it lacks (creating the SQLite file and its folder).
 
         ``write_behind_ms``: how long ``record_invocation`` may keep a finished sync invocation in memory
         before writing it (0: write it before returning); ``write_behind_rows``: at most this many rows
-        per flush, and a flush starts at once when they are pending.
+        per flush, and a flush starts at once when they are pending. ``notify``: on PostgreSQL, announce
+        changes and new async work to the other nodes (``store.changes``).
         """
         return await cls._open(url, function_cache_s=function_cache_s, write_behind_ms=write_behind_ms,
-                                  write_behind_rows=write_behind_rows)
+                                  write_behind_rows=write_behind_rows, notify=notify)
 
     async def close(self) -> None:
         """Finish pending writes (write-behind rows included) and close every pooled connection.
@@ -105,6 +113,7 @@ class Store(VersionsMixin, BuildsMixin, InvocationsMixin, QueueMixin, KeysMixin,
             if behind is not None:
                 await behind.close(WRITE_BEHIND_CLOSE_TIMEOUT_S)
             await self._inserts.drain()
+            await self._close_changes()
         finally:
             await super().close()
 

@@ -217,6 +217,11 @@ class Database:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._engine.url.render_as_string(hide_password=True)}>"
 
+    def _driver_dsn(self) -> str:
+        """The URL as the bare driver takes it (the change listener's own asyncpg connection)."""
+        return self._engine.url.set(drivername=self._engine.url.get_backend_name()).render_as_string(
+            hide_password=False)
+
     async def ping(self) -> bool:
         """Whether the database answers a trivial query."""
         try:

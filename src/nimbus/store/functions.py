@@ -14,7 +14,8 @@ from nimbus.deployment import ISOLATIONS, SHARED
 from nimbus.errors import Conflict, InvalidRequest, NotFound
 from nimbus.store import tables
 from nimbus.store.builds import hold_artifact, put_artifact, sha256_of
-from nimbus.store.database import Database, boundary, integrity_kind
+from nimbus.store.changes import ChangesMixin
+from nimbus.store.database import boundary, integrity_kind
 from nimbus.store.lookups import LookupCache
 from nimbus.store.records import (
     DEFAULT_MAX_RETRIES,
@@ -49,7 +50,7 @@ _a = tables.artifacts
 _i = tables.invocations
 
 
-class FunctionsMixin(Database):
+class FunctionsMixin(ChangesMixin):
     """Functions and versions; a function's code is an artifact (``nimbus.store.builds``)."""
 
     # lookup_function's cache, (tenant, key) → record; lookup_qualified's shares it, (tenant, key, qualifier).
@@ -190,7 +191,8 @@ class FunctionsMixin(Database):
                 await conn.execute(
                     _f.update().where(_f.c.id == record.id).values(version=record.version, updated_at=now)
                 )
-        self._functions.clear()  # this node sees its own change at once
+        # This node sees its own change at once; the others retire their $LATEST machines of it.
+        await self._announce("function", id=record.id, version_id=record.version_id)
         return record
 
     async def get_function(self, name_or_id: str, tenant: str = DEFAULT_TENANT) -> FunctionRecord:
@@ -260,7 +262,7 @@ class FunctionsMixin(Database):
                 await conn.execute(sa.select(_a.c.sha256).where(_a.c.sha256.in_(shas)).with_for_update())
                 # A build row keeps its artifact too: the cache outlives the function (`nimbus gc` prunes it).
                 await conn.execute(_a.delete().where(_a.c.sha256.in_(shas), ~STILL_USED))
-        self._functions.clear()  # this node sees its own change at once
+        await self._announce("function_deleted", id=function_id)  # every node retires its machines
         return record
 
     async def get_version(self, version_id: str) -> VersionRecord:

@@ -12,7 +12,8 @@ import sqlalchemy as sa
 
 from nimbus.errors import Conflict, NotFound
 from nimbus.store import tables
-from nimbus.store.database import Database, boundary
+from nimbus.store.changes import ChangesMixin
+from nimbus.store.database import boundary
 from nimbus.store.records import (
     DEFAULT_TENANT,
     FINISHED_STATUSES,
@@ -52,7 +53,7 @@ def _size(*values: bytes | str | None) -> int:
     return sum(len(value) for value in values if value)
 
 
-class InvocationsMixin(Database):
+class InvocationsMixin(ChangesMixin):
     """Invocation records, their retention and the tenants' stored bytes."""
 
     _inserts: InsertBatcher
@@ -76,6 +77,8 @@ class InvocationsMixin(Database):
         """
         await self._inserts.insert({name: getattr(inv, name) for name in INVOCATION_FIELDS})
         self._count_usage(inv.tenant, _size(inv.event, inv.output, inv.logs))
+        if inv.status == "queued":
+            self._announce_work()
 
     async def record_invocation(self, inv: InvocationRecord) -> None:
         """Record a finished sync invocation, written behind: kept in memory and committed with the

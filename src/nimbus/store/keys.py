@@ -5,12 +5,14 @@ server must hold the secret to recompute a signature (docs/security.md). It is r
 ``get_sigv4_key``; every other read leaves it out, so no record that travels elsewhere carries it.
 """
 
+
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from nimbus.errors import Conflict, NotFound
 from nimbus.store import tables
-from nimbus.store.database import Database, boundary, integrity_kind
+from nimbus.store.changes import ChangesMixin
+from nimbus.store.database import boundary, integrity_kind
 from nimbus.store.records import ApiKeyRecord, utcnow
 from nimbus.store.statements import as_api_key, new_id
 
@@ -18,8 +20,9 @@ _k = tables.api_keys
 _PUBLIC = [c for c in _k.c if c.name != "secret"]  # what records carry: never the secret
 
 
-class KeysMixin(Database):
+class KeysMixin(ChangesMixin):
     """Create, look up, list and revoke API keys."""
+
 
     async def create_api_key(self, *, tenant: str, name: str, key_hash: str, admin: bool = False,
                              prefix: str = "", secret: str | None = None) -> ApiKeyRecord:
@@ -76,6 +79,7 @@ class KeysMixin(Database):
                 row = (await conn.execute(sa.select(*_PUBLIC).where(_k.c.id == id))).first()
         if row is None:
             raise NotFound(f"API key {id!r} not found")
+        await self._announce("key", key_hash=row.key_hash)  # every node's guard forgets it at once
         return as_api_key(row)
 
     async def list_api_keys(self, *, tenant: str | None = None, admin: bool | None = None, live: bool = False,
@@ -105,4 +109,5 @@ class KeysMixin(Database):
                 row = (await conn.execute(sa.select(*_PUBLIC).where(_k.c.id == id))).first()
         if row is None:
             raise NotFound(f"API key {id!r} not found")
+        await self._announce("key", key_hash=row.key_hash)  # every node's guard forgets it at once
         return as_api_key(row)

@@ -13,7 +13,8 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 
 from nimbus.store import tables
-from nimbus.store.database import Database, boundary
+from nimbus.store.changes import ChangesMixin
+from nimbus.store.database import boundary
 from nimbus.store.records import InvocationRecord, utcnow
 from nimbus.store.statements import (
     ABANDON_OWNED_SYNC,
@@ -61,8 +62,9 @@ def _claim_statement(busy: Mapping[str, int], *, lock: bool) -> sa.Update:
     )
 
 
-class QueueMixin(Database):
+class QueueMixin(ChangesMixin):
     """Claiming, leasing and retrying async invocations and their result deliveries."""
+
 
     async def claim_async(self, owner: str, *, limit: int, lease_s: float,
                           busy: Mapping[str, int] | None = None) -> list[InvocationRecord]:
@@ -149,6 +151,8 @@ class QueueMixin(Database):
                 count = 0
                 for id_, token in leases.items():  # executemany's rowcount is not reliable on every driver
                     count += (await conn.execute(statement, {"key": id_, "token": token})).rowcount
+        if count:
+            self._announce_work()
         return count
 
     async def release_owned(self, owner: str) -> int:
@@ -166,6 +170,8 @@ class QueueMixin(Database):
                 result = await conn.execute(RELEASE_OWNED, params)
                 await conn.execute(ABANDON_OWNED_SYNC, {**params, "now": utcnow()})
                 await conn.execute(RELEASE_OWNED_CALLBACKS, params)
+        if result.rowcount:
+            self._announce_work()
         return result.rowcount
 
     async def renew_leases(self, leases: dict[str, str], lease_s: float) -> set[str]:

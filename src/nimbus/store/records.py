@@ -265,3 +265,24 @@ class FunctionUrlRecord:
     cors: dict
     created_at: datetime
     updated_at: datetime
+
+
+NODE_STATES = ("up", "draining", "dead", "stopped")
+
+
+@dataclass(slots=True, kw_only=True)
+class NodeRecord:
+    """A node in the registry, as it last reported itself (``stats``: its pool and in-flight calls)."""
+
+    id: str
+    address: str
+    driver: str
+    runtimes: list[str]
+    capacity: dict
+    version: str
+    state: str
+    """``up``, ``draining``, ``stopped`` (it said so as it exited), or ``dead`` (another node found its
+    heartbeats missing and took its async work over)."""
+    stats: dict = field(default_factory=dict)
+    started_at: datetime = field(default_factory=utcnow)
+    heartbeat_at: datetime = field(default_factory=utcnow)

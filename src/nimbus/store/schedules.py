@@ -16,7 +16,8 @@ from sqlalchemy import exc as sa_exc
 
 from nimbus.errors import Conflict, NotFound
 from nimbus.store import tables
-from nimbus.store.database import Database, boundary, integrity_kind
+from nimbus.store.changes import ChangesMixin
+from nimbus.store.database import boundary, integrity_kind
 from nimbus.store.records import InvocationRecord, utcnow
 from nimbus.store.statements import INSERT_INVOCATION, INVOCATION_FIELDS, new_id
 
@@ -56,8 +57,9 @@ def _record(row: sa.Row) -> ScheduleRecord:
     return ScheduleRecord(**row._mapping)
 
 
-class SchedulesMixin(Database):
+class SchedulesMixin(ChangesMixin):
     """Schedules per function, and claiming their due ticks."""
+
 
     async def _schedule_function_id(self, conn, function: str, tenant: str) -> str:
         key = await conn.scalar(sa.select(_f.c.id).where(sa.or_(_f.c.name == function, _f.c.id == function),
@@ -159,6 +161,8 @@ class SchedulesMixin(Database):
                                                          _t.c.fire_time < fire_time - TICK_KEEP))
         except _Lost:
             return False
+        if invocation is not None:
+            self._announce_work()
         return True
 
     async def count_ticks(self, schedule_id: str) -> int:

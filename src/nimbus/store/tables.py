@@ -18,6 +18,7 @@ Layout (docs/architecture.md#storage):
 - ``artifact_tenants``: which tenants asked for each build, so a cache hit is reported only to them.
 - ``invocations``: one row per call; async calls carry their event and a lease.
 - ``api_keys``: hashed keys per tenant.
+- ``nodes``: the node registry: every node's address, state and last heartbeat.
 """
 
 from datetime import UTC, datetime
@@ -39,6 +40,8 @@ RUNTIME = 64
 HANDLER = 256
 SHA256 = 64
 TOOLCHAIN = 256  # e.g. "go1.22.5 linux/amd64" or a builder image digest
+NODE_ID = 64  # a home's uuid hex, "-<worker index>" after it
+ADDRESS = 255  # a node's advertised base URL
 
 
 class UTCDateTime(sa.TypeDecorator):
@@ -298,4 +301,22 @@ schedule_ticks = sa.Table(
     sa.Column("fire_time", UTCDateTime, primary_key=True),
     sa.Column("invocation_id", sa.String(ID), nullable=True),  # NULL: nothing to run (its qualifier is gone)
     sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+# The node registry (migration 0011): one row per node (worker process) that ever served this database.
+# What every node reads to show the fleet and to find a dead node, whose async work it then takes over.
+nodes = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("id", sa.String(NODE_ID), primary_key=True),  # nimbus.app.node_id: the lease tokens' prefix
+    sa.Column("address", sa.String(ADDRESS), nullable=False),
+    sa.Column("driver", sa.String(16), nullable=False),
+    sa.Column("runtimes", JSONColumn(), nullable=False),
+    sa.Column("capacity", JSONColumn(), nullable=False),  # workers, max_machines
+    sa.Column("version", sa.String(32), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # up | draining | dead | stopped
+    sa.Column("stats", JSONColumn(), nullable=False),  # as of the last heartbeat: pool, in-flight calls
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("heartbeat_at", UTCDateTime, nullable=False),
+    sa.Index(None, "state", "heartbeat_at"),  # the dead-node sweep's question
 )

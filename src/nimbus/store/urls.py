@@ -5,12 +5,14 @@ then costs no more database round trips than an ``/api/v1`` invoke. Writes throu
 """
 
 
+
 import orjson
 import sqlalchemy as sa
 
 from nimbus.errors import NotFound
 from nimbus.store import tables
-from nimbus.store.database import Database, boundary
+from nimbus.store.changes import ChangesMixin
+from nimbus.store.database import boundary
 from nimbus.store.lookups import LookupCache
 from nimbus.store.records import FunctionUrlRecord, utcnow
 
@@ -19,7 +21,7 @@ _f = tables.functions
 URL_CACHE_MAX = 10_000
 
 
-class UrlsMixin(Database):
+class UrlsMixin(ChangesMixin):
     """Put, get, delete and look up function URL configs."""
 
     _url_cache: LookupCache
@@ -44,7 +46,7 @@ class UrlsMixin(Database):
                 if created:
                     await conn.execute(_u.insert(), {**values, "function_id": fn.id, "qualifier": qualifier,
                                                      "tenant": tenant, "created_at": now})
-        self._url_cache_clear()
+        await self._announce("routes")
         return await self.get_function_url(name, tenant, qualifier), created
 
     async def get_function_url(self, name: str, tenant: str, qualifier: str) -> FunctionUrlRecord:
@@ -66,7 +68,7 @@ class UrlsMixin(Database):
         with boundary(f"delete the URL of {name!r}"):
             async with self._write() as conn:
                 done = await conn.execute(_u.delete().where(_u.c.function_id == fn.id, _u.c.qualifier == qualifier))
-        self._url_cache_clear()
+        await self._announce("routes")
         if done.rowcount == 0:
             shown = f"{name}:{qualifier}" if qualifier else name
             raise NotFound(f"function {shown!r} has no URL")
@@ -93,5 +95,6 @@ class UrlsMixin(Database):
             self._url_cache = LookupCache(self._functions.ttl_s, URL_CACHE_MAX)
             return self._url_cache
 
-    def _url_cache_clear(self) -> None:
+    def clear_caches(self) -> None:
+        super().clear_caches()
         self._url_cache_get().clear()

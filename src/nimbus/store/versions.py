@@ -128,7 +128,7 @@ class VersionsMixin(FunctionsMixin):
                     await conn.execute(_v.update().where(_v.c.id == current.version_id).values(**values))
                     await conn.execute(_f.update().where(_f.c.id == function_id).values(last_published=number))
                 row = (await conn.execute(GET_VERSION, {"key": current.version_id})).one()
-        self._functions.clear()
+        await self._announce("routes")
         return as_version(row)
 
     async def list_published(self, name_or_id: str, tenant: str) -> list[VersionRecord]:
@@ -167,7 +167,8 @@ class VersionsMixin(FunctionsMixin):
                                    "point them elsewhere first")
                 await conn.execute(_v.update().where(_v.c.id == row.id).values(published=None,
                                                                                published_description=None))
-        self._functions.clear()
+        # Every node retires the machines of the version it no longer serves.
+        await self._announce("version_deleted", version_id=row.id, number=row.published)
         return as_version(row)
 
     # ---------------------------------------------------------------- aliases
@@ -197,7 +198,7 @@ class VersionsMixin(FunctionsMixin):
                         raise Conflict(f"alias {alias!r} of {name_or_id!r} already exists") from None
                     raise
                 row = (await conn.execute(GET_ALIAS, {"key": function_id, "alias": alias})).one()
-        self._functions.clear()
+        await self._announce("routes")
         return as_alias(row)
 
     async def get_alias(self, name_or_id: str, tenant: str, alias: str) -> AliasRecord:
@@ -240,7 +241,7 @@ class VersionsMixin(FunctionsMixin):
                     values["description"] = description
                 await conn.execute(_al.update().where(_al.c.id == current.id).values(**values))
                 row = (await conn.execute(GET_ALIAS, {"key": function_id, "alias": alias})).one()
-        self._functions.clear()
+        await self._announce("routes")
         return as_alias(row)
 
     async def delete_alias(self, name_or_id: str, tenant: str, alias: str) -> None:
@@ -251,7 +252,7 @@ class VersionsMixin(FunctionsMixin):
                 done = await conn.execute(_al.delete().where(_al.c.function_id == function_id, _al.c.name == alias))
                 if not done.rowcount:
                     raise _no_alias(name_or_id, alias)
-        self._functions.clear()
+        await self._announce("routes")
 
     # ---------------------------------------------------------------- the invoke path
 
