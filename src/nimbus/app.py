@@ -5,6 +5,7 @@ Only the CLI and the tests import this module. Start-up order is store → drive
 in reverse: stop taking work, drain, destroy machines, close the store.
 """
 
+import asyncio
 import gc
 import logging
 import os
@@ -15,10 +16,12 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from nimbus import compiler, machines
+from nimbus import __version__, compiler, machines
 from nimbus import home as nimbus_home
 from nimbus.agent.contract import SDK_DIRS
 from nimbus.callbacks import AllowList
+from nimbus.cluster.changes import ChangeHandler
+from nimbus.cluster.registry import Registry
 from nimbus.compiler import sdk
 from nimbus.compiler.layers import LayerDirs
 from nimbus.config import Settings
@@ -27,7 +30,8 @@ from nimbus.machines.base import Driver
 from nimbus.metrics import Metrics
 from nimbus.pool import CodeCache, Pool
 from nimbus.scheduler import Scheduler
-from nimbus.store import Store
+from nimbus.store import NodeRecord, Store
+from nimbus.store.changes import Listener
 from nimbus.store.retention import Retention
 from nimbus.triggers.ticks import TickLoop
 
@@ -49,13 +53,18 @@ class Node:
     layers: LayerDirs
     retention: Retention | None = None
     ticks: TickLoop | None = None
+    registry: Registry | None = None
+    changes: ChangeHandler | None = None
+    listener: Listener | None = None
+    draining: bool = False
+    """SIGTERM came: /health answers 503 so the balancer sends no more; calls in flight still finish."""
 
     @classmethod
     async def start(cls, settings: Settings) -> "Node":
         home = nimbus_home.prepare(settings.home)
         store = await Store.open(settings.db_url, write_behind_ms=settings.write_behind_ms,
-                                 function_cache_s=settings.function_cache_s)
-        driver = builds = None
+                                 function_cache_s=settings.function_cache_s, notify=settings.notify == "on")
+        driver = builds = listener = registry = None
         try:
             builds = compiler.create_compiler(
                 home,
@@ -70,7 +79,8 @@ class Node:
             sdk_dirs = await bundled_sdk(settings)
             options = _driver_options(settings, sdk_dirs)
             driver = machines.load_driver(settings.driver, home, **options)
-            metrics = Metrics()
+            this_node = node_id(home, settings.process_index)
+            metrics = Metrics(this_node)
             layer_dirs = LayerDirs(home, store.get_code)
             pool = Pool(
                 driver,
@@ -96,7 +106,7 @@ class Node:
             )
             scheduler = Scheduler(
                 store, pool, metrics,
-                node_id=node_id(home, settings.process_index),
+                node_id=this_node,
                 queue_size=settings.queue_size,
                 workers=settings.workers,
                 async_poll_s=settings.async_poll_s,
@@ -108,6 +118,10 @@ class Node:
                 # With auth off there is one tenant: a share would only shrink its queue.
                 tenant_queue_share=settings.tenant_queue_share if settings.auth == "on" else 1.0,
             )
+            changes = ChangeHandler(pool, scheduler.async_worker.wake)
+            listener = store.listener(changes)
+            if listener is not None:  # before the first claim: work queued from here on wakes this node
+                await listener.start()
             retention = Retention(store, max_age_s=settings.retention_max_age_s,
                                   max_count=settings.retention_max_count, interval_s=settings.retention_interval_s)
             metrics.watch(pool.stats, lambda: scheduler.queue_depth)
@@ -119,16 +133,38 @@ class Node:
                 ticks = TickLoop(store, region=settings.region, account_id=settings.account_id,
                                  poll_s=settings.schedule_poll_s, on_fire=scheduler.async_worker.wake)
                 await ticks.start()
+            registry = Registry(store, _node_record(settings, this_node),
+                                stats=lambda: _node_stats(pool, scheduler), heartbeat_s=settings.heartbeat_s,
+                                dead_s=settings.node_dead_s, on_takeover=scheduler.async_worker.wake)
+            await registry.start()
         except BaseException:
+            if listener is not None:
+                await listener.close()
             if driver is not None:
                 await driver.close()
             if builds is not None:
                 await builds.close()
             await store.close()
             raise
-        return cls(settings, store, driver, pool, scheduler, metrics, builds, layer_dirs, retention, ticks)
+        return cls(settings, store, driver, pool, scheduler, metrics, builds, layer_dirs, retention, ticks,
+                   registry, changes, listener)
+
+    def begin_drain(self) -> None:
+        """SIGTERM: answer /health with 503, claim no more async work, say ``draining`` in the registry.
+        Calls still arrive and run until the server stops listening. Safe from a signal handler."""
+        if self.draining:
+            return
+        self.draining = True
+        self.scheduler.drain()
+        if self.registry is not None:
+            registry = self.registry
+            loop = asyncio.get_event_loop()
+            loop.call_soon_threadsafe(lambda: loop.create_task(registry.drain(), name="drain"))
 
     async def stop(self) -> None:
+        if self.registry is not None and not self.draining:
+            self.draining = True
+            await self.registry.drain()
         if self.ticks is not None:
             await self.ticks.close()
         if self.retention is not None:
@@ -137,10 +173,27 @@ class Node:
         # No call finishes after this (HTTP drained, scheduler closed): write the sync results kept in
         # memory now, not after the slow machine teardown, so a crash during it loses none of them.
         await self.store.flush(timeout=STORE_FLUSH_TIMEOUT_S)  # store.close retries what is still left
+        if self.listener is not None:
+            await self.listener.close()
+        if self.registry is not None:
+            await self.registry.close()  # async work handed back, results written: nothing to take over
         await self.compiler.close()  # kills builds still running: their requests are gone with the server
         await self.pool.close()
         await self.driver.close()
         await self.store.close()
+
+
+def _node_record(settings: Settings, node: str) -> NodeRecord:
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return NodeRecord(id=node, address=settings.advertise_url or f"http://{host}:{settings.port}",
+                      driver=settings.driver, runtimes=list(settings.runtimes), version=__version__, state="up",
+                      capacity={"workers": settings.workers, "max_machines": settings.max_machines})
+
+
+def _node_stats(pool: Pool, scheduler: Scheduler) -> dict:
+    """What a heartbeat tells the registry about this node's load."""
+    return {"machines": pool.total, "in_flight": scheduler.in_flight, "queue_depth": scheduler.queue_depth,
+            "pool": pool.stats()}
 
 
 def node_id(home: Path, process: int = 0) -> str:
@@ -177,10 +230,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         node = await Node.start(settings)
         app.state.node = node
         try:
+            if node.changes is not None:  # a key revoked on another node stops working here at once
+                node.changes.forget_key = app.state.guard.forget
+                node.changes.forget_keys = app.state.guard.forget_all
             if settings.auth == "on":
                 await auth.ensure_first_admin_key(node.store)
-            log.info("nimbus node ready on http://%s:%s (driver %s, store %s, auth %s)", settings.host,
-                     settings.port, settings.driver, node.store.dialect, settings.auth)
+            log.info("nimbus node %s ready on http://%s:%s (driver %s, store %s, auth %s)",
+                     node.registry.node_id if node.registry else "?", settings.host, settings.port,
+                     settings.driver, node.store.dialect, settings.auth)
             note = getattr(node.driver, "templates_note", None)
             if note:
                 log.info("template machines: %s", note)
@@ -210,9 +267,18 @@ def serve(settings: Settings, sockets: list | None = None) -> bool:
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
-            # Stop claiming async work the moment the signal lands, not after HTTP connections drain.
             node = getattr(app.state, "node", None)
+            if node is not None and not node.draining and settings.drain_s > 0:
+                # Drain first: /health says 503 while calls are still served, so the balancer moves the
+                # traffic away before this node stops listening. A second signal stops it at once.
+                node.begin_drain()
+                loop = asyncio.get_event_loop()
+                loop.call_soon_threadsafe(loop.call_later, settings.drain_s, super().handle_exit, sig, frame)
+                log.info("draining for %g s (NIMBUS_DRAIN_S) before stopping", settings.drain_s)
+                return
             if node is not None:
+                # Stop claiming async work the moment the signal lands, not after HTTP connections drain.
+                node.begin_drain()
                 node.scheduler.stop_claiming()
             super().handle_exit(sig, frame)
 
@@ -231,7 +297,7 @@ def server_config(app, settings: Settings, **overrides):
     from nimbus.gateway.deadlines import protocol_class
 
     options = dict(host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-                   timeout_graceful_shutdown=30,
+                   timeout_graceful_shutdown=30, timeout_keep_alive=settings.keepalive_s,
                    http=protocol_class(settings.header_timeout_s, settings.body_timeout_s))
     return uvicorn.Config(app, **{**options, **overrides})
 

@@ -74,6 +74,9 @@ class Settings(BaseSettings):
                                   "to machines on a root node, one per machine; outside /etc/subuid ranges and users")
     machine_uid_count: int = Field(65536, ge=1, le=1 << 24, description="how many uids from machine_uid_base machines "
                                    "may use: at most this many machines at once")
+    keepalive_s: float = Field(30.0, gt=0, le=3600, description="how long an idle kept-alive client connection is "
+                               "kept open; above a load balancer's own idle time, so the node never closes a "
+                               "connection the balancer is about to reuse")
     header_timeout_s: float = Field(10.0, gt=0, le=3600, description="how long a client may take to send a "
                                     "request's headers (and to start the next one on a kept-alive connection)")
     body_timeout_s: float = Field(30.0, gt=0, le=3600, description="how long a client may take to send a "
@@ -149,6 +152,18 @@ class Settings(BaseSettings):
                                 "one 'nimbus images kernel' made")
     snapshots: Literal["on", "off"] = Field("off", description="on: restore cold starts from a per-runtime "
                                             "snapshot instead of booting (driver firecracker)")
+    advertise_url: str = Field("", pattern=r"^(https?://[^/\s]+)?$", description="the address other nodes and "
+                               "operators reach this node at, shown by nimbus nodes (default: http://host:port)")
+    heartbeat_s: float = Field(2.0, gt=0, le=60, description="how often the node renews its row in the node "
+                               "registry and looks for dead nodes")
+    node_dead_s: float = Field(10.0, gt=0, le=3600, description="a node whose last heartbeat is older than this "
+                               "is dead: its async work is taken over at once by the live nodes")
+    drain_s: float = Field(0.0, ge=0, le=600, description="on SIGTERM, how long /health answers 503 (draining) "
+                           "while calls are still served, so the load balancer stops sending work before the "
+                           "node stops listening")
+    notify: Literal["on", "off"] = Field("on", description="PostgreSQL only: LISTEN/NOTIFY tells every node of "
+                                         "changes (caches, machines, revoked keys) and of new async work at once; "
+                                         "off: they are seen within function_cache_s and async_poll_s")
     log_level: str = "info"
     account_id: str = Field("000000000000", pattern=r"^[0-9]{12}$", description="the twelve-digit account "
                             "functions see in their ARN (context.invoked_function_arn)")

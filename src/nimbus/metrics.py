@@ -15,27 +15,32 @@ DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """Every series carries ``node``, the node id of the registry (``nimbus nodes``): one Prometheus can
+    scrape a whole fleet, or its load balancer, and still tell nodes apart."""
+
+    def __init__(self, node: str = "") -> None:
+        self.node = node
         self.registry = CollectorRegistry(auto_describe=True)
         self._counted: dict[tuple[str, str, str], tuple] = {}
         self.invocations = Counter(
             "nimbus_invocations",
             "Invocations finished, by function, status and start kind.",
-            ["function", "status", "start"],
+            ["node", "function", "status", "start"],
             registry=self.registry,
         )
         self.duration = Histogram(
             "nimbus_invocation_duration_seconds",
             "Time from a worker taking the call to its result, by start kind.",
-            ["start"],
+            ["node", "start"],
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
         self.rejected = Counter(
             "nimbus_invocations_rejected",
             "Invocations refused because the queue was full.",
+            ["node"],
             registry=self.registry,
-        )
+        ).labels(node)
 
     def observe(self, function: str, status: str, start: str | None, seconds: float) -> None:
         kind = start or "none"
@@ -46,20 +51,22 @@ class Metrics:
         if child is None:
             if len(self._counted) >= CHILDREN_KEPT_MAX:
                 self._counted.clear()
-            child = self._counted[key] = (self.invocations.labels(function, status, kind), self.duration.labels(kind))
+            child = self._counted[key] = (self.invocations.labels(self.node, function, status, kind),
+                                           self.duration.labels(self.node, kind))
         child[0].inc()
         child[1].observe(seconds)
 
     def watch(self, pool_stats: Callable[[], dict], queue_depth: Callable[[], int]) -> None:
         """Export pool sizes and queue depth, read when Prometheus scrapes."""
-        self.registry.register(_NodeCollector(pool_stats, queue_depth))
+        self.registry.register(_NodeCollector(self.node, pool_stats, queue_depth))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _NodeCollector:
-    def __init__(self, pool_stats: Callable[[], dict], queue_depth: Callable[[], int]) -> None:
+    def __init__(self, node: str, pool_stats: Callable[[], dict], queue_depth: Callable[[], int]) -> None:
+        self._node = node
         self._pool_stats = pool_stats
         self._queue_depth = queue_depth
 
@@ -67,18 +74,21 @@ class _NodeCollector:
         return []
 
     def collect(self):
+        node = self._node
         machines = GaugeMetricFamily("nimbus_pool_machines", "Machines by runtime and state.",
-                                     labels=["runtime", "state"])
+                                     labels=["node", "runtime", "state"])
         targets = GaugeMetricFamily("nimbus_pool_target_blank",
                                     "Blank machines the pool aims to keep per runtime (autoscaled within "
-                                    "[min_warm, max_warm]).", labels=["runtime"])
+                                    "[min_warm, max_warm]).", labels=["node", "runtime"])
         for runtime, states in sorted(self._pool_stats().items()):
             for state, count in sorted(states.items()):
                 if state == "target":  # a goal, not machines in a state
-                    targets.add_metric([runtime], count)
+                    targets.add_metric([node, runtime], count)
                 else:
-                    machines.add_metric([runtime, state], count)
+                    machines.add_metric([node, runtime, state], count)
         yield machines
         yield targets
-        yield GaugeMetricFamily("nimbus_queue_depth", "Invocations admitted and waiting for a machine.",
-                                value=self._queue_depth())
+        depth = GaugeMetricFamily("nimbus_queue_depth", "Invocations admitted and waiting for a machine.",
+                                  labels=["node"])
+        depth.add_metric([node], self._queue_depth())
+        yield depth

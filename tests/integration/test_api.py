@@ -344,8 +344,14 @@ def test_health_metrics_openapi(api):
     health = api.get("/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
     metrics = api.get("/metrics").text
-    assert f'nimbus_invocations_total{{function="{fn["name"]}"' in metrics
-    assert "nimbus_pool_machines" in metrics and "nimbus_queue_depth" in metrics
+    # Every series names the node, as the registry does: one Prometheus tells a fleet's nodes apart.
+    me = [n for n in api.get("/api/v1/nodes").json()["nodes"] if n["self"]]
+    assert len(me) == 1 and me[0]["state"] == "up"
+    node = f'node="{me[0]["id"]}"'
+    series = [line for line in metrics.splitlines() if line.startswith(("nimbus_invocations_total{",
+                                                                        "nimbus_queue_depth{", "nimbus_pool_machines{"))]
+    assert any(f'function="{fn["name"]}"' in line and node in line for line in series), metrics
+    assert series and all(node in line for line in series), metrics
     assert "nimbus_invocation_duration_seconds_bucket" in metrics
     spec = api.get("/openapi.json").json()
     assert "/api/v1/functions/{name}/invoke" in spec["paths"]

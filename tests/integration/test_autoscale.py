@@ -34,8 +34,8 @@ def wait_until(check, seconds: float = 30) -> None:
 def python3_gauges(client) -> dict[str, float]:
     """The python3 blank count and blank target, as Prometheus scrapes them."""
     text = client.get("/metrics").text
-    blank = re.search(r'^nimbus_pool_machines\{runtime="python3",state="blank"\} (\S+)$', text, re.M)
-    target = re.search(r'^nimbus_pool_target_blank\{runtime="python3"\} (\S+)$', text, re.M)
+    blank = re.search(r'^nimbus_pool_machines\{node="[^"]+",runtime="python3",state="blank"\} (\S+)$', text, re.M)
+    target = re.search(r'^nimbus_pool_target_blank\{node="[^"]+",runtime="python3"\} (\S+)$', text, re.M)
     assert blank and target, text
     return {"blank": float(blank.group(1)), "target": float(target.group(1))}
 

@@ -54,7 +54,8 @@ BUCKETS_MAX = 100_000  # rate-limit buckets; full ones are forgotten past it (a 
 
 OPEN_PATHS = frozenset({"/health"})  # no key, no rate limit: load balancers and orchestrators probe it
 PUBLIC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})  # no key; rate-limited
-ADMIN_PATHS = frozenset({"/metrics"})  # every tenant's function names: admin keys only
+# Admin keys only: /metrics names every tenant's functions; /api/v1/nodes the node's addresses and load.
+ADMIN_PATHS = frozenset({"/metrics", "/api/v1/nodes"})
 LAMBDA_ROOT = "/2015-03-31/"  # the Lambda API: SigV4, and AWS's error shapes
 URL_ROOT = "/fn/"  # function URLs: a key only if the URL's config asks for one (gateway/urls.py)
 SECRET_BYTES = 30  # a SigV4 secret: 40 URL-safe characters, as long as AWS's
@@ -168,6 +169,11 @@ class Guard:
         """Drop a cached look-up: a key revoked on this node stops working with the next request."""
         self._keys.forget(lambda hashed, _: hashed == key_hash)
         self._sigv4.forget(lambda _, entry: entry[1] == key_hash)
+
+    def forget_all(self) -> None:
+        """Drop every cached look-up (revocations on other nodes may have been missed)."""
+        self._keys.clear()
+        self._sigv4.clear()
 
     def cached_sigv4(self, access_key: str) -> tuple[bool, tuple[Principal, str] | None]:
         known, entry = self._sigv4.peek(access_key)

@@ -121,6 +121,7 @@ class Scheduler:
         self._tenant_calls: dict[str, int] = {}
         self.tenant_calls_max = max(1, int((queue_size + workers) * tenant_queue_share))
         self.closing = False
+        self.claiming = True  # async work is claimed (False once the node drains or closes)
         self.async_worker = AsyncWorker(self, store, node_id=node_id, poll_s=async_poll_s, lease_s=async_lease_s,
                                   retry_base_s=async_retry_base_s, callback_allow=self.callback_allow)
 
@@ -131,7 +132,12 @@ class Scheduler:
 
     def stop_claiming(self) -> None:
         """Take no more async work (the first step of a graceful shutdown; safe from a signal handler)."""
+        self.claiming = False
         self.closing = True
+
+    def drain(self) -> None:
+        """Claim no more async work but go on serving calls (a draining node, still behind the balancer)."""
+        self.claiming = False
 
     async def close(self, timeout: float | None = None) -> None:
         """Stop taking work and hand back what has not started; let running calls finish (up to
@@ -141,6 +147,11 @@ class Scheduler:
         timeout = self.drain_timeout_s if timeout is None else timeout
         self.closing = True
         await self.async_worker.close(timeout)
+
+    @property
+    def in_flight(self) -> int:
+        """Calls admitted on this node, waiting or running (async ones it claimed included)."""
+        return self._admitted
 
     @property
     def queue_depth(self) -> int:

@@ -80,7 +80,7 @@ class AsyncWorker:
 
     @property
     def _closing(self) -> bool:
-        return self.scheduler.closing
+        return self.scheduler.closing or not self.scheduler.claiming
 
     async def start(self) -> None:
         released = await self.store.release_owned(self.node_id)
