@@ -28,12 +28,17 @@ toolchains:
 	fi
 
 # Debian's chromium, for the test that opens a function's page in a browser (Playwright drives it; its own
-# browser download cannot work here). Without root the test says it is skipped.
+# browser download cannot work here), and Debian's haproxy, for the cluster's routing tests (the load balancer
+# `nimbus cluster haproxy-config` configures). Without root the tests that need them say they are skipped.
+TEST_TOOLS := chromium:chromium haproxy:haproxy
+
 test-tools:
-	@command -v chromium >/dev/null || { \
+	@missing=""; for pair in $(TEST_TOOLS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			echo "installing chromium (browser test)"; apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
-		else echo "note: chromium not installed: the browser test will be skipped"; fi; }
+			echo "installing$$missing (test tools)"; apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+		else echo "note: not installed:$$missing (the tests that need them will be skipped)"; fi; \
+	fi
 
 # The AWS SDK python3 and nodejs machines get, built once per host (NIMBUS_SDK_CACHE) from PyPI and npm.
 sdk: $(STAMP) toolchains
@@ -50,12 +55,17 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy
 
-# wrk (Debian's package) measures the load rows of issue 24; without it (and without root) they say so.
+# wrk (Debian's package) measures the load rows of issue 24; haproxy (also Debian's) balances the rows that
+# run a cluster. Without them (and without root) those rows say so.
+BENCH_TOOLS := wrk:wrk haproxy:haproxy
+
 bench: $(STAMP)
-	@command -v wrk >/dev/null || { \
+	@missing=""; for pair in $(BENCH_TOOLS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			echo "installing wrk (load rows)"; apt-get update -qq && apt-get install -y -qq wrk >/dev/null; \
-		else echo "note: wrk not installed: the load rows will say so"; fi; }
+			echo "installing$$missing (bench tools)"; apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+		else echo "note: not installed:$$missing (the rows that need them will say so)"; fi; \
+	fi
 	$(PY) -m bench
 
 clean:

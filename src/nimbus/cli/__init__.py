@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from nimbus import __version__
-from nimbus.cli import doctor, functions, images, keys, schedules, sdk, up, urls, versions
+from nimbus.cli import cluster, doctor, functions, images, keys, schedules, sdk, up, urls, versions
 from nimbus.cli.client import CliError
 
 app = typer.Typer(
@@ -65,6 +65,8 @@ app.command("invocations")(functions.invocations)
 app.command("logs")(functions.logs)
 app.add_typer(keys.keys_app, name="keys")
 app.add_typer(images.images_app, name="images")
+app.add_typer(cluster.cluster_app, name="cluster")
+app.command("nodes")(cluster.nodes)
 app.command("sdk")(sdk.sdk)
 app.command("doctor")(doctor.doctor)
 
