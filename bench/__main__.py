@@ -42,7 +42,7 @@ from pathlib import Path
 
 import httpx
 
-from bench import compiled, firecracker, floors, inprocess, lambda_api, load, plot, report, snapshots, urls
+from bench import cluster, compiled, firecracker, floors, inprocess, lambda_api, load, plot, report, snapshots, urls
 from bench.common import (
     HERE,
     NOOP_CODE,
@@ -76,8 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=400, help="sequential calls per p50 figure")
     ap.add_argument("--wrk-seconds", type=float, default=5.0,
                     help="length of each measured wrk run (c=1, c=32, the peer, N processes), after a 1 s warm-up")
-    ap.add_argument("--only", choices=["load"],
-                    help="load: only the c=1 figures and the wrk rows (echo, Nimbus, the peer, N processes), no files written")
+    ap.add_argument("--only", choices=["load", "cluster"],
+                    help="load: only the c=1 figures and the wrk rows (echo, Nimbus, the peer, N processes); "
+                         "cluster: only the cluster rows (nodes on PostgreSQL behind HAProxy); no files written")
     ap.add_argument("--cold", type=int, default=30, help="cold starts measured (and bare bwrap runs)")
     ap.add_argument("--acquires", type=int, default=20_000, help="acquire/release pairs in the pool microbenchmark")
     ap.add_argument("--microvms", type=int, default=10, help="firecracker boots and restores measured (KVM hosts)")
@@ -233,8 +234,20 @@ def finish_load(results: dict[str, dict]) -> None:
     print(report.details(table))
 
 
+def only_cluster(args) -> None:
+    """``--only cluster``: the cluster rows and their details, nothing written."""
+    table = cluster.measure(BODY, args.wrk_seconds, args.requests)
+    report.annotate(table)
+    print()
+    print(report.render(table))
+    print()
+    print("\n".join(cluster.details(table)))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.only == "cluster":
+        return only_cluster(args)
     started = time.monotonic()
     results: dict[str, dict] = {}
     samples: dict[str, list[float]] = {}
@@ -335,6 +348,7 @@ def main(argv=None) -> None:
     ordered.update(extra)
     print("firecracker microVMs (where this host can run them) ...", flush=True)
     ordered.update(firecracker.measure(args.microvms))
+    ordered.update(cluster.measure(BODY, args.wrk_seconds, args.requests, Path(home) / "cluster"))
     report.annotate(ordered)
     ordered["_run"] = {"seconds": time.monotonic() - started, "args": vars(args),
                        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -351,6 +365,7 @@ def main(argv=None) -> None:
     print(report.render(table))
     print()
     print(report.details(table))
+    print("\n".join(cluster.details(table)))
     print(f"\nN = {args.machines} idle machines (goal: 500; --machines N). Took {ordered['_run']['seconds']:.0f} s. "
           f"Wrote {HERE / 'results.json'} and {HERE / 'latency.png'}.")
 

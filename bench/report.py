@@ -52,6 +52,11 @@ LABELS = {
     "node_p50_with_idle_machines_ms": "node p50 with N idle (ms)",
     "firecracker_boot_p50_ms": "firecracker boot to agent ready (ms)",
     "firecracker_restore_p50_ms": "firecracker restore to agent ready (ms)",
+    "cluster_hop_p50_ms_c1": "warm p50 c=1, HAProxy vs direct (ms)",
+    "cluster_rps_c32": "2 nodes via HAProxy vs 1, c=32 (req/s)",
+    "cluster_hot_share": "hot-hit share, hash vs roundrobin",
+    "cluster_async_pickup_p50_ms": "async pick-up p50, NOTIFY vs poll (ms)",
+    "cluster_async_pickup_p90_ms": "async pick-up p90, NOTIFY vs poll (ms)",
 }
 
 

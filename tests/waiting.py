@@ -1,6 +1,9 @@
-"""Helpers for tests that run real nodes in other processes: a free port, and waiting for a condition."""
+"""Helpers for tests that run real nodes in other processes: a free port, waiting for a condition, and stopping a
+process as a service manager would."""
 
+import signal
 import socket
+import subprocess
 import time
 
 
@@ -17,3 +20,15 @@ def wait_until(check, seconds: float = 90.0, what: str = "condition"):
         assert time.monotonic() < deadline, f"{what} not reached within {seconds} s"
         time.sleep(0.05)
     return result
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """SIGTERM (a node drains and exits), then SIGKILL if it is still there after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from waiting import free_port, wait_until
+from waiting import free_port, stop, wait_until
 
 NIMBUS = Path(sys.executable).with_name("nimbus")
 UID_BASE, UID_COUNT = 0x70000000, 65536
@@ -84,13 +84,7 @@ class Supervised:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc)
         self.log.close()
 
     def output(self) -> str:
