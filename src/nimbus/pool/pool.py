@@ -308,8 +308,10 @@ class Pool:
         return len(leases)
 
     def idle_count(self, version_id: str, executed_version: str = LATEST) -> int:
-        """Idle machines kept for one revision run as ``executed_version``."""
-        return len(self._idle.get((version_id, executed_version), ()))
+        """Idle machines kept for one revision run as ``executed_version``, those out for a health ping
+        included (a health round takes them off the idle list while it pings them)."""
+        key = (version_id, executed_version)
+        return len(self._idle.get(key, ())) + self._idle_pinging.get(key, 0)
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Machines by runtime and state, and ``target`` (blank machines aimed at), for /health, /metrics, tests."""
