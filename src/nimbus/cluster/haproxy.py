@@ -159,9 +159,8 @@ backend {BACKEND}
     option httpchk
     http-check send meth GET uri {HEALTH_PATH} ver HTTP/1.1 hdr Host nimbus-haproxy
     http-check expect status 200
-    # Idle connections to a node are halved every second once calls stop (pool-purge-delay), so none stays
-    # idle for more than a few seconds: well inside the node's keep-alive (NIMBUS_KEEPALIVE_S, 30 s), so the
-    # node never closes one that HAProxy is about to reuse.
+    # Surplus idle connections to a node are closed soon after a burst (pool-purge-delay); the rest wait for
+    # the next calls. A node closes one only after NIMBUS_KEEPALIVE_S (30 s) idle, and HAProxy sees it close.
     default-server check inter 1s fall 2 rise 2 pool-purge-delay 1s
 
     # Retry a call on another node only when no connection could be made to the first: then the node never
