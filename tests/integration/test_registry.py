@@ -143,6 +143,15 @@ async def test_changes_reach_other_stores_and_not_their_sender(pg_database):
         await until(lambda: any(c["k"] == "work" for c in got_receiver), 10)
         await sender.delete_function(fn.id)
         await until(lambda: any(c["k"] == "function_deleted" for c in got_receiver), 10)
+        # Reading a key announces nothing; revoking it does. The sentinel after the read arrives behind
+        # anything the read might have sent (notifications come in commit order).
+        key = await sender.create_api_key(tenant="default", name=unique("k"), key_hash=uuid.uuid4().hex)
+        await sender.get_api_key(key.id)
+        await sender._notify("sentinel", {})
+        await until(lambda: any(c["k"] == "sentinel" for c in got_receiver), 10)
+        assert not any(c["k"] == "key" for c in got_receiver)
+        await sender.revoke_api_key(key.id)
+        await until(lambda: any(c["k"] == "key" and c["key_hash"] == key.key_hash for c in got_receiver), 10)
         # Its own notifications never come back to the sender: only the first connect's resync.
         assert [c["k"] for c in got_sender] == ["resync"]
     finally:

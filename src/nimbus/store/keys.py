@@ -79,7 +79,6 @@ class KeysMixin(ChangesMixin):
                 row = (await conn.execute(sa.select(*_PUBLIC).where(_k.c.id == id))).first()
         if row is None:
             raise NotFound(f"API key {id!r} not found")
-        await self._announce("key", key_hash=row.key_hash)  # every node's guard forgets it at once
         return as_api_key(row)
 
     async def list_api_keys(self, *, tenant: str | None = None, admin: bool | None = None, live: bool = False,
