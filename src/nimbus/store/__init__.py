@@ -33,9 +33,11 @@ from typing import Self
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from nimbus.store.activity import ActivityMixin
 from nimbus.store.builds import BuildsMixin
 from nimbus.store.changes import ChangesMixin
 from nimbus.store.functions import FUNCTION_CACHE_MAX, FUNCTION_CACHE_S
+from nimbus.store.insights import InsightsMixin
 from nimbus.store.invocations import InvocationsMixin
 from nimbus.store.keys import KeysMixin
 from nimbus.store.lookups import LookupCache
@@ -51,6 +53,7 @@ from nimbus.store.records import (
     VersionRecord,
 )
 from nimbus.store.schedules import SchedulesMixin
+from nimbus.store.sessions import SessionsMixin
 from nimbus.store.urls import UrlsMixin
 from nimbus.store.versions import VersionsMixin
 from nimbus.store.writebehind import (
@@ -68,7 +71,7 @@ __all__ = ["AliasRecord", "ApiKeyRecord", "BuildRecord", "FunctionRecord", "Invo
 
 
 class Store(VersionsMixin, BuildsMixin, InvocationsMixin, QueueMixin, KeysMixin, UrlsMixin, SchedulesMixin,
-            NodesMixin, ChangesMixin):
+            NodesMixin, SessionsMixin, InsightsMixin, ActivityMixin, ChangesMixin):
     """Functions, their versions and code, the build cache, invocations and API keys, in SQLite or PostgreSQL.
 
     Open one with ``await Store.open(url)``, which also brings the schema up to date; ``await store.close()``

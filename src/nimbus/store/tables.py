@@ -214,6 +214,8 @@ invocations = sa.Table(
     sa.Index(None, "mode", "status", "lease_expires_at"),
     # The retention sweep: finished rows past their age (migration 0007).
     sa.Index(None, "created_at"),
+    # The console's overview: one tenant's calls of the last hour (migration 0012).
+    sa.Index(None, "tenant", "created_at"),
 )
 
 api_keys = sa.Table(
@@ -319,4 +321,17 @@ nodes = sa.Table(
     sa.Column("started_at", UTCDateTime, nullable=False),
     sa.Column("heartbeat_at", UTCDateTime, nullable=False),
     sa.Index(None, "state", "heartbeat_at"),  # the dead-node sweep's question
+)
+
+# The console's logins (migration 0012): a session is a random token in an HttpOnly cookie, stored by its
+# hash and bound to the API key it was opened with, so revoking the key ends the session on every node.
+console_sessions = sa.Table(
+    "console_sessions",
+    metadata,
+    sa.Column("token_hash", sa.String(SHA256), primary_key=True),
+    sa.Column("key_id", sa.String(ID), sa.ForeignKey("api_keys.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+    sa.Index(None, "key_id"),
+    sa.Index(None, "expires_at"),
 )
