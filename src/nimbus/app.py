@@ -238,6 +238,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("nimbus node %s ready on http://%s:%s (driver %s, store %s, auth %s)",
                      node.registry.node_id if node.registry else "?", settings.host, settings.port,
                      settings.driver, node.store.dialect, settings.auth)
+            if settings.console == "on":
+                log.info("console: http://%s:%s/console/%s", settings.host, settings.port,
+                         " (sign in with an API key)" if settings.auth == "on" else "")
             note = getattr(node.driver, "templates_note", None)
             if note:
                 log.info("template machines: %s", note)

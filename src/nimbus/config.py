@@ -140,6 +140,10 @@ class Settings(BaseSettings):
                               "0: no limit")
     rate_burst: int = Field(0, ge=0, description="requests a caller may send at once above the rate; "
                             "0: one second's worth")
+    console: Literal["on", "off"] = Field("on", description="the web console at /console (with auth on, its "
+                                          "login takes an API key)")
+    console_session_s: float = Field(43200.0, ge=60, le=30 * 86400, description="how long a console login lasts "
+                                     "(its cookie's Max-Age); revoking its key ends it at once")
     firecracker_bin: Path = Field(Path("/usr/local/bin/firecracker"), description="the firecracker binary "
                                   "(driver firecracker)")
     jailer_bin: Path = Field(Path("/usr/local/bin/jailer"), description="the jailer binary (driver firecracker)")

@@ -10,7 +10,7 @@ from contextlib import AbstractAsyncContextManager
 
 from fastapi import FastAPI
 
-from nimbus import __version__
+from nimbus import __version__, console
 from nimbus.gateway import (
     auth,
     fast,
@@ -43,6 +43,7 @@ def build_api(lifespan: Callable[[FastAPI], AbstractAsyncContextManager] | None 
     app.include_router(schedules.router)
     app.include_router(system.router)
     app.include_router(url_config.router)
+    console.install(app)  # /console: pages over the same store and scheduler (its own login, CSP)
     app.add_middleware(fast.FastInvoke)  # innermost of ours: behind the key check and the body cap
     app.add_middleware(limits.BodyLimit)
     app.add_middleware(LambdaApi)  # /2015-03-31 (boto3): its own body limits and error shapes, behind auth

@@ -15,6 +15,9 @@ The rate limit is a token bucket per key (per client address when auth is off, a
 key is not yet known to be valid, so guessing keys costs the guesser, not the database):
 ``NIMBUS_RATE_LIMIT`` tokens per second, ``NIMBUS_RATE_BURST`` at most (0: one second's worth).
 
+The web console (``/console``) logs in with a session cookie instead (console/session.py): this middleware
+only rate-limits it by client address.
+
 Function URLs (``/fn/``) need a key only when their config says ``auth: key`` (gateway/urls.py decides):
 this middleware admits them with or without one, notes a valid key, and still applies the rate limit.
 
@@ -58,6 +61,7 @@ PUBLIC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/r
 ADMIN_PATHS = frozenset({"/metrics", "/api/v1/nodes"})
 LAMBDA_ROOT = "/2015-03-31/"  # the Lambda API: SigV4, and AWS's error shapes
 URL_ROOT = "/fn/"  # function URLs: a key only if the URL's config asks for one (gateway/urls.py)
+CONSOLE_ROOT = "/console"  # the web console: its own login (a session cookie, console/session.py), no bearer key
 SECRET_BYTES = 30  # a SigV4 secret: 40 URL-safe characters, as long as AWS's
 
 REALM = 'Bearer realm="nimbus"'
@@ -262,6 +266,15 @@ class AuthMiddleware:
 
         if path.startswith(URL_ROOT):
             await self._function_url(scope, receive, send, guard, node, address)
+            return
+
+        if path == CONSOLE_ROOT or path.startswith(CONSOLE_ROOT + "/"):
+            # A browser sends no bearer key: the console resolves its session cookie into the principal
+            # itself (and refuses every page without one when auth is on). The rate limit still applies.
+            if buckets is not None and (wait := buckets.take(address)):
+                await _refuse_rate(path, wait, buckets, "client address", scope, receive, send)
+                return
+            await self.app(scope, receive, send)
             return
 
         if node.settings.auth != "on":
