@@ -21,6 +21,8 @@ Figures (python3 no-op function unless said otherwise):
   throughput beside a shared one's hot calls and a plain template cold start on the same node; PSS of
   the app's template and of its idle forks;
 - for each compiled runtime (go, rust, wasm): first build, cached deploy and warm p50;
+- the console's pages (``bench/console.py``, issue 22): server time with 1,000 functions and 100,000
+  invocations in the store, on SQLite and PostgreSQL (``--only console``);
 - on a host that can run Firecracker microVMs: boot and snapshot restore to agent ready vs the VMM alone
   (``bench/firecracker.py``); elsewhere those rows say why they were not measured.
 
@@ -42,7 +44,20 @@ from pathlib import Path
 
 import httpx
 
-from bench import cluster, compiled, firecracker, floors, inprocess, lambda_api, load, plot, report, snapshots, urls
+from bench import (
+    cluster,
+    compiled,
+    console,
+    firecracker,
+    floors,
+    inprocess,
+    lambda_api,
+    load,
+    plot,
+    report,
+    snapshots,
+    urls,
+)
 from bench.common import (
     HERE,
     NOOP_CODE,
@@ -76,9 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=400, help="sequential calls per p50 figure")
     ap.add_argument("--wrk-seconds", type=float, default=5.0,
                     help="length of each measured wrk run (c=1, c=32, the peer, N processes), after a 1 s warm-up")
-    ap.add_argument("--only", choices=["load", "cluster"],
+    ap.add_argument("--only", choices=["load", "cluster", "console"],
                     help="load: only the c=1 figures and the wrk rows (echo, Nimbus, the peer, N processes); "
-                         "cluster: only the cluster rows (nodes on PostgreSQL behind HAProxy); no files written")
+                         "cluster: only the cluster rows (nodes on PostgreSQL behind HAProxy); console: only the "
+                         "console pages' server times (1,000 functions, 100,000 invocations); no files written")
     ap.add_argument("--cold", type=int, default=30, help="cold starts measured (and bare bwrap runs)")
     ap.add_argument("--acquires", type=int, default=20_000, help="acquire/release pairs in the pool microbenchmark")
     ap.add_argument("--microvms", type=int, default=10, help="firecracker boots and restores measured (KVM hosts)")
@@ -248,6 +264,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.only == "cluster":
         return only_cluster(args)
+    if args.only == "console":
+        return console.main()
     started = time.monotonic()
     results: dict[str, dict] = {}
     samples: dict[str, list[float]] = {}
@@ -349,6 +367,7 @@ def main(argv=None) -> None:
     print("firecracker microVMs (where this host can run them) ...", flush=True)
     ordered.update(firecracker.measure(args.microvms))
     ordered.update(cluster.measure(BODY, args.wrk_seconds, args.requests, Path(home) / "cluster"))
+    ordered.update(console.measure(Path(home) / "console"))
     report.annotate(ordered)
     ordered["_run"] = {"seconds": time.monotonic() - started, "args": vars(args),
                        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -366,6 +385,7 @@ def main(argv=None) -> None:
     print()
     print(report.details(table))
     print("\n".join(cluster.details(table)))
+    print("\n".join(console.details({k: v for k, v in table.items() if k.startswith("console_")})))
     print(f"\nN = {args.machines} idle machines (goal: 500; --machines N). Took {ordered['_run']['seconds']:.0f} s. "
           f"Wrote {HERE / 'results.json'} and {HERE / 'latency.png'}.")
 
