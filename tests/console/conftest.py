@@ -5,11 +5,17 @@ One node per test module (SQLite, python3 machines). Keys are made in its store 
 tests know them: ``admin`` (tenant ``default``), ``alice`` and ``bob`` (tenants of their own). Every test
 that opens a page can save a screenshot with ``shoot(page, name)`` into ``NIMBUS_ARTIFACTS``
 (default ``.artifacts/console``, not committed).
+
+The test modules share the plain helpers below, imported from ``tests.console.conftest``: ``CSRF`` and
+``HTML``, ``expect()``, ``watch(page)``, ``sign_in``, ``shoot``, ``api``, ``login_form``, ``signed_in`` and
+``routes``.
 """
 
 import asyncio
 import os
+import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,6 +28,8 @@ KEYS = {
     "alice": ("alice", False),
     "bob": ("bob", False),
 }
+CSRF = re.compile(r'(?:name="csrf" value="|"X-CSRF-Token": ")([0-9a-f]{64})"')  # a page's CSRF token, group 1
+HTML = {"Accept": "text/html"}  # the headers of a browser asking for a page
 
 
 def _key(name: str) -> str:
@@ -75,14 +83,24 @@ def page(browser):
     ``page.console_problems``, which tests may assert empty."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     opened = context.new_page()
-    problems: list[str] = []
-    opened.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
-    opened.on("pageerror", lambda exc: problems.append(str(exc)))
-    opened.console_problems = problems  # type: ignore[attr-defined]
+    opened.console_problems = watch(opened)  # type: ignore[attr-defined]
     try:
         yield opened
     finally:
         context.close()
+
+
+def expect():
+    """Playwright's ``expect`` (the test is skipped without Playwright)."""
+    return pytest.importorskip("playwright.sync_api").expect
+
+
+def watch(page) -> list[str]:
+    """A list that collects the page's console errors (CSP violations among them) and uncaught exceptions."""
+    found: list[str] = []
+    page.on("console", lambda msg: found.append(msg.text) if msg.type == "error" else None)
+    page.on("pageerror", lambda exc: found.append(str(exc)))
+    return found
 
 
 def sign_in(page, running, key: str, then: str = "/console/") -> None:
@@ -99,3 +117,37 @@ def shoot(page, name: str) -> Path:
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+def api(running, key: str):
+    """An httpx client of the node's API with ``key`` as its Bearer token."""
+    return running.client(headers={"Authorization": f"Bearer {key}"})
+
+
+def login_form(client) -> str:
+    """Open the login page (the client gets its pre-login cookie) and return the form's CSRF token."""
+    page = client.get("/console/login")
+    assert page.status_code == 200
+    return CSRF.search(page.text).group(1)
+
+
+@contextmanager
+def signed_in(running, key: str):
+    """An httpx client holding a console session of ``key``; ``client.csrf`` is its CSRF token."""
+    with running.client(follow_redirects=False, headers=HTML) as client:
+        resp = client.post("/console/login", data={"key": key, "csrf": login_form(client)})
+        assert resp.status_code == 303, resp.text
+        client.csrf = CSRF.search(client.get("/console/layers").text).group(1)  # type: ignore[attr-defined]
+        yield client
+
+
+def routes(app, method: str) -> list[str]:
+    """The console's routes answering ``method``, also those of routers FastAPI includes lazily."""
+    def walk(found):
+        for route in found:
+            if hasattr(route, "original_router"):
+                yield from walk(route.original_router.routes)
+            else:
+                yield route
+    return sorted({route.path for route in walk(app.routes) if getattr(route, "path", "").startswith("/console")
+                   and method in (getattr(route, "methods", None) or ())})

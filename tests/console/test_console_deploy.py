@@ -8,46 +8,15 @@ import re
 import time
 import uuid
 import zipfile
-from contextlib import contextmanager
 
 import pytest
-
-from .conftest import shoot, sign_in
+from tests.console.conftest import api, expect, shoot, sign_in, signed_in, watch
 
 pytestmark = pytest.mark.sandbox
 
-CSRF = re.compile(r'(?:name="csrf" value="|"X-CSRF-Token": ")([0-9a-f]{64})"')
 BUILD_S = 300_000  # ms Playwright waits for a deploy that resolves a layer
 
 GREETER = 'def handler(event, context):\n    print("greeting", event)\n    return {"greeting": "hello " + event.get("who", "you")}\n'
-
-
-def expect():
-    return pytest.importorskip("playwright.sync_api").expect
-
-
-def watch(page) -> list[str]:
-    """Console errors and CSP violations, but for Chromium's own /favicon.ico request (outside the console)."""
-    found: list[str] = []
-    page.on("console", lambda msg: found.append(msg.text) if msg.type == "error"
-            and not msg.location.get("url", "").endswith("/favicon.ico") else None)
-    page.on("pageerror", lambda exc: found.append(str(exc)))
-    return found
-
-
-def api(running, key: str):
-    return running.client(headers={"Authorization": f"Bearer {key}"})
-
-
-@contextmanager
-def signed_in(running, key: str):
-    """An httpx client holding a console session of ``key``; ``client.csrf`` is its CSRF token."""
-    with running.client(follow_redirects=False, headers={"Accept": "text/html"}) as client:
-        page = client.get("/console/login")
-        resp = client.post("/console/login", data={"key": key, "csrf": CSRF.search(page.text).group(1)})
-        assert resp.status_code == 303, resp.text
-        client.csrf = CSRF.search(client.get("/console/deploy").text).group(1)  # type: ignore[attr-defined]
-        yield client
 
 
 def unique(prefix: str) -> str:

@@ -10,7 +10,7 @@ import re
 import zipfile
 
 import pytest
-from tests.console.conftest import shoot, sign_in
+from tests.console.conftest import api, shoot, sign_in, watch
 
 pytestmark = pytest.mark.sandbox
 
@@ -48,13 +48,8 @@ UTIL = '''def double(n):
 
 @pytest.fixture
 def problems(page) -> list[str]:
-    """Console errors and CSP violations of the page, but for Chromium's own /favicon.ico request (outside
-    the console, so a 401 with auth on)."""
-    found: list[str] = []
-    page.on("console", lambda msg: found.append(msg.text) if msg.type == "error"
-            and not msg.location.get("url", "").endswith("/favicon.ico") else None)
-    page.on("pageerror", lambda exc: found.append(str(exc)))
-    return found
+    """Console errors and CSP violations of the page."""
+    return watch(page)
 
 
 def _package() -> str:
@@ -71,20 +66,19 @@ def _package() -> str:
 def alice(console):
     """alice's functions and calls, made through the API: ``(running, keys, ids)``."""
     running, keys = console
-    headers = {"Authorization": f"Bearer {keys['alice']['key']}"}
     ids = {}
-    with running.client(headers=headers) as api:
+    with api(running, keys["alice"]["key"]) as client:
         for name, fields in (("hello", {"code": HELLO, "env": {"GREETING": "hi"}}), ("slow", {"code": SLOW}),
                              ("evil", {"code": EVIL}), ("pkg", {"code_base64": _package()}),
                              ("doomed", {"code": HELLO}), ("broken", {"code": BROKEN})):
-            made = api.post("/api/v1/functions", json={"name": name, "runtime": "python3", **fields})
+            made = client.post("/api/v1/functions", json={"name": name, "runtime": "python3", **fields})
             assert made.status_code == 201, made.text
         for name, event in (("hello", {"who": "alice"}), ("evil", {}), ("pkg", {"n": 21})):
-            answer = api.post(f"/api/v1/functions/{name}/invoke", json=event)
+            answer = client.post(f"/api/v1/functions/{name}/invoke", json=event)
             assert answer.status_code == 200, answer.text
             ids[name] = answer.json()["invocation_id"]
         assert answer.json()["output"] == 42
-        ids["broken"] = api.post("/api/v1/functions/broken/invoke", json={}).json()["invocation_id"]
+        ids["broken"] = client.post("/api/v1/functions/broken/invoke", json={}).json()["invocation_id"]
     return running, keys, ids
 
 
@@ -165,8 +159,8 @@ def test_a_package_shows_its_tree_and_files(alice, page, problems):
 def test_an_async_call_is_tailed_until_it_ends(alice, page, problems):
     running, keys, _ = alice
     sign_in(page, running, keys["alice"]["key"], then="/console/functions")
-    with running.client(headers={"Authorization": f"Bearer {keys['alice']['key']}"}) as api:
-        queued = api.post("/api/v1/functions/slow/async", json={})
+    with api(running, keys["alice"]["key"]) as client:
+        queued = client.post("/api/v1/functions/slow/async", json={})
     assert queued.status_code == 202, queued.text
     invocation = queued.json()["invocation_id"]
     page.goto(f"{running.url}/console/invocations/{invocation}")
@@ -236,9 +230,9 @@ def test_publish_and_delete_from_the_function_page(alice, page, problems):
     page.wait_for_url(re.compile(r".*/console/functions\?deleted=doomed$"))
     assert page.get_by_text("Function doomed was deleted.").is_visible()
     assert page.locator("#results").get_by_role("link", name="doomed").count() == 0
-    with running.client(headers={"Authorization": f"Bearer {keys['alice']['key']}"}) as api:
-        assert api.get("/api/v1/functions/doomed").status_code == 404
-        assert api.get("/api/v1/functions/hello/versions").json()["versions"][0]["description"] == "first <b>cut</b>"
+    with api(running, keys["alice"]["key"]) as client:
+        assert client.get("/api/v1/functions/doomed").status_code == 404
+        assert client.get("/api/v1/functions/hello/versions").json()["versions"][0]["description"] == "first <b>cut</b>"
     assert problems == []
 
 
@@ -249,5 +243,5 @@ def test_changes_without_the_csrf_token_are_refused(alice, page):
         for action in ("publish", "delete"):
             refused = page.request.post(f"{running.url}/console/functions/hello/{action}", form=form)
             assert refused.status == 403, (action, form)
-    with running.client(headers={"Authorization": f"Bearer {keys['alice']['key']}"}) as api:
-        assert api.get("/api/v1/functions/hello").status_code == 200
+    with api(running, keys["alice"]["key"]) as client:
+        assert client.get("/api/v1/functions/hello").status_code == 200

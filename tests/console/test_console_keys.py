@@ -10,40 +10,9 @@ import base64
 import io
 import re
 import zipfile
-from contextlib import contextmanager
 
 import pytest
-
-from .conftest import shoot, sign_in
-
-CSRF = re.compile(r'(?:name="csrf" value="|"X-CSRF-Token": ")([0-9a-f]{64})"')
-
-
-@contextmanager
-def signed_in(running, key: str):
-    """An httpx client holding a console session of ``key``; ``client.csrf`` is its CSRF token."""
-    with running.client(follow_redirects=False, headers={"Accept": "text/html"}) as client:
-        page = client.get("/console/login")
-        resp = client.post("/console/login", data={"key": key, "csrf": CSRF.search(page.text).group(1)})
-        assert resp.status_code == 303, resp.text
-        client.csrf = CSRF.search(client.get("/console/layers").text).group(1)  # type: ignore[attr-defined]
-        yield client
-
-
-def watch(page) -> list[str]:
-    """Console errors and CSP violations, as ``page.console_problems`` but for Chromium's own /favicon.ico
-    request: that is outside the console (the API answers 401) and no page asks for it (base.html can name
-    an icon to stop it)."""
-    found: list[str] = []
-    page.on("console", lambda msg: found.append(msg.text) if msg.type == "error"
-            and not msg.location.get("url", "").endswith("/favicon.ico") else None)
-    page.on("pageerror", lambda exc: found.append(str(exc)))
-    return found
-
-
-def api(running, key: str):
-    return running.client(headers={"Authorization": f"Bearer {key}"})
-
+from tests.console.conftest import CSRF, HTML, api, shoot, sign_in, signed_in, watch
 
 # ---------------------------------------------------------------- keys
 
@@ -143,7 +112,7 @@ def test_keys_are_refused_to_tenant_keys_and_bad_input_is_a_4xx(console):
 
 def test_with_auth_off_there_are_no_keys(make_node, tmp_path):
     with make_node(tmp_path / "home", f"sqlite:///{tmp_path / 'nimbus.db'}", runtimes=["python3"]) as running:
-        with running.client(headers={"Accept": "text/html"}) as client:
+        with running.client(headers=HTML) as client:
             page = client.get("/console/keys")
             assert page.status_code == 200 and "NIMBUS_AUTH=off" in page.text
             csrf = CSRF.search(page.text).group(1)

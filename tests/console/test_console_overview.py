@@ -5,8 +5,7 @@ import time
 import uuid
 
 import pytest
-
-from .conftest import shoot, sign_in
+from tests.console.conftest import HTML, api, shoot, sign_in, watch
 
 pytestmark = pytest.mark.sandbox
 
@@ -15,14 +14,14 @@ FAILS = "def handler(event, context):\n    raise ValueError('<img src=x onerror=
 
 
 def deploy(running, key: str, name: str, code: str) -> None:
-    with running.client(headers={"Authorization": f"Bearer {key}"}) as api:
-        r = api.post("/api/v1/functions", json={"name": name, "runtime": "python3", "code": code})
+    with api(running, key) as client:
+        r = client.post("/api/v1/functions", json={"name": name, "runtime": "python3", "code": code})
         assert r.status_code == 201, r.text
 
 
 def invoke(running, key: str, name: str) -> dict:
-    with running.client(headers={"Authorization": f"Bearer {key}"}) as api:
-        return api.post(f"/api/v1/functions/{name}/invoke", json={"n": 1}).json()
+    with api(running, key) as client:
+        return client.post(f"/api/v1/functions/{name}/invoke", json={"n": 1}).json()
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +37,6 @@ def alice_calls(console):
     failed = invoke(running, key, bad)
     assert failed["status"] == "failed"
     return good, bad, failed["invocation_id"]
-
-
-def watch(page) -> list[str]:
-    """``page.console_problems`` but for Chromium's own /favicon.ico request, which is outside the console
-    (the API answers it 401) until base.html names an icon."""
-    found: list[str] = []
-    page.on("console", lambda msg: found.append(msg.text) if msg.type == "error"
-            and not msg.location.get("url", "").endswith("/favicon.ico") else None)
-    page.on("pageerror", lambda exc: found.append(str(exc)))
-    return found
 
 
 def open_overview(page, running, expected_calls: str) -> None:
@@ -148,7 +137,7 @@ def test_an_admin_sees_the_node_and_the_figures_refresh(console, alice_calls, pa
 def test_signed_out_requests_go_to_the_login(console):
     running, _ = console
     with running.client() as anonymous:
-        page = anonymous.get("/console/", headers={"Accept": "text/html"})
+        page = anonymous.get("/console/", headers=HTML)
         assert page.status_code == 303 and page.headers["location"].startswith("/console/login")
         fragment = anonymous.get("/console/overview/figures", headers={"HX-Request": "true"})
         assert fragment.status_code == 401 and fragment.headers["hx-redirect"].startswith("/console/login")

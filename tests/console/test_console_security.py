@@ -5,17 +5,13 @@ output and logs are markup, and malformed input.
 
 import html
 import re
-from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import pytest
-
-from .conftest import shoot, sign_in
+from tests.console.conftest import HTML, api, login_form, routes, shoot, sign_in, signed_in, watch
 
 pytestmark = pytest.mark.sandbox
 
-CSRF = re.compile(r'(?:name="csrf" value="|"X-CSRF-Token": ")([0-9a-f]{64})"')
-HTML = {"Accept": "text/html"}
 # Written out, not imported: the test states the policy, the code must match it.
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "font-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -24,46 +20,6 @@ XSS_LOG = "<script>alert(1)</script>"
 ECHO = "def handler(event, context):\n    return {'event': event}\n"
 XSS = f"def handler(event, context):\n    print({XSS_LOG!r})\n    return {XSS_OUTPUT!r}\n"
 ALICE_FN = "alice-private-fn"
-
-
-def login_form(client) -> str:
-    return CSRF.search(client.get("/console/login").text).group(1)
-
-
-@contextmanager
-def signed_in(running, key: str):
-    """An httpx client with a console session of ``key``; ``client.csrf`` is that session's CSRF token."""
-    with running.client(follow_redirects=False, headers=HTML) as client:
-        resp = client.post("/console/login", data={"key": key, "csrf": login_form(client)})
-        assert resp.status_code == 303, resp.text
-        client.csrf = CSRF.search(client.get("/console/layers").text).group(1)  # type: ignore[attr-defined]
-        yield client
-
-
-def api(running, key: str):
-    return running.client(headers={"Authorization": f"Bearer {key}"})
-
-
-def watch(page) -> list[str]:
-    """Console errors and CSP violations (Chromium logs each), but for its own /favicon.ico request, which
-    no page makes and which the API outside /console answers 401."""
-    found: list[str] = []
-    page.on("console", lambda msg: found.append(msg.text) if msg.type == "error"
-            and not msg.location.get("url", "").endswith("/favicon.ico") else None)
-    page.on("pageerror", lambda exc: found.append(str(exc)))
-    return found
-
-
-def routes(app, method: str) -> list[str]:
-    """The console's routes answering ``method``, also those of routers FastAPI includes lazily."""
-    def walk(found):
-        for route in found:
-            if hasattr(route, "original_router"):
-                yield from walk(route.original_router.routes)
-            else:
-                yield route
-    return sorted({route.path for route in walk(app.routes) if getattr(route, "path", "").startswith("/console")
-                   and method in (getattr(route, "methods", None) or ())})
 
 
 @pytest.fixture(scope="module")

@@ -4,30 +4,10 @@ the console, every page closed to the signed-out, and a revoked key's sessions e
 """
 
 import re
-from contextlib import contextmanager
 from http.cookies import SimpleCookie
 from urllib.parse import urlsplit
 
-from .conftest import shoot, sign_in
-
-CSRF = re.compile(r'(?:name="csrf" value="|"X-CSRF-Token": ")([0-9a-f]{64})"')
-HTML = {"Accept": "text/html"}
-
-
-def login_form(client) -> str:
-    """Open the login page (the browser gets its pre-login cookie) and return the form's CSRF token."""
-    page = client.get("/console/login")
-    assert page.status_code == 200
-    return CSRF.search(page.text).group(1)
-
-
-@contextmanager
-def signed_in(running, key: str):
-    with running.client(follow_redirects=False, headers=HTML) as client:
-        resp = client.post("/console/login", data={"key": key, "csrf": login_form(client)})
-        assert resp.status_code == 303, resp.text
-        client.csrf = CSRF.search(client.get("/console/layers").text).group(1)  # type: ignore[attr-defined]
-        yield client
+from tests.console.conftest import HTML, api, login_form, routes, shoot, sign_in, signed_in
 
 
 def set_cookie(resp) -> tuple[str, dict[str, str]]:
@@ -38,18 +18,6 @@ def set_cookie(resp) -> tuple[str, dict[str, str]]:
              for part in headers[0].split(";")[1:]}
     morsel = SimpleCookie(headers[0])["nimbus_console"]
     return morsel.value, flags
-
-
-def get_routes(app, method: str) -> list[str]:
-    """The console's routes answering ``method``, also those of routers FastAPI includes lazily."""
-    def walk(routes):
-        for route in routes:
-            if hasattr(route, "original_router"):
-                yield from walk(route.original_router.routes)
-            else:
-                yield route
-    return sorted({route.path for route in walk(app.routes)
-                   if getattr(route, "path", "").startswith("/console") and method in (getattr(route, "methods", None) or ())})
 
 
 def test_the_login_page_refuses_a_wrong_key_with_401(console, page):
@@ -125,7 +93,7 @@ def _filled(path: str) -> str:
 
 def test_every_page_sends_the_signed_out_to_the_login_page(console):
     running, _ = console
-    pages = [p for p in get_routes(running.app, "GET") if p not in ("/console/login", "/console")]
+    pages = [p for p in routes(running.app, "GET") if p not in ("/console/login", "/console")]
     assert {"/console/", "/console/keys", "/console/layers"} <= set(pages)
     with running.client(follow_redirects=False, headers=HTML) as client:
         for path in pages:
@@ -146,14 +114,13 @@ def test_every_page_sends_the_signed_out_to_the_login_page(console):
 
 def test_revoking_a_key_ends_its_console_sessions_at_once(console, page):
     running, keys = console
-    admin = {"Authorization": f"Bearer {keys['admin']['key']}"}
-    with running.client(headers=admin) as api:
-        made = api.post("/api/v1/keys", json={"tenant": "erin", "name": "short-lived"}).json()
+    with api(running, keys["admin"]["key"]) as admin:
+        made = admin.post("/api/v1/keys", json={"tenant": "erin", "name": "short-lived"}).json()
     sign_in(page, running, made["key"], then="/console/layers")
     with signed_in(running, made["key"]) as other:
         assert other.get("/console/layers").status_code == 200
-        with running.client(headers=admin) as api:
-            assert api.delete(f"/api/v1/keys/{made['id']}").status_code == 200
+        with api(running, keys["admin"]["key"]) as admin:
+            assert admin.delete(f"/api/v1/keys/{made['id']}").status_code == 200
         resp = other.get("/console/layers")
         assert resp.status_code == 303 and resp.headers["location"].startswith("/console/login")
     page.goto(f"{running.url}/console/layers")
