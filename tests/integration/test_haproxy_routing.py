@@ -245,6 +245,29 @@ def test_requests_naming_no_function_are_served_by_turns(balancer):
     assert reached == {"a", "b", "c"}
 
 
+def test_a_console_session_stays_on_one_node(balancer):
+    # A deploy's progress lives on the node that runs it: one browser (one session cookie) must keep
+    # reaching that node, whatever console page it asks for; different browsers spread.
+    placement = {}
+    for i in range(30):
+        cookie = f"nimbus_console=token{i:02d}"
+        reached = set()
+        for path in ["/console/", "/console/deploy/jobs/abc", "/console/functions/x", "/console/static/console.css"]:
+            balancer.http.request("GET", path, headers={"Cookie": f"other=1; {cookie}"})
+            response = balancer.http.getresponse()
+            reached.add(json.loads(response.read())["node"])
+        assert len(reached) == 1, f"{cookie} reached {reached}"
+        placement[cookie] = reached.pop()
+    assert set(placement.values()) == {"a", "b", "c"}
+
+
+def test_the_balancer_knows_the_console_cookie_by_name():
+    from nimbus.cluster import haproxy
+    from nimbus.console import web
+
+    assert haproxy.CONSOLE_COOKIE == web.COOKIE
+
+
 def test_a_draining_node_stops_getting_calls_and_comes_back(balancer, backends):
     placement = {name: balancer.node_of(name) for name in names(50)}
     b = backends[1]

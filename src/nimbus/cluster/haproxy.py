@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 HEALTH_PATH = "/health"
+CONSOLE_COOKIE = "nimbus_console"  # console/web.py's session cookie
 LONGEST_CALL_S = 900  # a function's largest timeout; the balancer must not cut a call the node still runs
 BACKEND = "nodes"
 
@@ -146,6 +147,8 @@ backend {BACKEND}
     http-request set-var(txn.function,ifnotempty) path,field(5,/) if {{ path_beg /api/v1/functions/ }}
     http-request set-var(txn.function,ifnotempty) path,field(4,/) if {{ path_beg /2015-03-31/functions/ }}
     http-request set-var(txn.function,ifnotempty) path,field(3,/) if {{ path_beg /fn/ }}
+    # The console: by its session cookie, so a browser stays on one node (a deploy's progress lives there).
+    http-request set-var(txn.function,ifnotempty) req.cook({CONSOLE_COOKIE}) if {{ path_beg /console/ }}
     # Then decoded, without an ARN's prefix and without the qualifier (names hold no ':'): each version and
     # alias of a function shares its node.
     http-request set-var(txn.function,ifnotempty) var(txn.function),url_dec,regsub('^.*:function:',''),field(1,:)
