@@ -40,6 +40,18 @@ test-tools:
 		else echo "note: not installed:$$missing (the tests that need them will be skipped)"; fi; \
 	fi
 
+# axe-core (npm), the accessibility rules the console's browser tests run in every page: fetched once into the
+# venv. Without npm the test that needs it says it is skipped.
+AXE_VERSION := 4.14.1
+AXE_DIR := $(VENV)/axe-core-$(AXE_VERSION)
+
+$(AXE_DIR)/axe.min.js: | $(STAMP)
+	@mkdir -p $(AXE_DIR); \
+	if command -v npm >/dev/null && (cd $(AXE_DIR) && npm pack --silent axe-core@$(AXE_VERSION) >/dev/null); then \
+		tar xzf $(AXE_DIR)/axe-core-$(AXE_VERSION).tgz -C $(AXE_DIR) --strip-components=1 package/axe.min.js package/LICENSE; \
+		rm -f $(AXE_DIR)/axe-core-$(AXE_VERSION).tgz; \
+	else echo "note: could not fetch axe-core $(AXE_VERSION) with npm (the console's accessibility test will be skipped)"; fi
+
 # The AWS SDK python3 and nodejs machines get, built once per host (NIMBUS_SDK_CACHE) from PyPI and npm.
 sdk: $(STAMP) toolchains
 	$(VENV)/bin/nimbus sdk
@@ -47,7 +59,7 @@ sdk: $(STAMP) toolchains
 run: $(STAMP) toolchains sdk
 	$(VENV)/bin/nimbus up
 
-test: $(STAMP) toolchains test-tools lint sdk
+test: $(STAMP) toolchains test-tools $(AXE_DIR)/axe.min.js lint sdk
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # Lint and types as habits: ruff over everything, mypy where [tool.mypy] says (both configured in pyproject.toml).
