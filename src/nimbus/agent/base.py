@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from nimbus.agent.contract import LAYER_DIR, RESULT_MAX, SDK_DIRS
+from nimbus.agent.contract import LAYER_DIR, OPT_DIR, RESULT_MAX, SDK_DIRS
 from nimbus.protocol import QUALIFIER_RE
 
 ERROR_TYPE_MAX = 256  # characters of an error's type
@@ -21,6 +21,9 @@ ERROR_TYPE_MAX = 256  # characters of an error's type
 # under protocol.HEADER_MAX even when every character needs a 12-byte JSON escape.
 ERROR_TEXT_MAX = 16 * 1024
 COMPILED_RUNTIMES = frozenset({"go", "rust", "wasm"})  # built into an artifact; the handler field is ignored
+# Runtimes whose handler is not ``module.function``: the compiled ones, and ``provided``, whose bootstrap
+# reads ``_HANDLER`` as it likes (Lambda's custom runtimes take any string).
+FREE_HANDLER_RUNTIMES = COMPILED_RUNTIMES | {"provided"}
 DEFAULT_ACCOUNT_ID = "000000000000"
 DEFAULT_REGION = "us-east-1"
 RUNTIME_DIR = os.path.dirname(os.path.abspath(__file__))  # what Lambda calls /var/runtime: the agent's own code
@@ -157,7 +160,7 @@ class FunctionSpec:
         self.machine_id = os.urandom(16).hex()  # one init per machine: made once, as Lambda names its streams
         day = time.strftime("%Y/%m/%d", time.gmtime())
         self.log_stream_name = f"{day}/[{self.version}]{self.machine_id}"
-        if self.runtime not in COMPILED_RUNTIMES and "." not in self.handler.strip("."):
+        if self.runtime not in FREE_HANDLER_RUNTIMES and "." not in self.handler.strip("."):
             raise InvocationError("InvalidInit", f"handler {self.handler!r} must look like 'module.function'")
         if "/" in self.filename or "\0" in self.filename or self.filename in (".", ".."):
             raise InvocationError("InvalidInit", f"filename {self.filename!r} must be a plain file name")
@@ -187,7 +190,18 @@ class FunctionSpec:
         # Lambda's unreserved default, which the function may override: the X-Ray SDK logs, rather than
         # raises, when code traces outside a segment (at import, in a thread).
         env["AWS_XRAY_CONTEXT_MISSING"] = "LOG_ERROR"
+        if self.runtime == "provided":
+            # Its python3 is the node's own interpreter, which requirements.txt layers are resolved for;
+            # /opt/nimbus/bin holds only that link. The layer's console scripts come last, as Lambda's /opt/bin.
+            env["PATH"] = f"{OPT_DIR}/bin:{env.get('PATH', '/usr/bin:/bin')}"
+            if self.layer is not None:
+                env["PATH"] += f":{self.layer}/bin"
         env.update(self.env)
+        if self.runtime == "provided" and self.layer is not None:
+            # Where python3 and node find the layer's packages; after the function's own entries.
+            for key in ("PYTHONPATH", "NODE_PATH"):
+                own = env.get(key)
+                env[key] = f"{own}{os.pathsep}{self.layer}" if own else self.layer
         # Set last so a function cannot pretend to be another one (the API refuses these names too).
         env.update(
             AWS_LAMBDA_FUNCTION_NAME=self.name,

@@ -70,7 +70,7 @@ class Child:
         Our ends in ``fds`` are closed once the child has them. The environment is the function's (the
         agent set it before ``load``); the working directory is the task directory.
         """
-        first_free = max(max(fds), 2) + 1
+        first_free = max(max(fds, default=2), 2) + 1
         sources = {target: _above(source, first_free) for target, source in fds.items()}
         actions = [] if 0 in sources else [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
         actions += [(os.POSIX_SPAWN_DUP2, source, target) for target, source in sources.items()]

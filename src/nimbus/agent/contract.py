@@ -6,6 +6,7 @@ imports this module.
 """
 
 # Limits of one call.
+INIT_TIMEOUT_S = 10.0  # the least time the host gives a machine to load its code (the function's timeout if longer)
 RESULT_MAX = 6 << 20  # a result's JSON bytes, as Lambda's synchronous response limit
 LOG_TAIL_MAX = 64 << 10  # bytes of a call's output kept (its tail)
 

@@ -40,11 +40,13 @@ EXIT_CRASH = 70  # a bug in the agent itself (EX_SOFTWARE)
 USAGE = "usage: main [--fd N | --vsock-port PORT] [--task-dir PATH] [--seal-fd N] [--fork-fd N]"
 TREE_FILE_MODE, TREE_EXEC_MODE = 0o644, 0o755
 SEAL_REQUEST, SEAL_DONE = b"s", b"k"  # asked of, and answered by, a template machine's init (_seal)
+INIT_TAIL_MAX = 4096  # characters of a failed init's output put in its error's stack when it has none
 ENTROPY_MAX_BYTES = 512  # an init's "entropy" (hex): far more than the 32 bytes the host sends
 RNDRESEEDCRNG = 0x5207  # <linux/random.h> _IO('R', 0x07): reseed the kernel's CRNG from its input pool now
 
 # Runtime id → the agent module that implements it (imported only when a machine is initialised with it).
-RUNTIMES = {"python3": "python3", "nodejs": "nodejs", "go": "go", "rust": "rust", "wasm": "wasm"}
+RUNTIMES = {"python3": "python3", "nodejs": "nodejs", "go": "go", "rust": "rust", "wasm": "wasm",
+            "provided": "provided"}
 
 
 class Options:
@@ -354,6 +356,9 @@ class Agent:
                 return EXIT_CHANNEL
             if reply["type"] == protocol.SNAPSHOT_OK:
                 self.fork_server(self, self.fork_fd, self.fork_program)  # never returns
+            after_reply = getattr(self.runtime, "after_reply", None)
+            if after_reply is not None:
+                after_reply()  # what the runtime owes its own process once the host has its answer
 
     def send(self, header: dict, blob: bytes) -> None:
         """Send a reply; should it break the frame limits anyway, say so instead of going silent."""
@@ -400,7 +405,11 @@ class Agent:
             if runtime is not None:
                 runtime.close()  # no child process may outlive a failed init
             exc.fatal = True  # code may be half-loaded: the machine can serve no one now
-            return self.error_reply(exc, started), b""
+            reply = self.error_reply(exc, started)
+            if not reply["error"]["stack"] and reply["logs"]:
+                # The host keeps an init's error, not its logs: a runtime that died says why on stderr.
+                reply["error"]["stack"] = f"the last output before it failed:\n{reply['logs'][-INIT_TAIL_MAX:]}"
+            return reply, b""
         self.spec, self.runtime = spec, runtime
         return {"type": protocol.INIT_OK, "duration_ms": _elapsed_ms(started)}, b""
 

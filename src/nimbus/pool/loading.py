@@ -5,12 +5,12 @@ version into a machine the same way.
 """
 
 from nimbus import packages, protocol, runtimes
-from nimbus.agent.contract import LAYER_DIR
+from nimbus.agent.contract import INIT_TIMEOUT_S, LAYER_DIR
 from nimbus.deployment import Deployment
 from nimbus.errors import InitFailed, MachineDied, MachineTimeout
 from nimbus.machines.base import Machine
 
-DEFAULT_INIT_TIMEOUT_S = 10.0
+DEFAULT_INIT_TIMEOUT_S = INIT_TIMEOUT_S  # the agent's provided runtime gives up just before, to say why
 
 
 def _filename(dep: Deployment, code: bytes) -> str:
