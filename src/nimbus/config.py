@@ -18,6 +18,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from nimbus import runtimes
+from nimbus.errors import InvalidRequest
+
 DEFAULT_HOME = Path(".nimbus")
 DEFAULT_PORT = 8080
 DEFAULT_QUEUE_SIZE = 1024
@@ -189,7 +192,11 @@ class Settings(BaseSettings):
     @classmethod
     def _split_runtimes(cls, value):
         if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            # Blank machines are kept per canonical id: "provided.al2023" pre-warms what provided functions use.
+            canonical = [_canonical_runtime(part) if isinstance(part, str) else part for part in value]
+            return list(dict.fromkeys(canonical))
         return value
 
     @model_validator(mode="after")
@@ -233,6 +240,14 @@ class Settings(BaseSettings):
             return normalise_url(url).render_as_string(hide_password=False)
         except (StoreError, ValueError):
             return url  # not a database Nimbus runs on: Store.open says so when the node starts
+
+
+def _canonical_runtime(name: str) -> str:
+    """A runtime's canonical id; an unknown name as given (the driver's checks name it)."""
+    try:
+        return runtimes.normalise(name)
+    except InvalidRequest:
+        return name
 
 
 def _is_loopback(host: str) -> bool:

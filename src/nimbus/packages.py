@@ -1,11 +1,12 @@
-"""Function packages: a zip of many files (python3, nodejs), checked before anything of it is stored.
+"""Function packages: a zip of many files (python3, nodejs, provided), checked before anything of it is stored.
 
 A package is refused, with a message naming the entry, when it is not a zip, holds too many entries,
 unpacks to more than ``UNPACKED_MAX`` (Lambda's 250 MB) or to more than a machine's ``/var/task`` holds,
 compresses suspiciously well (a zip bomb), names an absolute path, a ``..`` component, a backslash or a
 NUL, holds a symbolic link (the machine's agent does not make links; one pointing out of the tree is
 called that), holds two entries that unpack to one path (a duplicate, or a file where a directory must
-be), or does not contain the module its handler names. Machines get it as :func:`to_machine` says.
+be), or does not contain the module its handler names (for ``provided``: a ``bootstrap`` at its top level,
+whatever the handler says). Machines get it as :func:`to_machine` says.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ PAGE = mmap.PAGESIZE
 TREE_MAX = 8 << 20
 RATIO_MAX = 200  # uncompressed / compressed, per entry over 1 MiB: text compresses ~10x, bombs ~1000x
 RATIO_FLOOR = 1 << 20
-PACKAGED_RUNTIMES = ("python3", "nodejs")
+PACKAGED_RUNTIMES = ("python3", "nodejs", "provided")
+BOOTSTRAP = "bootstrap"  # a custom runtime's entry point, in the package's root (the agent makes it executable)
 NODE_SUFFIXES = (".js", ".mjs", ".cjs")
 # RuntimeError: an encrypted entry; LZMAError: a corrupt ZIP_LZMA one.
 UNREADABLE = (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, RuntimeError, zlib.error,
@@ -56,6 +58,8 @@ def is_zip(data: bytes) -> bool:
 
 def handler_candidates(runtime: str, handler: str) -> list[str]:
     """The files, relative to the package root, that the handler's module may be."""
+    if runtime == "provided":
+        return [BOOTSTRAP]  # the handler is the bootstrap's to read, and names no file
     module = handler.rpartition(".")[0]
     if runtime == "python3":
         path = module.replace(".", "/") if "/" not in module else module
@@ -119,8 +123,8 @@ def check(data: bytes, runtime: str, handler: str, memory_mb: int | None = None)
     microVM's RAM), so a bigger package could never finish unpacking.
     """
     if runtime not in PACKAGED_RUNTIMES:
-        raise InvalidRequest(f"zip packages are for {' and '.join(PACKAGED_RUNTIMES)}; a {runtime} function is one "
-                             "source file")
+        raise InvalidRequest(f"zip packages are for python3 and nodejs, and for provided (custom runtimes); a "
+                             f"{runtime} function is one source file")
     if len(data) > protocol.BLOB_MAX:
         raise PayloadTooLarge(f"the package is {len(data)} bytes; a machine takes at most {protocol.BLOB_MAX}")
     try:
@@ -172,10 +176,13 @@ def check(data: bytes, runtime: str, handler: str, memory_mb: int | None = None)
         files = paths.files
         candidates = handler_candidates(runtime, handler)
         found = next((c for c in candidates if c in files), None)
+        if found is None and runtime == "provided":
+            raise InvalidRequest(f"a provided package needs its executable {BOOTSTRAP!r} at its top level (not in a "
+                                 f"folder); the package's top level has {_top_level(files)}")
         if found is None:
             raise InvalidRequest(f"the handler {handler!r} names a module the package does not have (looked for "
                                  f"{', '.join(candidates)}; the package's top level has "
-                                 f"{', '.join(sorted({f.split('/')[0] for f in files})[:10]) or 'nothing'})")
+                                 f"{_top_level(files)})")
         try:
             bad = archive.testzip()
         except UNREADABLE as exc:
@@ -183,6 +190,26 @@ def check(data: bytes, runtime: str, handler: str, memory_mb: int | None = None)
         if bad is not None:
             raise InvalidRequest(f"package entry {bad!r} is corrupt (its CRC does not match)")
         return Package(entries=len(infos), unpacked=total, handler_file=found)
+
+
+def _top_level(files: dict[str, str]) -> str:
+    names = sorted({f.split("/")[0] + ("/" if "/" in f else "") for f in files})
+    return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "") or "nothing"
+
+
+def check_bootstrap(data: bytes, memory_mb: int | None = None) -> None:
+    """Check a ``provided`` function's single file: the bootstrap itself (a script, or an executable).
+
+    The agent holds the Init blob while it writes the file to /var/task, a tmpfs counted as the
+    machine's memory, as for a package (:func:`check`).
+    """
+    if not data.strip():
+        raise InvalidRequest("the bootstrap is empty: give a script starting with #! or an executable")
+    held = len(data) + -(-len(data) // PAGE) * PAGE
+    if memory_mb is not None and held >= memory_mb << 20:
+        raise InvalidRequest(f"a machine holds {held} bytes while it writes this {len(data)}-byte bootstrap to "
+                             f"/var/task, which is memory too: a function of memory_mb {memory_mb} cannot; give it "
+                             f"more than {-(-held // (1 << 20))} MiB")
 
 
 def to_machine(data: bytes) -> bytes:
@@ -217,5 +244,5 @@ def to_tree(data: bytes) -> bytes:
     return protocol.encode_tree(entries)
 
 
-__all__ = ["Package", "check", "handler_candidates", "is_zip", "to_machine", "to_tree", "PACKAGED_RUNTIMES",
-           "TASK_DIR_BYTES", "TREE_MAX", "UNPACKED_MAX"]
+__all__ = ["Package", "check", "check_bootstrap", "handler_candidates", "is_zip", "to_machine", "to_tree",
+           "PACKAGED_RUNTIMES", "TASK_DIR_BYTES", "TREE_MAX", "UNPACKED_MAX"]

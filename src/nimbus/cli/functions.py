@@ -85,17 +85,20 @@ def _zip_folder(folder: Path) -> tuple[bytes, int]:
 def deploy(
     file: Annotated[
         Path, typer.Argument(exists=True, readable=True,
-                             help="The source file (or artifact), or a folder: zipped as a package "
-                                  "(python3, nodejs), leaving out what .gitignore and .nimbusignore list.")
+                             help="The source file (or artifact, or a provided function's bootstrap), or a folder: "
+                                  "zipped as a package (python3, nodejs, provided: with its bootstrap at the top), "
+                                  "leaving out what .gitignore and .nimbusignore list.")
     ],
     name: Annotated[
         str, typer.Option("--name", "-n", help="Function name: a-z, 0-9 and '-', starting with a letter.")
     ],
     runtime: Annotated[
-        str, typer.Option("--runtime", "-r", help="python3, nodejs, go, rust, wasm (or a versioned alias).")
+        str, typer.Option("--runtime", "-r", help="python3, nodejs, go, rust, wasm, provided (or an alias: python3.12, "
+                                                      "provided.al2023).")
     ],
     handler: Annotated[
-        str | None, typer.Option(help="module.function; default per runtime.", show_default=False)
+        str | None, typer.Option(help="module.function; default per runtime (provided: free-form, "
+                                        "read by the bootstrap as $_HANDLER).", show_default=False)
     ] = None,
     env: Annotated[
         list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE, repeatable.", show_default=False)
@@ -127,7 +130,7 @@ def deploy(
         try:
             fields["code"] = raw.decode("utf-8")
         except UnicodeDecodeError:
-            fields["code_base64"] = base64.b64encode(raw).decode("ascii")  # a binary artifact, e.g. a WASI module
+            fields["code_base64"] = base64.b64encode(raw).decode("ascii")  # a WASI module, a bootstrap binary
     optional = {"handler": handler, "env": _env_pairs(env), "memory_mb": memory, "timeout_s": timeout,
                 "concurrency": concurrency, "isolation": isolation.value if isolation is not None else None}
     fields.update({key: value for key, value in optional.items() if value is not None})

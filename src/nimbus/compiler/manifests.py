@@ -30,7 +30,7 @@ MANIFEST_MAX = 1 << 20
 REQUIREMENTS = "requirements.txt"
 PACKAGE_JSON = "package.json"
 NODE_LOCKS = ("package-lock.json", "npm-shrinkwrap.json")
-LAYERED_RUNTIMES = ("python3", "nodejs")
+LAYERED_RUNTIMES = ("python3", "nodejs", "provided")
 # Text in a canonical requirement that pip's requirement-file parser would act on: variables, comments,
 # continuations, per-requirement options.
 PIP_SIGNIFICANT = re.compile(r"[$#\\]|\s-")
@@ -90,24 +90,38 @@ def spec_of(runtime: str, package: bytes) -> LayerSpec | None:
                 raise InvalidRequest(f"{name} is {info.file_size} bytes; the limit is {MANIFEST_MAX}")
             return archive.read(info)
 
-        if runtime == "python3":
+        def python() -> LayerSpec | None:
             data = read(REQUIREMENTS)
             lines = requirement_lines(data) if data is not None else []
             if not lines:
                 return None
-            return LayerSpec(runtime, ((REQUIREMENTS, "".join(f"{line}\n" for line in lines).encode()),))
-        data = read(PACKAGE_JSON)
-        manifest = npm_manifest(data) if data is not None else {}
-        if not manifest.get("dependencies"):
-            return None
-        files = [(PACKAGE_JSON, json.dumps(manifest, indent=2).encode() + b"\n")]
-        for lock in NODE_LOCKS:
-            lock_data = read(lock)
-            if lock_data is not None:
-                check_npm_lock(lock, lock_data)
-                files.append((lock, lock_data))
-                break
-        return LayerSpec(runtime, tuple(files))
+            return LayerSpec("python3", ((REQUIREMENTS, "".join(f"{line}\n" for line in lines).encode()),))
+
+        def node() -> LayerSpec | None:
+            data = read(PACKAGE_JSON)
+            manifest = npm_manifest(data) if data is not None else {}
+            if not manifest.get("dependencies"):
+                return None
+            files = [(PACKAGE_JSON, json.dumps(manifest, indent=2).encode() + b"\n")]
+            for lock in NODE_LOCKS:
+                lock_data = read(lock)
+                if lock_data is not None:
+                    check_npm_lock(lock, lock_data)
+                    files.append((lock, lock_data))
+                    break
+            return LayerSpec("nodejs", tuple(files))
+
+        if runtime == "python3":
+            return python()
+        if runtime == "nodejs":
+            return node()
+        # provided: a bootstrap in any language may use either resolver, as python3's or nodejs' layer (the
+        # agent points PYTHONPATH and NODE_PATH at /opt/layer); one layer per function, so not both.
+        specs = [spec for spec in (python(), node()) if spec is not None]
+        if len(specs) > 1:
+            raise InvalidRequest(f"a provided package may declare dependencies in {REQUIREMENTS} or in "
+                                 f"{PACKAGE_JSON}, not both: a function has one layer; pick one")
+        return specs[0] if specs else None
 
 
 def requirement_lines(data: bytes) -> list[str]:

@@ -76,7 +76,23 @@ WASM = '''\
       (br $next))))
 '''
 
-CODE = {"python3": PYTHON3, "nodejs": NODEJS, "go": GO, "rust": RUST, "wasm": WASM}
+# AWS's custom-runtime tutorial, in one file: this text is the bootstrap (a package may hold more files).
+PROVIDED = r'''#!/bin/sh
+# This file is the bootstrap: started once per machine, it asks the Runtime API for each event and
+# posts the answer back. Any language can do the same (a Go or Rust binary, Python, Node.js...).
+set -eu
+API="http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime"
+HEADERS=$(mktemp)
+while true; do
+  EVENT=$(curl -sS -D "$HEADERS" "$API/invocation/next")
+  REQUEST_ID=$(grep -i '^lambda-runtime-aws-request-id:' "$HEADERS" | cut -d: -f2 | tr -d '[:space:]')
+  echo "hello called with $EVENT" >&2  # stdout and stderr are the call's logs
+  curl -sS -o /dev/null -X POST "$API/invocation/$REQUEST_ID/response" \
+    -d "{\"message\": \"Hello from a shell bootstrap!\", \"handler\": \"$_HANDLER\"}"
+done
+'''
+
+CODE = {"python3": PYTHON3, "nodejs": NODEJS, "go": GO, "rust": RUST, "wasm": WASM, "provided": PROVIDED}
 
 
 def starter(runtime: str) -> str:

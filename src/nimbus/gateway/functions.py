@@ -56,6 +56,8 @@ def _source(body: schemas._Code, runtime: str) -> bytes:
             return code  # a package: checked with its handler by _check_code
         if runtime == "wasm" and code.startswith(WASM_MAGIC):
             return code  # a prebuilt module: the compiler validates it
+        if runtime == "provided":
+            return code  # the bootstrap itself: a script, or a prebuilt executable (a static Go binary)
         try:
             code.decode()
         except UnicodeDecodeError:
@@ -66,10 +68,7 @@ def _source(body: schemas._Code, runtime: str) -> bytes:
 
 
 def _handler(handler: str | None, runtime: str) -> str:
-    handler = handler or runtimes.get(runtime).default_handler
-    if not runtimes.HANDLER_RE.fullmatch(handler):  # fullmatch: $ alone also matches before a final newline
-        raise InvalidRequest(f"handler {handler!r} must look like module.function (e.g. main.handler)")
-    return handler
+    return runtimes.check_handler(runtime, handler or runtimes.get(runtime).default_handler)
 
 
 async def _check_code(runtime: str, code: bytes, handler: str, memory_mb: int) -> None:
@@ -78,6 +77,9 @@ async def _check_code(runtime: str, code: bytes, handler: str, memory_mb: int) -
     if packages.is_zip(code):
         # Reads every entry: off the loop.
         await asyncio.to_thread(packages.check, code, runtime, handler, memory_mb=memory_mb)
+        return
+    if runtime == "provided":
+        packages.check_bootstrap(code, memory_mb)
         return
     if runtime != "python3":
         return
@@ -89,9 +91,15 @@ async def _check_code(runtime: str, code: bytes, handler: str, memory_mb: int) -
         raise InvalidRequest(f"the code does not compile: {exc}") from None
 
 
-def _code_kind(code: bytes) -> str:
+def _code_kind(code: bytes, runtime: str) -> str:
     if packages.is_zip(code):
         return "zip"
+    if runtime == "provided":
+        try:
+            code.decode()
+        except UnicodeDecodeError:
+            return "executable"  # a prebuilt bootstrap: never shown or edited as text
+        return "source"
     return "module" if code.startswith(WASM_MAGIC) else "source"
 
 
@@ -146,7 +154,7 @@ async def create(node, tenant: str, body: schemas.FunctionCreate, **extra):
     layer = await _layer(node, runtime, code, tenant)
     fn = await node.store.create_function(
         name=body.name, runtime=runtime, handler=handler, env=body.env or {}, memory_mb=body.memory_mb,
-        timeout_s=body.timeout_s, concurrency=body.concurrency, code=code, code_kind=_code_kind(code),
+        timeout_s=body.timeout_s, concurrency=body.concurrency, code=code, code_kind=_code_kind(code, runtime),
         max_retries=body.max_retries, isolation=body.isolation, tenant=tenant,
         artifact_sha256=build.artifact_sha256 if build else None,
         layer_sha256=layer.artifact_sha256 if layer else None, **extra,
@@ -189,13 +197,14 @@ async def update(node, tenant: str, name: str, body: schemas.FunctionUpdate, **e
         raise InvalidRequest(f"changing the runtime from {current.runtime} to {runtime} needs new code")
     handler = _handler(body.handler or current.handler, runtime) if (body.handler or body.runtime) else None
     code = _source(body, runtime) if has_code else None
-    if code is not None or handler is not None or (body.memory_mb is not None and current.code_kind == "zip"):
+    sized = body.memory_mb is not None and current.code_kind in ("zip", "executable")  # memory must hold its files
+    if code is not None or handler is not None or sized:
         await _check_code(runtime, code if code is not None else await node.store.get_code(current.code_sha256),
                           handler or current.handler, body.memory_mb or current.memory_mb)
     build = await _build(node, runtime, code, tenant) if code is not None else None
     layer = await _layer(node, runtime, code, tenant) if code is not None else None
     fn = await node.store.update_function(
-        current.id, code=code, code_kind=_code_kind(code) if code is not None else None,
+        current.id, code=code, code_kind=_code_kind(code, runtime) if code is not None else None,
         runtime=runtime if runtime != current.runtime else None, handler=handler, env=body.env,
         memory_mb=body.memory_mb, timeout_s=body.timeout_s, concurrency=body.concurrency,
         max_retries=body.max_retries, isolation=body.isolation, tenant=tenant,

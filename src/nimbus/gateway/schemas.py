@@ -7,7 +7,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
-from nimbus.runtimes import HANDLER_RE
+from nimbus.runtimes import ANY_HANDLER_PATTERN
 
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -56,8 +56,9 @@ class _Code(BaseModel):
 
     code: str | None = Field(None, description="source text (one file)")
     code_base64: str | None = Field(None, description="a file or artifact, base64-encoded")
-    handler: str | None = Field(None, max_length=256, pattern=HANDLER_RE.pattern,
-                                 description="module.function; default per runtime")
+    handler: str | None = Field(None, max_length=256, pattern=ANY_HANDLER_PATTERN,
+                                 description="module.function; default per runtime (provided: free-form, e.g. "
+                                 "bootstrap, read only by the bootstrap)")
     env: dict[str, str] | None = Field(None, json_schema_extra={
         # the names and values _check_env takes (all but its size limit), stated in the OpenAPI document
         "propertyNames": {"pattern": ENV_KEY.pattern,
@@ -94,8 +95,9 @@ class FunctionCreate(_Code):
     ]})
 
     name: str = Field(pattern=NAME_PATTERN, description="lower-case letters, digits and '-', starting with a letter")
-    runtime: str = Field(max_length=64, examples=["python3", "nodejs", "go", "rust", "wasm"],
-                         description="python3, nodejs, go, rust, wasm, or a versioned alias such as python3.11")
+    runtime: str = Field(max_length=64, examples=["python3", "nodejs", "go", "rust", "wasm", "provided"],
+                         description="python3, nodejs, go, rust, wasm, provided (a custom runtime: an executable "
+                         "bootstrap), or an alias such as python3.11 or provided.al2023")
     # Strict: JSON true/false are not numbers (lax mode would take false as 0).
     memory_mb: StrictInt = MEMORY_MB
     timeout_s: StrictFloat = TIMEOUT_S
@@ -177,7 +179,8 @@ class FunctionOut(BaseModel):
                              "nothing")
     code_sha256: str
     code_size: int
-    code_kind: str = Field("source", description="source (one file), zip (a package), or module (prebuilt wasm)")
+    code_kind: str = Field("source", description="source (one file), zip (a package), module (prebuilt wasm), or "
+                           "executable (a provided function's prebuilt bootstrap)")
     artifact_sha256: str | None = Field(None, description="compiled runtimes: the built artifact the machines run")
     artifact_size: int | None = None
     build: BuildOut | None = None

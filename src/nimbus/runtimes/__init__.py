@@ -16,6 +16,8 @@ class Runtime:
     default_handler: str
     suffix: str  # source file suffix; the handler's module part names the file
     artifact: str | None = None  # compiled runtimes: the file name the built artifact gets in the machine
+    # Runtimes whose one file is always called this, whatever the handler says (provided: "bootstrap").
+    entry: str | None = None
 
     @property
     def compiled(self) -> bool:
@@ -28,7 +30,7 @@ class Runtime:
 
     def machine_filename(self, handler: str) -> str:
         """The file name the machine's agent writes the code (or artifact) to."""
-        return self.artifact or self.source_filename(handler)
+        return self.artifact or self.entry or self.source_filename(handler)
 
 
 RUNTIMES: dict[str, Runtime] = {
@@ -39,6 +41,9 @@ RUNTIMES: dict[str, Runtime] = {
     "rust": Runtime("rust", re.compile(r"^rust(1(\.\d+){0,2})?$"), "main.main", ".rs", artifact="bootstrap"),
     "wasm": Runtime("wasm", re.compile(r"^wasm(32)?(-wasi(p1)?)?$|^wasi$"), "module._start", ".wasm",
                     artifact="module.cwasm"),
+    # Lambda's custom runtimes: an executable "bootstrap" that serves the Runtime API; not built here.
+    "provided": Runtime("provided", re.compile(r"^provided(\.al2(023)?)?$"), "function.handler", "",
+                        entry="bootstrap"),
 }
 
 # module.function; the module may be dotted (pkg.mod, python3) or a path (lib/index, a package's file), and
@@ -46,6 +51,14 @@ RUNTIMES: dict[str, Runtime] = {
 # path segment starts with a letter, digit or underscore, so "..", ".hidden", "-opt", absolute paths and
 # empty segments cannot be named; nothing but [A-Za-z0-9_.-] and "/" gets through (no NUL, no backslash).
 HANDLER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*\.[A-Za-z_$][A-Za-z0-9_$]*$")
+# A custom runtime's handler is free-form (Lambda takes any 1-128 characters: "bootstrap", "not.used"); only
+# its bootstrap reads it, from _HANDLER. Still tenant input that reaches an environment and shell scripts: no
+# whitespace, NUL, backslash, quote or shell metacharacter, and path-like segments as HANDLER_RE's (each starts
+# with a letter, digit or underscore: no leading "-", "." or "/", no ".." and no empty segment).
+PROVIDED_HANDLER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.$:-]*(/[A-Za-z0-9_][A-Za-z0-9_.$:-]*)*$")
+PROVIDED_HANDLER_MAX = 128
+# What the API schema lets through; the runtime's own rule is applied by check_handler.
+ANY_HANDLER_PATTERN = f"(?:{HANDLER_RE.pattern})|(?:{PROVIDED_HANDLER_RE.pattern})"
 
 
 def normalise(name: str) -> str:
@@ -61,3 +74,18 @@ def normalise(name: str) -> str:
 
 def get(runtime_id: str) -> Runtime:
     return RUNTIMES[runtime_id]
+
+
+def check_handler(runtime_id: str, handler: str) -> str:
+    """``handler`` if ``runtime_id`` takes it; ``InvalidRequest`` saying what it must look like otherwise."""
+    if runtime_id == "provided":
+        # fullmatch: $ alone also matches before a final newline
+        if len(handler) > PROVIDED_HANDLER_MAX or not PROVIDED_HANDLER_RE.fullmatch(handler):
+            raise InvalidRequest(f"handler {handler!r} is not valid for the provided runtime: 1 to "
+                                 f"{PROVIDED_HANDLER_MAX} of A-Z a-z 0-9 _ . $ : - and /, each /-separated part "
+                                 "starting with a letter, digit or _ (e.g. function.handler or bootstrap; only "
+                                 "the bootstrap reads it)")
+        return handler
+    if not HANDLER_RE.fullmatch(handler):
+        raise InvalidRequest(f"handler {handler!r} must look like module.function (e.g. main.handler)")
+    return handler

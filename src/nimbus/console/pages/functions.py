@@ -233,8 +233,10 @@ def code_view(fn, code: bytes, wanted: str | None) -> CodeView:
         return view
     if fn.code_kind == "module" or fn.runtime == "wasm" and code.startswith(b"\0asm"):
         return CodeView("binary", note=f"A prebuilt WebAssembly module ({size(len(code))}): binary, not shown.")
-    view = CodeView("source", filename=runtimes.get(fn.runtime).source_filename(fn.handler)
-                    if fn.runtime in runtimes.RUNTIMES else "code")
+    if fn.code_kind == "executable":
+        return CodeView("binary", note=f"A prebuilt bootstrap ({size(len(code))}): binary, not shown.")
+    rt = runtimes.RUNTIMES.get(fn.runtime)
+    view = CodeView("source", filename=(rt.entry or rt.source_filename(fn.handler)) if rt is not None else "code")
     _text_view(view, (fn.code_sha256, ""), code)
     return view
 
