@@ -36,6 +36,7 @@ import signal
 import sys
 import time
 
+from nimbus.agent import isolation
 from nimbus.agent.contract import LAYER_DIR, TASK_DIR, TASK_DIR_MB, VSOCK_PORT
 
 DEFAULT_AGENT_ARGS = ("--vsock-port", str(VSOCK_PORT), "--task-dir", TASK_DIR)
@@ -48,12 +49,11 @@ EXIT_SETUP = 71  # a mount, lo or the fork failed (EX_OSERR)
 USAGE = ("usage: init [--no-mounts] [--no-poweroff] [--report-pid] [--tmp-size SIZE] [--task-size SIZE]"
          " [--layer DEVICE] [-- AGENT ARGS]")
 
-# <sys/mount.h>, <sys/reboot.h>, <linux/sockios.h>, <net/if.h>, <sys/prctl.h>
+# <sys/mount.h>, <sys/reboot.h>, <sys/prctl.h>
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 RB_POWER_OFF = 0x4321FEDC
 RB_AUTOBOOT = 0x01234567  # a "reboot": Firecracker exits on it too (i8042 reset) where power-off is unsupported
 RB_DISABLE_CAD = 0  # Ctrl-Alt-Del (Firecracker's SendCtrlAltDel) then sends SIGINT to init instead of rebooting
-SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 PR_SET_CHILD_SUBREAPER = 36
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
 
@@ -191,16 +191,10 @@ def ensure_stdio() -> None:
 
 
 def loopback_up() -> None:
-    """``ip link set lo up``, by ioctl: the guest has no iproute2, and a function may talk to itself."""
-    import fcntl
-    import socket
-    import struct
-
+    """``lo`` up (:func:`nimbus.agent.isolation.loopback_up`): a function may talk to itself, and a
+    ``provided`` bootstrap reaches the Runtime API on 127.0.0.1."""
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            request = struct.pack("16sH22x", b"lo", 0)
-            flags = struct.unpack("16sH22x", fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, request))[1]
-            fcntl.ioctl(sock.fileno(), SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
+        isolation.loopback_up()
     except OSError as exc:
         raise SetupError(f"cannot bring up lo: {exc}") from None
 

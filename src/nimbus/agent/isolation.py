@@ -31,8 +31,9 @@ PR_SET_PDEATHSIG = 1
 PR_SET_SECCOMP = 22
 PR_SET_NO_NEW_PRIVS = 38
 SECCOMP_MODE_FILTER = 2
-SIOCSIFFLAGS = 0x8914
-IFF_UP, IFF_LOOPBACK, IFF_RUNNING = 0x1, 0x8, 0x40
+SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914
+IFF_UP = 0x1
+IFREQ = "16sH22x"  # struct ifreq: the name, then ifr_flags in a 24-byte union (40 bytes in all)
 PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")  # as bwrap's --proc leaves them
 MAX_FDS = 8
 CHANNEL_FD_MIN = 10
@@ -121,8 +122,17 @@ def fresh_scratch(tmp_bytes: int, uid: int) -> None:
 
 
 def loopback_up() -> None:
+    """``ip link set lo up``, by ioctl, in this network namespace (a new one's ``lo`` is down).
+
+    Every machine needs it, not only for functions that talk to themselves: a ``provided`` function's
+    bootstrap reaches the agent's Runtime API on 127.0.0.1. Shared by template children, function
+    template forks and a Firecracker guest's init (which has no iproute2). Needs CAP_NET_ADMIN in the
+    namespace: call it before privileges are dropped. Raises OSError.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sh", b"lo", IFF_UP | IFF_LOOPBACK | IFF_RUNNING))
+        flags = struct.unpack(IFREQ, fcntl.ioctl(sock, SIOCGIFFLAGS, struct.pack(IFREQ, b"lo", 0)))[1]
+        if not flags & IFF_UP:
+            fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack(IFREQ, b"lo", flags | IFF_UP))
 
 
 
