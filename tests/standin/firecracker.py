@@ -55,7 +55,9 @@ snapshot documents:
   bytes; removed at exit). It gets a fresh ``--task-dir`` (``.nimbus-standin-task-*`` in the working
   directory, removed at exit) and a sandbox-like environment; it runs as a plain host process (no VM,
   no sandbox) that is SIGKILLed by the kernel if the stand-in dies in any way (``PR_SET_PDEATHSIG``),
-  so no agent outlives its "VMM". The agent listens a few tens of milliseconds after InstanceStart
+  so no agent outlives its "VMM". Its network is a namespace of its own holding only ``lo``, up (the
+  guest's loopback, as its init brings it up; ``standin.agent``'s ``own_network``): what a function
+  serves there (a ``provided`` function's Runtime API on 127.0.0.1:9001) is its VM's alone. The agent listens a few tens of milliseconds after InstanceStart
   (its imports); a CONNECT before that is closed without an answer, and the host's retry succeeds.
   The agent keeps listening for its whole life: when a connection ends (the host's end of stream, or
   a reset) it accepts the next one, with the same function loaded. It ends on a protocol violation
@@ -113,6 +115,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import time
 from urllib.parse import unquote
@@ -640,8 +643,8 @@ class StandInVmm:
             os.unlink(self.guest_socket)  # left by a killed stand-in of the same pid: the agent binds afresh
         try:
             self.agent = await guest.start_listening_agent(self.guest_socket, task_dir, stderr=None,
-                                                           die_with_parent=True)
-        except OSError as exc:
+                                                           die_with_parent=True, own_network=True)
+        except (OSError, subprocess.SubprocessError) as exc:
             raise Fault(f"the stand-in could not start the guest agent: {exc}") from None
         self.log(f"guest agent started (pid {self.agent.pid}), to listen on guest port {AGENT_PORT} "
                  f"(a Unix socket at {self.guest_socket})")

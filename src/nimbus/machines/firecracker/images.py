@@ -1,6 +1,6 @@
 """Guest images for the Firecracker driver: an ext4 root file system with a runtime and the agent as init.
 
-One job, one module (~760 lines): deciding what a runtime's guest needs and laying it into one image.
+One job, one module (~780 lines): deciding what a runtime's guest needs and laying it into one image.
 The two bases and the per-runtime additions share the plan (files, libraries, the agent) and the
 hash that names an image, so splitting them would pass that plan across modules for no reader's gain.
 
@@ -26,6 +26,11 @@ Each runtime's image is python3's plus what the bwrap driver gives that runtime 
 * ``rust``: rustc's x86_64-unknown-linux-gnu executables link glibc and ``libgcc_s.so.1`` (unwinding);
   the latter is added (Debian's minbase has it).
 * ``go``: the compiler builds with ``CGO_ENABLED=0``, so the executables are static: nothing to add.
+* ``provided`` (custom runtimes): bash as /bin/sh, coreutils, grep, sed and curl, and /usr/bin/python3
+  (see :mod:`nimbus.machines.firecracker.userland`).
+
+Every image has ``/opt/nimbus/bin/python3``, the agent's interpreter at the path bwrap machines have it,
+and its /sbin/init starts with bwrap's environment (``SANDBOX_ENV``), not the kernel's (no PATH at all).
 
 Guest layout of the tree base::
 
@@ -36,6 +41,8 @@ Guest layout of the tree base::
                                 points at the host's prefix, so it must sit where ld.so looks anyway)
     /lib64/ld-linux-x86-64.so.2 the dynamic loader, at the path baked into every executable
     /usr/bin/node               nodejs only
+    /bin → usr/bin, /usr/bin/   provided only: bash (also as sh), coreutils, grep, sed, curl, python3 (a link)
+    /opt/nimbus/bin/python3     a link to the interpreter
     /opt/nimbus/nimbus/         ``__init__.py``, ``protocol.py`` and ``agent/`` (as bwrap binds them)
     /opt/nimbus/site/wasmtime/  wasm only
     /etc/                       passwd, group, hosts, nsswitch.conf, ld.so.cache, nimbus-image.json
@@ -76,14 +83,16 @@ from nimbus.agent.contract import (
     LAYER_DIR,
     LAYER_MODULES_LINK,
     OPT_DIR,
+    SANDBOX_ENV,
     TASK_DIR,
     WASMTIME_SITE,
 )
 from nimbus.errors import NimbusError
 from nimbus.machines import layout
+from nimbus.machines.firecracker import userland
 
-RECIPE_VERSION = 2  # bump when the layout or the selection rules change: every cached image is rebuilt
-SUPPORTED_RUNTIMES = ("python3", "nodejs", "go", "rust", "wasm")
+RECIPE_VERSION = 3  # bump when the layout or the selection rules change: every cached image is rebuilt
+SUPPORTED_RUNTIMES = ("python3", "nodejs", "go", "rust", "wasm", "provided")
 BASES = ("tree", "debootstrap")
 DEFAULT_BASE = "tree"
 IMAGES_DIR = "images"
@@ -125,6 +134,7 @@ DEBOOTSTRAP_PACKAGES = {  # --include, per runtime; python3 always (it runs init
     "go": ("python3",),
     "rust": ("python3",),  # libgcc-s1 and libc6 are in minbase
     "wasm": ("python3",),
+    "provided": userland.DEBOOTSTRAP_PACKAGES,
 }
 DEBIAN_PYTHON = "/usr/bin/python3"
 DEBOOTSTRAP_TIMEOUT_S = 3600.0
@@ -290,7 +300,10 @@ def _init_script(python: str) -> bytes:
     return (
         f"#!{python} -IS\n"
         '"""PID 1 of a Nimbus guest: hands over to nimbus.agent.init (see its docstring)."""\n'
-        "import sys\n"
+        "import os, sys\n"
+        "# The kernel starts init with HOME=/ and TERM=linux, no PATH: the agent gets what bwrap's gets.\n"
+        "os.environ.clear()\n"
+        f"os.environ.update({SANDBOX_ENV!r})\n"
         f"sys.path.insert(0, {OPT_NIMBUS!r})\n"
         "from nimbus.agent.init import main\n"
         "main(sys.argv[1:])\n"
@@ -307,6 +320,15 @@ def _runtime_parts(runtime: str) -> tuple[list[Entry], list[Path], list[str]]:
         return entries, [e.source for e in entries if e.path.endswith(".so")], []
     if runtime == "rust":
         return [], [], list(RUST_LIBRARIES)
+    if runtime == "provided":
+        try:
+            found = userland.tree_userland()
+        except userland.HostMissing as exc:
+            raise ImageError(str(exc)) from None
+        entries = [Entry(guest, source=host, mode=0o755) for guest, host in found.files]
+        entries += [Entry(guest, link=target) for guest, target in found.links]
+        entries.append(Entry("/usr/bin/python3", link=f"{GUEST_PREFIX}/bin/python{_version()}"))
+        return entries, [host for _, host in found.files], []
     return [], [], []  # python3 needs nothing more; go's executables are static
 
 
@@ -321,6 +343,7 @@ def plan(runtime: str) -> list[Entry]:
     entries = [
         Entry(guest_python, source=python, mode=0o755),
         Entry(f"{GUEST_PREFIX}/bin/python3", link=f"python{version}"),
+        Entry(layout.PYTHON_LINK, link=guest_python),
         Entry("/sbin/init", data=_init_script(guest_python), mode=0o755),
     ]
     binaries = [python]
@@ -408,6 +431,8 @@ def _tree_tools(runtime: str) -> dict[str, dict[str, str]]:
         tools["libgcc_s"] = {"version": "1", "path": f"{GUEST_LIB_DIR}/libgcc_s.so.1"}
     elif runtime == "go":
         tools["go"] = {"version": "static executables (CGO_ENABLED=0)", "path": f"{TASK_DIR}/bootstrap"}
+    elif runtime == "provided":
+        tools.update(userland.tools(Path("/")))  # the host's packages: their files are the image's
     return tools
 
 
@@ -518,10 +543,13 @@ def debootstrap_command(runtime: str, dest: Path, suite: str, mirror: str) -> li
 
 
 def debootstrap_entries(runtime: str) -> list[Entry]:
-    """What Nimbus puts on top of a debootstrap tree: init (on Debian's python3), the agent, wasmtime."""
-    entries = [Entry("/sbin/init", data=_init_script(DEBIAN_PYTHON), mode=0o755)]
+    """What Nimbus puts on top of a debootstrap tree: init (on Debian's python3), the agent, wasmtime, sh → bash."""
+    entries = [Entry("/sbin/init", data=_init_script(DEBIAN_PYTHON), mode=0o755),
+               Entry(layout.PYTHON_LINK, link=DEBIAN_PYTHON)]
     if runtime == "wasm":
         entries += _package_files(_wasmtime_package(), f"{WASMTIME_SITE}/wasmtime")
+    elif runtime == "provided":
+        entries += [Entry(guest, link=target) for guest, target in userland.debootstrap_links()]
     entries += _nimbus_entries()
     return sorted(entries, key=lambda e: e.path)
 
@@ -537,23 +565,8 @@ def debootstrap_hash(runtime: str, suite: str, mirror: str) -> str:
     return _hash_entries(runtime, debootstrap_entries(runtime), _debootstrap_header(runtime, suite, mirror))
 
 
-def _dpkg_versions(tree: Path, packages: tuple[str, ...]) -> dict[str, str]:
-    """{package: version} of the installed ``packages``, read from the tree's dpkg status file."""
-    try:
-        status = (tree / "var/lib/dpkg/status").read_text(errors="replace")
-    except OSError:
-        return {}
-    found = {}
-    for stanza in status.split("\n\n"):
-        name = re.search(r"^Package:\s*(\S+)", stanza, flags=re.MULTILINE)
-        version = re.search(r"^Version:\s*(\S+)", stanza, flags=re.MULTILINE)
-        if name and version and name.group(1) in packages and "installed" in stanza:
-            found[name.group(1)] = version.group(1)
-    return found
-
-
 def _debootstrap_tools(runtime: str, tree: Path) -> dict[str, dict[str, str]]:
-    versions = _dpkg_versions(tree, ("python3", "libc6", "nodejs", "libgcc-s1"))
+    versions = userland.dpkg_versions(tree, ("python3", "libc6", "nodejs", "libgcc-s1"))
     tools = {
         "python": {"version": versions.get("python3", "unknown"), "path": DEBIAN_PYTHON},
         "glibc": {"version": versions.get("libc6", "unknown"), "path": f"{GUEST_LIB_DIR}/libc.so.6"},
@@ -566,6 +579,8 @@ def _debootstrap_tools(runtime: str, tree: Path) -> dict[str, dict[str, str]]:
         tools["libgcc_s"] = {"version": versions.get("libgcc-s1", "unknown"), "path": f"{GUEST_LIB_DIR}/libgcc_s.so.1"}
     elif runtime == "go":
         tools["go"] = {"version": "static executables (CGO_ENABLED=0)", "path": f"{TASK_DIR}/bootstrap"}
+    elif runtime == "provided":
+        tools.update(userland.tools(tree))
     return tools
 
 
