@@ -23,6 +23,9 @@ Figures (python3 no-op function unless said otherwise):
 - for each compiled runtime (go, rust, wasm): first build, cached deploy and warm p50;
 - the console's pages (``bench/console.py``, issue 22): server time with 1,000 functions and 100,000
   invocations in the store, on SQLite and PostgreSQL (``--only console``);
+- custom runtimes (``bench/provided.py``, issue 23): a provided function's hot p50/p99 (a stdlib python3
+  Runtime API client, and awslambdaric) beside the python3 runtime's, same handler: the Runtime API hop
+  (``--only provided``);
 - on a host that can run Firecracker microVMs: boot and snapshot restore to agent ready vs the VMM alone
   (``bench/firecracker.py``); elsewhere those rows say why they were not measured.
 
@@ -54,6 +57,7 @@ from bench import (
     lambda_api,
     load,
     plot,
+    provided,
     report,
     snapshots,
     urls,
@@ -91,10 +95,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=400, help="sequential calls per p50 figure")
     ap.add_argument("--wrk-seconds", type=float, default=5.0,
                     help="length of each measured wrk run (c=1, c=32, the peer, N processes), after a 1 s warm-up")
-    ap.add_argument("--only", choices=["load", "cluster", "console"],
+    ap.add_argument("--only", choices=["load", "cluster", "console", "provided"],
                     help="load: only the c=1 figures and the wrk rows (echo, Nimbus, the peer, N processes); "
                          "cluster: only the cluster rows (nodes on PostgreSQL behind HAProxy); console: only the "
-                         "console pages' server times (1,000 functions, 100,000 invocations); no files written")
+                         "console pages' server times (1,000 functions, 100,000 invocations); provided: only the custom "
+                         "runtime rows (the Runtime API hop); no files written")
     ap.add_argument("--cold", type=int, default=30, help="cold starts measured (and bare bwrap runs)")
     ap.add_argument("--acquires", type=int, default=20_000, help="acquire/release pairs in the pool microbenchmark")
     ap.add_argument("--microvms", type=int, default=10, help="firecracker boots and restores measured (KVM hosts)")
@@ -266,6 +271,8 @@ def main(argv=None) -> None:
         return only_cluster(args)
     if args.only == "console":
         return console.main()
+    if args.only == "provided":
+        return provided.main()
     started = time.monotonic()
     results: dict[str, dict] = {}
     samples: dict[str, list[float]] = {}
@@ -368,6 +375,8 @@ def main(argv=None) -> None:
     ordered.update(firecracker.measure(args.microvms))
     ordered.update(cluster.measure(BODY, args.wrk_seconds, args.requests, Path(home) / "cluster"))
     ordered.update(console.measure(Path(home) / "console"))
+    print("custom runtimes (provided) ...", flush=True)
+    ordered.update(provided.measure(Path(home) / "provided", args.requests))
     report.annotate(ordered)
     ordered["_run"] = {"seconds": time.monotonic() - started, "args": vars(args),
                        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -386,6 +395,7 @@ def main(argv=None) -> None:
     print(report.details(table))
     print("\n".join(cluster.details(table)))
     print("\n".join(console.details({k: v for k, v in table.items() if k.startswith("console_")})))
+    print("\n".join(provided.details(table)))
     print(f"\nN = {args.machines} idle machines (goal: 500; --machines N). Took {ordered['_run']['seconds']:.0f} s. "
           f"Wrote {HERE / 'results.json'} and {HERE / 'latency.png'}.")
 

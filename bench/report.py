@@ -19,6 +19,7 @@ GOALS = {
     "idle_machine_pss_mib": ("<= 12 MiB", lambda r: r["value"] <= 12),
     "idle_machines_healthy": ("500 all healthy", lambda r: r["healthy"] == r["machines"] >= 500),
     "node_p50_with_idle_machines_ms": ("<= 1.2x floor", lambda r: r["ratio"] <= 1.2),
+    "provided_warm_p50_ms": ("hop <= 0.3 ms", lambda r: r["hop_ms"] <= 0.3),
 }
 
 LABELS = {
@@ -57,6 +58,10 @@ LABELS = {
     "cluster_hot_share": "hot-hit share, hash vs roundrobin",
     "cluster_async_pickup_p50_ms": "async pick-up p50, NOTIFY vs poll (ms)",
     "cluster_async_pickup_p90_ms": "async pick-up p90, NOTIFY vs poll (ms)",
+    "provided_warm_p50_ms": "provided hot p50 vs python3 (ms)",
+    "provided_minimal_warm_p50_ms": "provided, minimal client, hot p50 vs python3 (ms)",
+    "awslambdaric_warm_p50_ms": "awslambdaric hot p50 vs python3 (ms)",
+    "provided_cold_start_p50_ms": "provided cold start vs python3 (ms)",
 }
 
 
