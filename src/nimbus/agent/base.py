@@ -192,10 +192,8 @@ class FunctionSpec:
         env["AWS_XRAY_CONTEXT_MISSING"] = "LOG_ERROR"
         if self.runtime == "provided":
             # Its python3 is the node's own interpreter, which requirements.txt layers are resolved for;
-            # /opt/nimbus/bin holds only that link. The layer's console scripts come last, as Lambda's /opt/bin.
+            # /opt/nimbus/bin holds only that link. (A layer keeps no console scripts: no bin to add.)
             env["PATH"] = f"{OPT_DIR}/bin:{env.get('PATH', '/usr/bin:/bin')}"
-            if self.layer is not None:
-                env["PATH"] += f":{self.layer}/bin"
         env.update(self.env)
         if self.runtime == "provided" and self.layer is not None:
             # Where python3 and node find the layer's packages; after the function's own entries.

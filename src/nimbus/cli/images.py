@@ -40,7 +40,7 @@ def _images_home(home: Path | None) -> Path:
 @images_app.command("build")
 def images_build(
     runtime: Annotated[str, typer.Option("--runtime", "-r", help="The runtime the image is for: python3, nodejs, "
-                                         "go, rust or wasm.")],
+                                         "go, rust, wasm or provided.")],
     base: Annotated[ImageBase, typer.Option("--base", help="tree: a small tree copied from this host (seconds); "
                                             "debootstrap: Debian minbase plus the runtime (minutes, network).",
                                             case_sensitive=False)] = ImageBase.tree,
