@@ -36,6 +36,40 @@ def socketpair_round_trip(n: int = 5000) -> list[float]:
     return out
 
 
+ECHO_PROCESS = """
+import socket, sys
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+conn, _ = listener.accept()
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while data := conn.recv(65536):
+    conn.sendall(data)
+"""
+
+
+def loopback_process_round_trip(n: int = 5000) -> list[float]:
+    """A small message to another process over TCP loopback and back: the floor of a hop to a second
+    process (a custom runtime's bootstrap) that does nothing with it."""
+    child = subprocess.Popen([sys.executable, "-I", "-c", ECHO_PROCESS], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(child.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            message = b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\n\r\n"
+            out = []
+            for _ in range(n):
+                t = time.perf_counter()
+                sock.sendall(message)
+                got = 0
+                while got < len(message):
+                    got += len(sock.recv(65536))
+                out.append(time.perf_counter() - t)
+        return out
+    finally:
+        child.kill()
+        child.wait()
+
+
 def bare_bwrap_command() -> list[str]:
     """``bwrap --unshare-all … python3 -I -S -c pass``: a sandboxed interpreter that does nothing."""
     from nimbus.machines import bwrap
