@@ -6,12 +6,12 @@ template, makes its network namespace itself and must bring ``lo`` up too. Each 
 a function bind 127.0.0.1:9001 and talk to itself there, and no machine may reach another's loopback.
 """
 
-import json
 import logging
 import uuid
 
 import pytest
 from test_bwrap import assert_quiet
+from test_templates import call
 
 from nimbus.machines import bwrap
 from nimbus.machines.base import MachineSpec
@@ -83,13 +83,6 @@ async def loaded(driver, forkable: bool = False):
     reply, _ = await machine.request(dict(HEADER), LOOPBACK_PY.encode(), timeout=LONG)
     assert reply["type"] == "init_ok", reply
     return machine
-
-
-async def call(machine, event) -> dict:
-    header = {"type": "exec", "invocation_id": uuid.uuid4().hex, "deadline_ms": int(LONG * 1000)}
-    reply, blob = await machine.request(header, json.dumps(event).encode(), timeout=LONG)
-    assert reply["type"] == "result", reply
-    return json.loads(blob)
 
 
 async def assert_own_loopback(a, b) -> None:

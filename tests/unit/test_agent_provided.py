@@ -13,7 +13,7 @@ import zipfile
 from io import BytesIO
 
 import pytest
-from test_agent import AgentProcess, assert_error
+from test_agent import AgentProcess, agent, assert_error  # noqa: F401 - agent is a fixture
 
 from nimbus import packages, protocol
 
@@ -164,15 +164,6 @@ def start(agent: AgentProcess, bootstrap: str = PY_BOOTSTRAP, env: dict | None =
                       filename="bootstrap", env=env or {}, **fields)
 
 
-@pytest.fixture
-def agent(tmp_path):
-    task_dir = tmp_path / "task"
-    task_dir.mkdir()
-    process = AgentProcess(task_dir, extra_env={"DRIVER_SECRET": "must-not-leak"})
-    yield process
-    process.close()
-
-
 def test_a_bootstrap_serves_calls_hot_with_lambdas_headers_and_environment(agent):
     assert start(agent)["type"] == "init_ok"
     first = agent.invoke({"n": 1}, invocation_id="0b5c3a1e-req-1", qualifier="live",
@@ -261,22 +252,16 @@ def test_no_bootstrap_or_one_that_cannot_run_is_an_invalid_entrypoint(agent, tmp
     reply = agent.init(package, runtime="provided", handler="function.handler", filename=protocol.TREE_FILENAME)
     error = assert_error(reply, "Runtime.InvalidEntrypoint", fatal=True)
     assert "bootstrap" in error["message"]
-    other = AgentProcess(tmp_path / "other")
-    (tmp_path / "other").mkdir()
-    try:
-        reply = start(other, bootstrap="echo no interpreter line\n")
-        error = assert_error(reply, "Runtime.InvalidEntrypoint", fatal=True)
-        assert "has no #! line" in error["message"]
-    finally:
-        other.close()
-    third = AgentProcess(tmp_path / "third")
-    (tmp_path / "third").mkdir()
-    try:
-        reply = start(third, bootstrap="#!/opt/nowhere/ruby -w\nputs 1\n")
-        error = assert_error(reply, "Runtime.InvalidEntrypoint", fatal=True)
-        assert "its #! interpreter /opt/nowhere/ruby is not in this machine" in error["message"]
-    finally:
-        third.close()
+    for n, (bootstrap, why) in enumerate([("echo no interpreter line\n", "has no #! line"),
+                                          ("#!/opt/nowhere/ruby -w\nputs 1\n",
+                                           "its #! interpreter /opt/nowhere/ruby is not in this machine")]):
+        (tmp_path / f"other{n}").mkdir()
+        other = AgentProcess(tmp_path / f"other{n}")
+        try:
+            error = assert_error(start(other, bootstrap=bootstrap), "Runtime.InvalidEntrypoint", fatal=True)
+            assert why in error["message"]
+        finally:
+            other.close()
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
@@ -295,3 +280,32 @@ def test_a_dependency_layer_is_on_pythonpath_and_node_path(agent, tmp_path):
     start(agent, layer="/opt/layer", env={"PYTHONPATH": "/mine"})
     env = agent.invoke({})["env"]
     assert env["PYTHONPATH"] == "/mine:/opt/layer" and env["NODE_PATH"] == "/opt/layer"
+
+
+def test_the_server_drops_a_connection_that_piles_data_behind_a_parked_request():
+    import socket
+    import threading
+
+    from nimbus.agent.runtime_api import PARK, Server
+
+    parked = []
+    server = Server(lambda request: parked.append(request) or PARK, lambda path: (413, b"{}"), body_max=1 << 20,
+                    port=0)
+    client = socket.create_connection(server.listener.getsockname())
+    flood = b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\n\r\n" + b"x" * (3 << 20)
+    sender = threading.Thread(target=lambda: _send_quietly(client, flood))
+    sender.start()
+    try:
+        assert server.run(lambda: parked and not server.conns, timeout_s=30) == "done"
+        assert len(parked) == 1  # the first request was read and parked; what piled up behind it was not kept
+    finally:
+        client.close()
+        sender.join(30)
+        server.close()
+
+
+def _send_quietly(sock, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:  # the server hung up: expected
+        pass

@@ -287,6 +287,11 @@ class Server:
             if conn.fd not in self.conns:
                 return
         conn.buffer += data
+        if len(conn.buffer) > HEAD_MAX + 2 * self.body_max:
+            # More than any one request may take, even chunked into tiny pieces, or piled up behind a parked
+            # request: the agent's memory is the function's, so the connection goes.
+            self._drop(conn)
+            return
         if not conn.parked:
             self._process(conn)
 
