@@ -41,6 +41,10 @@ class FdStream:
             os.set_blocking(fd, True)
             os.set_inheritable(fd, False)
 
+    def has_pending(self) -> bool:
+        """Bytes were read ahead and not asked for yet (polling the fd would not show them)."""
+        return bool(self._pending)
+
     def recv(self, size: int) -> bytes:
         """Up to ``size`` bytes; ``b""`` at end of stream."""
         pending = self._pending

@@ -358,7 +358,9 @@ class Agent:
                 self.fork_server(self, self.fork_fd, self.fork_program)  # never returns
             after_reply = getattr(self.runtime, "after_reply", None)
             if after_reply is not None:
-                after_reply()  # what the runtime owes its own process once the host has its answer
+                # What the runtime owes its own process once the host has its answer; it may use the time
+                # until the host's next frame arrives on this fd (none is read ahead: the host waits for us).
+                after_reply(-1 if self.channel.has_pending() else self.channel.read_fd)
 
     def send(self, header: dict, blob: bytes) -> None:
         """Send a reply; should it break the frame limits anyway, say so instead of going silent."""

@@ -29,6 +29,7 @@ INIT_MARGIN_S = 1.0  # the agent gives up on init this long before the host does
 ERROR_BODY_MAX = RESULT_MAX  # what an error post may carry (its message and stack are clipped anyway)
 FINISHED_KEPT = 64  # request ids remembered as answered, to tell a late second answer (403) from a bad id (400)
 ACCEPTED = (202, b'{"status":"OK"}', None)
+PARK_WAIT_S = 0.005  # how long the agent waits, between calls, for the bootstrap to come back to next
 
 
 def _refuse_constant(name: str):
@@ -162,11 +163,16 @@ class ProvidedRuntime:
             raise value
         return as_json(value)
 
-    def after_reply(self) -> None:
-        """Send the 202 the bootstrap's response or error post is owed, now that the host has the result."""
+    def after_reply(self, host_fd: int = -1) -> None:
+        """Send the 202 the bootstrap's response or error post is owed, now that the host has the result;
+        then take its next ``next`` while the host has nothing for us (``host_fd`` readable ends the wait),
+        so the next call starts with the request parked instead of reading and parsing it first."""
         conn, self.acknowledge = self.acknowledge, None
-        if conn is not None and self.server is not None and self.server.alive(conn):
-            self.server.answer(conn, *ACCEPTED)
+        if conn is None or self.server is None or not self.server.alive(conn):
+            return
+        self.server.answer(conn, *ACCEPTED)
+        if host_fd >= 0 and self.waiting is None:
+            self.server.run(lambda: self.waiting is not None, host_fd, PARK_WAIT_S)
 
     def close(self) -> None:
         if self.server is not None:
