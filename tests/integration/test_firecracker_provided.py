@@ -21,12 +21,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import zipfile
 from io import BytesIO
 from pathlib import Path
 
 import pytest
+from test_firecracker_driver import short_dir  # noqa: F401 - a fixture
 
 from nimbus import packages, protocol
 from nimbus.agent.contract import SANDBOX_ENV
@@ -289,14 +289,6 @@ def image_home(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("fc-provided-home")
     images.build_image(home, "provided")
     return home
-
-
-@pytest.fixture
-def short_dir():
-    """A short directory for jails and sockets: a Unix socket path must fit in 108 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="fcp-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
