@@ -50,7 +50,7 @@ def parse_result(line: bytes) -> bytes:
     if line.endswith(b"\r"):
         line = line[:-1]
     try:
-        json.loads(line.decode("utf-8"), parse_constant=_refuse_constant)
+        json.loads(line.decode("utf-8"), parse_constant=refuse_constant)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         shown = line[:200].decode("utf-8", "replace")
         raise InvocationError("InvalidResult", f"the result line is not JSON ({exc}): {shown!r}") from None
@@ -69,7 +69,8 @@ def _ms_until(deadline: float) -> int:
     return int(left * 1000) + 1 if left > 0 else 0
 
 
-def _refuse_constant(name: str):
+def refuse_constant(name: str):
+    """For ``json.loads(parse_constant=…)``: NaN and Infinity are Python's, not JSON."""
     raise ValueError(f"{name} is not JSON")
 
 

@@ -19,6 +19,7 @@ import time
 from nimbus.agent.base import Call, FunctionSpec, InvocationError, new_trace_id
 from nimbus.agent.child import Child
 from nimbus.agent.contract import INIT_TIMEOUT_S, RESULT_MAX
+from nimbus.agent.lines import refuse_constant
 from nimbus.agent.runtime_api import PARK, Server, error_body
 
 PREFIX = "/2018-06-01/runtime/"
@@ -32,10 +33,6 @@ ACCEPTED = (202, b'{"status":"OK"}', None)
 PARK_WAIT_S = 0.005  # how long the agent waits, between calls, for the bootstrap to come back to next
 
 
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
-
-
 def as_json(body: bytes) -> bytes:
     """The response as the JSON result Nimbus stores: itself when it is JSON, else a JSON string of it.
 
@@ -45,7 +42,7 @@ def as_json(body: bytes) -> bytes:
     if not body.strip():
         return b"null"
     try:
-        json.loads(body, parse_constant=_refuse_constant)
+        json.loads(body, parse_constant=refuse_constant)
         return body
     except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return json.dumps(body.decode("utf-8", "replace")).encode()
@@ -222,8 +219,7 @@ class ProvidedRuntime:
         return 413, error_body("RequestEntityTooLarge", f"the body is over the limit of {RESULT_MAX} bytes")
 
     def _next(self, request):
-        if not self.started:
-            self.started = True
+        self.started = True  # init ends at the first next
         if self.event is not None:
             return self._deliver(request.conn, reply=True)
         if self.call_id or self.waiting is not None:

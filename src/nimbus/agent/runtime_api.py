@@ -74,11 +74,7 @@ def error_body(error_type: str, message: str) -> bytes:
 
 def _parse_head(head: bytes) -> tuple[str, str, dict, bool]:
     """``(method, path, headers, keep_alive)`` from the bytes before the blank line; BadRequest if malformed."""
-    try:
-        text = head.decode("latin-1")
-    except UnicodeDecodeError:  # latin-1 decodes anything; kept for clarity of intent
-        raise BadRequest(400, "the request head is not text") from None
-    lines = text.split("\r\n")
+    lines = head.decode("latin-1").split("\r\n")  # latin-1 takes any byte: HTTP heads are octets
     parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[0].isalpha() or not parts[2].startswith("HTTP/1."):
         raise BadRequest(400, f"malformed request line {lines[0][:100]!r}")
